@@ -1,0 +1,132 @@
+"""Session fixtures that start real components once: an S3-compatible server, local Ray, an MLflow server.
+
+Each server binds 127.0.0.1 on a free port and is stopped when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Fake credentials for the local S3 server; set before anything (Ray workers included) starts.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_REGION", "us-east-1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure means "not up yet"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not come up in {timeout}s: {e}") from e
+            time.sleep(0.3)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto_server) on 127.0.0.1; AWS_ENDPOINT_URL points at it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint + "/moto-api/")
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield endpoint
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+        stop_process(proc)
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket per test; returns its ``s3://`` URI."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray instance for the whole session (ray.init costs seconds).
+
+    Depends on the S3 server so that Ray's workers inherit AWS_ENDPOINT_URL and the test credentials.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; returns its tracking URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--workers", "1",
+        ],
+        stdout=open(root / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", timeout=120)
+        yield uri
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated labeled sample dataset (tiny: few videos, small frames), made once per session."""
+    from pipeline.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("sample-videos")
+    make_dataset(str(root), videos_per_class=3, num_frames=24, size=(48, 64), seed=0)
+    return root
