@@ -92,7 +92,7 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         yield
     finally:
