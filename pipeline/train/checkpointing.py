@@ -1,0 +1,147 @@
+"""Checkpoint layout, save, restore and export.
+
+A checkpoint is a directory that is *also* a transformers-format model directory, so finetuning and
+``from_pretrained`` read it directly::
+
+    config.json, model.safetensors     the model (save_pretrained of the unwrapped module)
+    train_state.pt                     optimizer, schedule, grad scaler, progress (step, epoch, position)
+    rng_rank<r>.pt                     each rank's torch / numpy / python RNG states
+    job_config.yaml                    the resolved job config of the run that wrote it
+
+Everything is loaded with ``torch.load(weights_only=True)`` or safetensors: a checkpoint is data, never
+code. Ray Train uploads the directory to ``storage_path/<run>/checkpoint_*`` and keeps the last K; every
+rank reports into the same checkpoint (rank 0 writes the model and state, each rank its RNG file).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.data import storage
+
+MODEL_FILES = ("config.json", "model.safetensors")
+TRAIN_STATE = "train_state.pt"
+JOB_CONFIG = "job_config.yaml"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where training stands. ``step`` counts optimizer steps; ``epoch`` and ``step_in_epoch`` are the data
+    position (see docs/training.md: an interrupted epoch resumes with a fresh, epoch-seeded pass that runs
+    for the epoch's remaining steps)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    clips_seen: int = 0
+    world_size: int = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# --- RNG ----------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and ints only, so ``weights_only=True`` can read them back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+        "python_version": random.getstate()[0],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- save / load --------------------------------------------------------------------------------------------
+
+
+def save(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, scaler: torch.amp.GradScaler | None, progress: Progress,
+         job_config_yaml: str) -> Path:
+    """Write this rank's share of a checkpoint into ``directory`` (a fresh local folder)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    if rank == 0:
+        unwrap(model).save_pretrained(path)
+        torch.save({
+            "format_version": FORMAT_VERSION,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "progress": asdict(progress),
+        }, path / TRAIN_STATE)
+        (path / JOB_CONFIG).write_text(job_config_yaml)
+    return path
+
+
+def read_progress(directory: str | os.PathLike) -> Progress:
+    state = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return Progress(**state["progress"])
+
+
+def load(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, scaler: torch.amp.GradScaler | None) -> Progress:
+    """Restore everything ``save`` wrote into live objects; returns the progress to continue from."""
+    path = Path(directory)
+    missing = [f for f in (*MODEL_FILES, TRAIN_STATE) if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    unwrap(model).load_checkpoint_state(load_file(path / "model.safetensors"), source=str(path), strict=True)
+    state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return Progress(**state["progress"])
+
+
+def export_model(checkpoint_dir: str | os.PathLike, dest_uri: str) -> str:
+    """Copy the transformers-format model files of a checkpoint to ``dest_uri`` (local or s3://)."""
+    src = Path(checkpoint_dir)
+    if storage.is_s3(dest_uri):
+        for name in MODEL_FILES:
+            storage.upload_file(str(src / name), storage.join(dest_uri, name))
+    else:
+        dest = Path(storage.resolve(dest_uri)[1])
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in MODEL_FILES:
+            shutil.copyfile(src / name, dest / f".{name}.tmp")
+            os.replace(dest / f".{name}.tmp", dest / name)
+    return dest_uri
