@@ -1,7 +1,7 @@
 """Token masks for VideoMAE, made on the data workers as a few hundred bools per clip.
 
 Token order follows the patch embedding's ``Conv3d(...).flatten(2)``: index = t * (h * w) + y * w + x on
-the token grid ``(t, h, w) = (num_frames // tubelet_size, image_size // patch_size, image_size // patch_size)``.
+the token grid ``(t, h, w)`` of ``token_grid`` (frames // tubelet, size // patch, size // patch).
 ``True`` means masked (hidden from the encoder), as transformers' ``bool_masked_pos``.
 """
 
