@@ -24,6 +24,10 @@ class StorageError(RuntimeError):
     """A URI that cannot be reached, listed, read or written; the message names the URI."""
 
 
+class ObjectNotFound(StorageError):
+    """The URI names nothing (a subclass, so callers can tell "missing" from "unreachable")."""
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -126,7 +130,7 @@ def read_bytes(uri: str) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as e:
-        raise StorageError(f"not found: {redact(uri)!r}") from e
+        raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
     except OSError as e:
         raise StorageError(f"cannot read {redact(uri)!r}: {e}") from e
 

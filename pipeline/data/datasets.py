@@ -1,0 +1,276 @@
+"""Ray Data builders: manifest -> decode -> sample -> augment -> mask, streamed to Ray Train workers.
+
+``DataConfig`` holds every data setting with a default; the training job composes it into its config.
+The builders return a *streaming* ``ray.data.Dataset`` (nothing is materialised) of clip rows:
+
+=================  ==========================  =========================================================
+column             dtype, shape                present in
+=================  ==========================  =========================================================
+pixel_values       uint8 (T, H, W, C)          all (normalise on the trainer: ``transforms.to_model_input``)
+bool_masked_pos    bool (N,)                   pretrain (N = T/tubelet * (S/patch)^2, True = masked)
+labels             int64 ()                    finetune, eval
+video              str (URI)                   eval
+clip_index         int64 ()                    eval: temporal view 0..eval_num_clips-1
+crop_index         int64 ()                    eval: spatial view 0..eval_num_crops-1
+=================  ==========================  =========================================================
+
+A Ray Train worker consumes it with
+``ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=B)`` and calls
+``to_model_input(batch["pixel_values"].to(device), cfg.mean, cfg.std)``. Eval rows carry a string column:
+pass ``collate_fn=torch_collate`` there.
+
+Decoding runs in Ray tasks (``decode_num_cpus`` each, at most ``decode_concurrency`` at once); each task
+reads one video per GET, decodes only the sampled frames once, and makes ``clips_per_video`` clips of it.
+Bad videos are skipped and recorded in the run's ``ErrorLedger`` (see errors.py); the dataset fails with
+``ErrorBudgetExceeded`` only past ``max_error_fraction``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data import manifest, transforms
+from pipeline.data.decode import DecodeLimits, Decoder
+from pipeline.data.errors import ErrorLedger, VideoError
+from pipeline.data.sampling import MultiViewSampler, make_sampler
+from pipeline.models.videomae.masking import make_mask, token_grid
+
+log = logging.getLogger(__name__)
+MODES = ("pretrain", "finetune", "eval")
+
+
+@dataclass
+class DataConfig:
+    # where the videos are
+    uri: str = ""  # videos folder/prefix, or manifest (.csv .txt .json .jsonl .parquet); "" = sample data
+    data_root: str | None = None  # relative manifest paths resolve here (default: the manifest's folder)
+    split: str = "train"  # a folder holding <split>.csv uses that manifest (the sample dataset does)
+    label_map: str | None = None  # SSv2 labels.json (template -> id) if not next to the manifest
+    video_ext: str = ".webm"  # SSv2: video file suffix for the ids in the JSON
+    sample_cache_dir: str = ".cache/sample-data"  # where uri="" generates the sample dataset (local runs)
+    limit: int | None = None  # use only the first N videos of the manifest (smoke tests)
+    # clips
+    num_frames: int = 16  # frames per clip
+    sampling_rate: int = 4  # stride between sampled frames (4 Kinetics-like, 2 SSv2-like)
+    image_size: int = 224  # square output side
+    clips_per_video: int = 1  # repeated sampling: clips cut from one decoded video (VideoMAE V2 num_sample)
+    finetune_sampling: str = "dense"  # dense (random start, fixed stride) | segment (TSN, for SSv2-like)
+    pretrain_scales: tuple[float, ...] = transforms.PRETRAIN_SCALES  # multi-scale crop, short-side fractions
+    finetune_crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area fraction
+    hflip: bool = True  # finetune: random horizontal flip; off when left/right matters (SSv2, sample data)
+    eval_num_clips: int = 1  # evaluation: temporal views per video (K400 protocol: 5 or 7)
+    eval_num_crops: int = 1  # evaluation: spatial views per clip, 1 (centre) or 3
+    eval_short_side: int | None = None  # evaluation: short side before cropping (None = image_size)
+    # masks (pretraining); patch/tubelet must match the model config
+    mask_type: str = "tube"  # tube | random
+    mask_ratio: float = 0.9
+    patch_size: int = 16
+    tubelet_size: int = 2
+    # normalisation, applied on the trainer by to_model_input
+    mean: tuple[float, float, float] = transforms.IMAGENET_MEAN
+    std: tuple[float, float, float] = transforms.IMAGENET_STD
+    # decoding and robustness
+    decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    decode_concurrency: int | None = None  # max decode tasks at once (None = as many as CPUs allow)
+    videos_per_block: int = 4  # videos per Ray Data block (one decode task handles a block)
+    decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
+    decode_timeout_s: float = 60.0  # per-video read + decode limit
+    max_pixels: int = 4096 * 2160  # refuse larger frames (too_large) before decoding
+    min_frames: int = 2  # refuse videos with fewer frames (too_short)
+    max_error_fraction: float = 0.05  # fail the run when more videos than this fraction are bad ...
+    min_videos_for_error_check: int = 20  # ... once at least this many have been tried
+    # order
+    shuffle: bool = True  # shuffle video order every epoch (training modes)
+    seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.decode_timeout_s, self.max_pixels, self.min_frames)
+
+    def num_tokens(self) -> int:
+        t, h, w = token_grid(self.num_frames, self.image_size, self.patch_size, self.tubelet_size)
+        return t * h * w
+
+
+def resolve_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+    """The manifest rows of ``cfg`` (generating the sample dataset when ``uri`` is empty)."""
+    uri = cfg.uri
+    if not uri:
+        from pipeline.data.synthetic import ensure_sample_dataset
+
+        uri = ensure_sample_dataset(cfg.sample_cache_dir)
+    rows = manifest.read_manifest(uri, cfg.data_root, cfg.split, cfg.label_map, cfg.video_ext)
+    return rows[: cfg.limit] if cfg.limit else rows
+
+
+class ClipMaker:
+    """Turns one manifest row into a batch of clip rows (or none, recording why); used by every builder."""
+
+    def __init__(self, cfg: DataConfig, mode: str, ledger: ErrorLedger):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode, self.ledger = cfg, mode, ledger
+        self.decoder = Decoder(cfg.limits(), cfg.decode_isolation)
+        if mode == "eval":
+            self.sampler = MultiViewSampler(
+                cfg.num_frames, cfg.sampling_rate, cfg.eval_num_clips, cfg.finetune_sampling
+            )
+        else:
+            sampling = cfg.finetune_sampling if mode == "finetune" else "dense"
+            self.sampler = make_sampler(sampling, cfg.num_frames, cfg.sampling_rate, cfg.clips_per_video)
+        self.grid = token_grid(cfg.num_frames, cfg.image_size, cfg.patch_size, cfg.tubelet_size)
+
+    def _rng(self, path: str) -> np.random.Generator:
+        if self.cfg.seed is None and self.mode != "eval":
+            return np.random.default_rng()
+        return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode())])
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        path = row["path"]
+        rng = self._rng(path)
+        try:
+            video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)))
+        except VideoError as e:
+            log.warning("skipping video %s", e)
+            snap = self.ledger.record(e.uri, e.reason, e.detail)
+            self.ledger.check(self.cfg.max_error_fraction, self.cfg.min_videos_for_error_check, snap)
+            return None
+        self.ledger.record_ok()
+        size = (self.cfg.image_size, self.cfg.image_size)
+        out: dict[str, list] = {"pixel_values": []}
+        for i in range(len(video.clips)):
+            clip = torch.from_numpy(video.clip(i))  # (T, H, W, C) uint8, a copy out of the decode buffer
+            _, h, w, _ = clip.shape
+            if self.mode == "pretrain":
+                box = transforms.multi_scale_crop_box(
+                    h, w, self.cfg.image_size, rng, self.cfg.pretrain_scales
+                )
+                out["pixel_values"].append(transforms.resized_crop(clip, box, size))
+                mask = make_mask(self.cfg.mask_type, self.grid, self.cfg.mask_ratio, rng)
+                out.setdefault("bool_masked_pos", []).append(mask)
+            elif self.mode == "finetune":
+                box = transforms.random_resized_crop_box(h, w, rng, self.cfg.finetune_crop_scale)
+                clip = transforms.resized_crop(clip, box, size)
+                if self.cfg.hflip and rng.random() < 0.5:
+                    clip = transforms.hflip(clip).contiguous()
+                out["pixel_values"].append(clip)
+                out.setdefault("labels", []).append(row["label"])
+            else:
+                short = transforms.short_side_resize(clip, self.cfg.eval_short_side or self.cfg.image_size)
+                crops = transforms.spatial_crops(short, self.cfg.image_size, self.cfg.eval_num_crops)
+                if crops[0].shape[1:3] != size:  # eval_short_side < image_size would leave small crops
+                    crops = [transforms.resize(c, size) for c in crops]
+                for j, c in enumerate(crops):
+                    out["pixel_values"].append(c)
+                    out.setdefault("labels", []).append(row["label"])
+                    out.setdefault("video", []).append(path)
+                    out.setdefault("clip_index", []).append(i)
+                    out.setdefault("crop_index", []).append(j)
+        batch = {"pixel_values": torch.stack(out.pop("pixel_values")).numpy()}
+        for key, values in out.items():
+            batch[key] = np.asarray(
+                values, dtype=np.int64 if key in ("labels", "clip_index", "crop_index") else None
+            )
+        return batch
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        t, s = self.cfg.num_frames, self.cfg.image_size
+        batch = {"pixel_values": np.zeros((0, t, s, s, 3), np.uint8)}
+        if self.mode == "pretrain":
+            batch["bool_masked_pos"] = np.zeros((0, self.cfg.num_tokens()), bool)
+        else:
+            batch["labels"] = np.zeros((0,), np.int64)
+        if self.mode == "eval":
+            batch.update(
+                video=np.zeros((0,), object),
+                clip_index=np.zeros((0,), np.int64),
+                crop_index=np.zeros((0,), np.int64),
+            )
+        return batch
+
+
+def concat_batches(
+    batches: list[dict[str, np.ndarray]], empty: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    if not batches:
+        return empty
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+_MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process: keeps the decode helper process alive
+
+
+def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, ledger: ErrorLedger):
+    key = (repr(cfg), mode, ledger.name)
+    maker = _MAKERS.get(key)
+    if maker is None:
+        maker = _MAKERS[key] = ClipMaker(cfg, mode, ledger)
+    rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
+    made = [b for b in (maker(r) for r in rows) if b is not None]
+    return concat_batches(made, maker.empty_batch())
+
+
+def build_dataset(
+    cfg: DataConfig,
+    mode: str,
+    ledger: ErrorLedger | None = None,
+    run_name: str | None = None,
+    rows: list[dict[str, Any]] | None = None,
+):
+    """A streaming ``ray.data.Dataset`` of clip rows for ``mode`` (pretrain | finetune | eval)."""
+    import ray
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if rows is None:
+        rows = resolve_rows(cfg)
+    if mode != "pretrain" and any(r["label"] < 0 for r in rows):
+        missing = next(r["path"] for r in rows if r["label"] < 0)
+        raise manifest.ManifestError(f"{mode} needs labels, but e.g. {missing} has none (uri={cfg.uri!r})")
+    if ledger is None:
+        import uuid
+
+        ledger = ErrorLedger.get_or_create(run_name or f"data-{uuid.uuid4().hex[:8]}")
+    items = [{"path": r["path"], "label": r["label"]} for r in rows]
+    shuffle = cfg.shuffle and mode != "eval"
+    if shuffle:  # shuffle videos once here, and the order of the small blocks every epoch below
+        random.Random(cfg.seed).shuffle(items)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.videos_per_block)))
+    if shuffle:
+        ds = ds.randomize_block_order(seed=cfg.seed)
+    return ds.map_batches(
+        _clips_of_block,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger},
+        num_cpus=cfg.decode_num_cpus,
+        concurrency=cfg.decode_concurrency,
+    )
+
+
+def torch_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``iter_torch_batches(collate_fn=torch_collate)``: tensors, but string columns (eval's ``video``)
+    as lists of str, which Ray's default collation cannot convert."""
+    return {k: v.tolist() if v.dtype.kind in "OUS" else torch.as_tensor(v) for k, v in batch.items()}
+
+
+def build_pretrain_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
+    """Clips with ``pixel_values`` and ``bool_masked_pos`` (labels are not needed)."""
+    return build_dataset(cfg, "pretrain", ledger, run_name)
+
+
+def build_finetune_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
+    """Clips with ``pixel_values`` and ``labels``: dense or TSN-segment sampling, random crop + flip."""
+    return build_dataset(cfg, "finetune", ledger, run_name)
+
+
+def build_eval_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
+    """``eval_num_clips x eval_num_crops`` views per video, in order, with ``video`` and view indices."""
+    return build_dataset(cfg, "eval", ledger, run_name)

@@ -1,0 +1,162 @@
+"""Bad videos are data, not crashes: a per-run ledger of read/decode failures.
+
+Every video that cannot be read or decoded raises a ``VideoError(uri, reason, detail)`` in the decode
+step; the step records it in the run's ``ErrorLedger``, skips the video and goes on. The run fails with
+``ErrorBudgetExceeded`` (a clear message with counts per reason and the first failures) only when the
+error fraction passes ``max_error_fraction`` after at least ``min_videos`` videos.
+
+The ledger is a named Ray actor (``videomae-data-errors/<run_name>`` in namespace ``videomae``) created
+by the driver when it builds a dataset; decode tasks report to it, and the training loop (rank 0, in a
+Ray Train worker) reads live counts and writes the report::
+
+    ledger = ErrorLedger.get_or_create(run_name)   # driver; or ErrorLedger.get(run_name) in a worker
+    ledger.record(uri, reason, detail)             # decode tasks (returns the new snapshot)
+    ledger.record_ok()                             # decode tasks, once per decoded video (async)
+    ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}}
+    ledger.check(max_error_fraction, min_videos)   # raises ErrorBudgetExceeded
+    ledger.write_report(uri)                       # JSONL: one {"uri", "reason", "detail"} per line
+
+``ErrorLedger.local()`` is the same API without Ray (unit tests, benchmarks, single-process tools).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from pipeline.data import storage
+
+REASONS = {
+    "not_found": "the object does not exist (deleted after listing?)",
+    "storage": "the object could not be read from storage",
+    "empty": "zero-byte file",
+    "undecodable": "not a readable video container (random bytes, text, truncated file)",
+    "no_video_stream": "the container has no video stream (audio-only?)",
+    "unsupported_codec": "the video stream's codec cannot be decoded",
+    "too_large": "frame resolution above the configured max_pixels",
+    "too_short": "fewer frames than the configured min_frames",
+    "decode_error": "decoding the frames failed",
+    "timeout": "read + decode took longer than decode_timeout_s",
+    "decoder_crash": "the decoder process died (e.g. a segfault in the C decoder)",
+}
+ACTOR_NAMESPACE = "videomae"
+MAX_KEPT = 100_000  # errors kept for the report; counts stay exact beyond it
+
+
+class VideoError(Exception):
+    """One video that cannot be used; ``reason`` is a key of ``REASONS``."""
+
+    def __init__(self, uri: str, reason: str, detail: str = ""):
+        self.uri, self.reason, self.detail = storage.redact(uri), reason, detail
+        super().__init__(f"{self.uri}: {reason}: {detail}" if detail else f"{self.uri}: {reason}")
+
+    def __reduce__(self):
+        return VideoError, (self.uri, self.reason, self.detail)
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Too many bad videos: the data, not the pipeline, needs fixing."""
+
+
+class LedgerState:
+    """The counts and the kept errors; the body of the Ray actor, or used directly when local."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.by_reason: Counter[str] = Counter()
+        self.errors: list[dict] = []
+
+    def record(self, uri: str, reason: str, detail: str = "") -> dict:
+        self.by_reason[reason] += 1
+        if len(self.errors) < MAX_KEPT:
+            self.errors.append({"uri": uri, "reason": reason, "detail": detail[:500]})
+        return self.snapshot()
+
+    def record_ok(self, n: int = 1) -> None:
+        self.ok += n
+
+    def snapshot(self) -> dict:
+        errors = sum(self.by_reason.values())
+        videos = self.ok + errors
+        return {
+            "videos": videos,
+            "ok": self.ok,
+            "errors": errors,
+            "error_fraction": errors / videos if videos else 0.0,
+            "by_reason": dict(self.by_reason),
+        }
+
+    def report_lines(self) -> list[dict]:
+        return list(self.errors)
+
+
+def budget_message(snap: dict, max_error_fraction: float, first: list[dict]) -> str:
+    examples = "; ".join(f"{e['uri']} ({e['reason']}: {e['detail'][:80]})" for e in first[:5])
+    return (
+        f"{snap['errors']} of {snap['videos']} videos failed to read/decode "
+        f"({snap['error_fraction']:.1%} > max_error_fraction {max_error_fraction:.1%}); "
+        f"by reason: {snap['by_reason']}; first failures: {examples}"
+    )
+
+
+class ErrorLedger:
+    """Facade over a ``LedgerState`` held locally or in a named Ray actor; picklable into Ray tasks."""
+
+    def __init__(self, target, name: str | None = None):
+        self._target, self.name = target, name
+        self._remote = name is not None
+
+    @classmethod
+    def local(cls) -> ErrorLedger:
+        return cls(LedgerState())
+
+    @classmethod
+    def get_or_create(cls, run_name: str) -> ErrorLedger:
+        """The run's ledger actor, created on first call; call it from the driver (the actor's owner)."""
+        import ray
+
+        name = f"videomae-data-errors/{run_name}"
+        actor_cls = ray.remote(num_cpus=0)(LedgerState)
+        handle = actor_cls.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True).remote()
+        return cls(handle, name)
+
+    @classmethod
+    def get(cls, run_name: str) -> ErrorLedger:
+        """An existing run's ledger (e.g. from the training loop); ValueError if there is none."""
+        import ray
+
+        name = f"videomae-data-errors/{run_name}"
+        return cls(ray.get_actor(name, namespace=ACTOR_NAMESPACE), name)
+
+    def _call(self, method: str, *args, wait: bool = True):
+        if not self._remote:
+            return getattr(self._target, method)(*args)
+        ref = getattr(self._target, method).remote(*args)
+        if wait:
+            import ray
+
+            return ray.get(ref)
+        return None
+
+    def record(self, uri: str, reason: str, detail: str = "") -> dict:
+        return self._call("record", uri, reason, detail)
+
+    def record_ok(self, n: int = 1) -> None:
+        self._call("record_ok", n, wait=False)
+
+    def snapshot(self) -> dict:
+        return self._call("snapshot")
+
+    def errors(self) -> list[dict]:
+        return self._call("report_lines")
+
+    def check(self, max_error_fraction: float, min_videos: int = 20, snapshot: dict | None = None) -> None:
+        snap = snapshot or self.snapshot()
+        if snap["videos"] >= min_videos and snap["error_fraction"] > max_error_fraction:
+            raise ErrorBudgetExceeded(budget_message(snap, max_error_fraction, self.errors()))
+
+    def write_report(self, uri: str) -> int:
+        """Write every kept error as JSONL to ``uri`` (atomically); returns the number of lines."""
+        lines = self.errors()
+        storage.write_text(uri, "".join(json.dumps(e) + "\n" for e in lines))
+        return len(lines)

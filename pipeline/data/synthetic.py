@@ -1,0 +1,182 @@
+"""A generated, labeled sample dataset: real H.264 mp4 files of moving shapes, class = motion only.
+
+Each video shows one textured shape gliding over a random gradient background (plus a static distractor
+shape). Shape, colours, sizes, start position and background are random; only the motion (direction,
+and with 8 classes also speed) decides the label, so a model must look at time to classify it. Shapes
+wrap around the frame edges, so motion is visible for any clip length.
+
+Interface (used by the demo jobs and tests)::
+
+    make_dataset(root, videos_per_class=8, num_frames=32, size=(64, 64), seed=0, num_classes=8) -> root
+    ensure_sample_dataset(cache_dir) -> root     # idempotent, safe if interrupted or run concurrently
+
+Layout below ``root``::
+
+    videos/<class_name>/<split>_<i>.mp4
+    train.csv, val.csv, test.csv     VideoMAE CSV: "<path relative to root> <label id>" per line
+    labels.json                      {"<class_name>": <label id>} (the SSv2 label-map shape)
+    dataset.json                     generation parameters and recommended data settings
+
+Horizontal flips turn "left" into "right": finetune on this data with ``DataConfig(hflip=False)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from fractions import Fraction
+
+import av
+import numpy as np
+
+DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+SPEEDS = {"slow": 0.022, "fast": 0.06}  # fraction of the frame side moved per frame
+SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
+SAMPLE_VERSION = 1
+SAMPLE_DEFAULTS = {"videos_per_class": 40, "num_frames": 48, "size": (64, 64), "num_classes": 8, "seed": 0}
+
+
+def class_names(num_classes: int) -> list[str]:
+    """2 -> left/right, 4 -> four directions, 8 -> four directions x two speeds."""
+    if num_classes == 2:
+        return ["right", "left"]
+    if num_classes == 4:
+        return list(DIRECTIONS)
+    if num_classes == 8:
+        return [f"{d}_{s}" for s in SPEEDS for d in DIRECTIONS]
+    raise ValueError(f"num_classes must be 2, 4 or 8, got {num_classes}")
+
+
+def _motion(name: str) -> tuple[tuple[int, int], float]:
+    direction, _, speed = name.partition("_")
+    step = SPEEDS[speed] if speed else (SPEEDS["slow"] + SPEEDS["fast"]) / 2
+    return DIRECTIONS[direction], step
+
+
+def _shape_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """A random circle, square or triangle centred at the origin (wrapping), as a bool (H, W) mask."""
+    r = rng.uniform(0.14, 0.22) * min(h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy = np.where(yy > h / 2, yy - h, yy)  # centred at (0, 0) with wrap-around, rolled into place later
+    xx = np.where(xx > w / 2, xx - w, xx)
+    kind = rng.integers(3)
+    if kind == 0:
+        return yy**2 + xx**2 <= r**2
+    if kind == 1:
+        return (np.abs(yy) <= r) & (np.abs(xx) <= r)
+    return (yy <= r * 0.8) & (yy >= -r) & (np.abs(xx) <= (yy + r) * 0.6)
+
+
+def render_video(name: str, num_frames: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of one video of class ``name``."""
+    h, w = size
+    (dy, dx), speed = _motion(name)
+    speed *= rng.uniform(0.85, 1.15)
+    c0, c1 = rng.integers(0, 256, (2, 3))
+    ramp = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+    ramp = ramp[None, :, None] if ramp.size == w else ramp[:, None, None]
+    background = np.broadcast_to(c0 + (c1 - c0) * ramp, (h, w, 3)).astype(np.float32)
+    distractor = np.roll(_shape_mask(h, w, rng), (rng.integers(h), rng.integers(w)), (0, 1))
+    background = np.where(distractor[..., None], rng.integers(0, 256, 3), background)
+    mask = _shape_mask(h, w, rng)
+    colour = rng.integers(0, 256, 3).astype(np.float32)
+    stripes = 0.75 + 0.25 * np.sign(np.sin(np.arange(w, dtype=np.float32) * rng.uniform(0.3, 0.9)))
+    texture = colour * stripes[None, :, None]  # texture moves with the shape, so motion is unambiguous
+    y0, x0 = rng.uniform(0, h), rng.uniform(0, w)
+    frames = np.empty((num_frames, h, w, 3), np.uint8)
+    for t in range(num_frames):
+        oy, ox = int(round(y0 + dy * speed * h * t)), int(round(x0 + dx * speed * w * t))
+        m = np.roll(mask, (oy, ox), (0, 1))[..., None]
+        tex = np.roll(np.broadcast_to(texture, (h, w, 3)), ox, 1)
+        frames[t] = np.clip(np.where(m, tex, background), 0, 255).astype(np.uint8)
+    return frames
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int = 25) -> None:
+    """Encode (T, H, W, 3) uint8 frames as H.264 (yuv420p, even sizes) with PyAV."""
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even frame sizes, got {h}x{w}")
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "20"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_dataset(
+    root: str,
+    videos_per_class: int = 8,
+    num_frames: int = 32,
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    num_classes: int = 8,
+    fps: int = 25,
+) -> str:
+    """Write the videos, the three split manifests and the label map below local folder ``root``."""
+    names = class_names(num_classes)
+    rng = np.random.default_rng(seed)
+    manifests: dict[str, list[str]] = {split: [] for split, _ in SPLITS}
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, "videos", name), exist_ok=True)
+        n_val = max(1, round(videos_per_class * SPLITS[1][1])) if videos_per_class >= 3 else 0
+        n_test = n_val
+        n_train = videos_per_class - n_val - n_test
+        splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+        for i, split in enumerate(splits):
+            rel = f"videos/{name}/{split}_{i:04d}.mp4"
+            write_mp4(os.path.join(root, rel), render_video(name, num_frames, size, rng), fps)
+            manifests[split].append(f"{rel} {label}")
+    for split, lines in manifests.items():
+        with open(os.path.join(root, f"{split}.csv"), "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+    with open(os.path.join(root, "labels.json"), "w") as f:
+        json.dump({name: i for i, name in enumerate(names)}, f, indent=1)
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        info = {
+            "version": SAMPLE_VERSION,
+            "videos_per_class": videos_per_class,
+            "num_frames": num_frames,
+            "size": list(size),
+            "seed": seed,
+            "num_classes": num_classes,
+            "fps": fps,
+            "recommended": {"hflip": False},
+        }
+        json.dump(info, f, indent=1)
+    return root
+
+
+def ensure_sample_dataset(cache_dir: str, **overrides) -> str:
+    """The demo dataset under ``cache_dir``, generated on first use (a few seconds).
+
+    Idempotent and safe if interrupted or raced: it is written to a temporary sibling and renamed into
+    place only when complete, so a half-written dataset is never used.
+    """
+    params = {**SAMPLE_DEFAULTS, **overrides}
+    h, w = params["size"]
+    tag = (
+        f"sample-v{SAMPLE_VERSION}-c{params['num_classes']}-n{params['videos_per_class']}"
+        f"-t{params['num_frames']}-{h}x{w}-s{params['seed']}"
+    )
+    root = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), tag)
+    if os.path.exists(os.path.join(root, "dataset.json")):
+        return root
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        make_dataset(tmp, **params)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.exists(os.path.join(root, "dataset.json")):
+                raise  # someone else's rename did not win either: a real error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
