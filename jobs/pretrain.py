@@ -1,0 +1,16 @@
+"""VideoMAE pretraining: ``python jobs/pretrain.py [--config FILE] [--set key=value ...]``.
+
+No arguments: the embedded default (configs/pretrain_tiny_demo.yaml): a tiny model on the generated
+sample dataset, local Ray, local MLflow, checkpoints under ./runs. On a cluster:
+``ray job submit --working-dir . -- python jobs/pretrain.py --config pretrain_vit_b_k400 --set ...``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `pipeline`
+
+from pipeline.train.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
