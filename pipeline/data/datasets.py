@@ -136,7 +136,8 @@ class ClipMaker:
         path = row["path"]
         rng = self._rng(path)
         try:
-            video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)))
+            window = (row.get("start", -1.0), row.get("end", -1.0))
+            video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)), window)
         except VideoError as e:
             log.warning("skipping video %s", e)
             snap = self.ledger.record(e.uri, e.reason, e.detail)
@@ -238,7 +239,8 @@ def build_dataset(
         import uuid
 
         ledger = ErrorLedger.get_or_create(run_name or f"data-{uuid.uuid4().hex[:8]}")
-    items = [{"path": r["path"], "label": r["label"]} for r in rows]
+    keys = ("path", "label", "start", "end")
+    items = [{k: r.get(k, -1.0) for k in keys} for r in rows]
     shuffle = cfg.shuffle and mode != "eval"
     if shuffle:  # shuffle videos once here, and the order of the small blocks every epoch below
         random.Random(cfg.seed).shuffle(items)

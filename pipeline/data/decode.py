@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.data import storage
 from pipeline.data.errors import VideoError
 
+HELPER_START_TIMEOUT_S = 120.0
 Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
@@ -91,22 +92,37 @@ def probe(uri: str, data: bytes, limits: DecodeLimits) -> None:
         raise VideoError(uri, "too_large", f"{width}x{height} > max_pixels {limits.max_pixels}")
 
 
-def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: DecodeLimits) -> DecodedVideo:
+def frame_window(length: int, fps: float, window: tuple[float, float]) -> tuple[int, int]:
+    """Frames ``[lo, hi)`` of the ``(start, end)`` seconds window; negative bounds mean open."""
+    start, end = window
+    lo = min(max(int(start * fps), 0), length - 1) if start > 0 else 0
+    hi = min(max(int(np.ceil(end * fps)), lo + 1), length) if end > 0 else length
+    return lo, hi
+
+
+def decode_bytes(
+    uri: str,
+    data: bytes,
+    sampler: Sampler,
+    seed: int,
+    limits: DecodeLimits,
+    window: tuple[float, float] = (-1, -1),
+) -> DecodedVideo:
     import decord
 
     probe(uri, data, limits)
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=limits.num_threads)
-        length = len(reader)
+        length, fps = len(reader), float(reader.get_avg_fps())
     except Exception as e:  # noqa: BLE001 - decord raises RuntimeError / DECORDError / AssertionError
         raise VideoError(uri, "undecodable", f"{type(e).__name__}: {e}"[:300]) from None
-    if length < limits.min_frames:
-        raise VideoError(uri, "too_short", f"{length} frame(s) < min_frames {limits.min_frames}")
-    clips = sampler(length, np.random.default_rng(seed))
+    lo, hi = frame_window(length, fps, window)
+    if hi - lo < limits.min_frames:
+        raise VideoError(uri, "too_short", f"{hi - lo} frame(s) < min_frames {limits.min_frames}")
+    clips = [c + lo for c in sampler(hi - lo, np.random.default_rng(seed))]
     wanted, positions = np.unique(np.concatenate(clips), return_inverse=True)
     try:
         frames = reader.get_batch(wanted.tolist()).asnumpy()
-        fps = float(reader.get_avg_fps())
     except Exception as e:  # noqa: BLE001
         raise VideoError(uri, "decode_error", f"{type(e).__name__}: {e}"[:300]) from None
     sizes = np.cumsum([len(c) for c in clips])[:-1]
@@ -114,10 +130,14 @@ def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: Dec
 
 
 def read_and_decode(
-    uri: str, sampler: Sampler, seed: int, limits: DecodeLimits = DecodeLimits()
+    uri: str,
+    sampler: Sampler,
+    seed: int,
+    limits: DecodeLimits = DecodeLimits(),
+    window: tuple[float, float] = (-1, -1),
 ) -> DecodedVideo:
-    """One GET, then decode only the sampled frames; raises ``VideoError``."""
-    return decode_bytes(uri, read_video_bytes(uri), sampler, seed, limits)
+    """One GET, then decode only the sampled frames (within ``window`` seconds); raises ``VideoError``."""
+    return decode_bytes(uri, read_video_bytes(uri), sampler, seed, limits, window)
 
 
 class _FrameBuffer:
@@ -154,16 +174,18 @@ class Decoder:
         self._proc: subprocess.Popen | None = None
         self._buffer: _FrameBuffer | None = None
 
-    def decode(self, uri: str, sampler: Sampler, seed: int) -> DecodedVideo:
+    def decode(
+        self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1)
+    ) -> DecodedVideo:
         if self.isolation == "inline":
             start = time.monotonic()
-            video = read_and_decode(uri, sampler, seed, self.limits)
+            video = read_and_decode(uri, sampler, seed, self.limits, window)
             if time.monotonic() - start > self.limits.timeout_s:
                 raise VideoError(
                     uri, "timeout", f"took {time.monotonic() - start:.1f}s (inline, not stopped)"
                 )
             return video
-        return self._decode_isolated(uri, sampler, seed)
+        return self._decode_isolated(uri, sampler, seed, window)
 
     def _start(self) -> None:
         parent_r, child_w = os.pipe()
@@ -183,6 +205,10 @@ class Decoder:
         os.close(child_r)
         os.close(child_w)
         self._recv, self._send = Connection(parent_r), Connection(parent_w, readable=False)
+        # the time limit is per video, so wait for the helper's imports separately
+        if not self._recv.poll(HELPER_START_TIMEOUT_S) or self._recv.recv() != ("ready",):
+            self._kill()
+            raise RuntimeError(f"the decode helper process did not start within {HELPER_START_TIMEOUT_S}s")
         if self._buffer is None:
             self._buffer = _FrameBuffer()
 
@@ -194,14 +220,16 @@ class Decoder:
             self._send.close()
             self._proc = None
 
-    def _decode_isolated(self, uri: str, sampler: Sampler, seed: int) -> DecodedVideo:
+    def _decode_isolated(
+        self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float]
+    ) -> DecodedVideo:
         if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()
         deadline = time.monotonic() + self.limits.timeout_s
         buf = self._buffer
         try:
-            self._send.send(("decode", uri, sampler, seed, self.limits, buf.path, buf.size))
+            self._send.send(("decode", uri, sampler, seed, window, self.limits, buf.path, buf.size))
             while True:
                 if not self._recv.poll(max(deadline - time.monotonic(), 0)):
                     self._kill()
@@ -237,16 +265,20 @@ class Decoder:
 
 def serve() -> None:
     """Helper process body: answer decode requests until the parent closes the pipe."""
+    import av  # noqa: F401 - imported before "ready" so the first video's time limit excludes imports
+    import decord  # noqa: F401
+
     recv, send = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    send.send(("ready",))
     mapped: tuple[str, int, mmap.mmap] | None = None
     while True:
         try:
             msg = recv.recv()
         except EOFError:
             return
-        _, uri, sampler, seed, limits, path, size = msg
+        _, uri, sampler, seed, window, limits, path, size = msg
         try:
-            video = read_and_decode(uri, sampler, seed, limits)
+            video = read_and_decode(uri, sampler, seed, limits, window)
         except VideoError as e:
             send.send(("error", e.reason, e.detail))
             continue
