@@ -8,6 +8,7 @@ from .modeling import (
     VideoMAEModel,
     VideoMAEPreTrainedModel,
 )
+from .processing import VideoMAEFeatureExtractor, VideoMAEImageProcessor  # noqa: F401 - re-exported
 
 __all__ = [
     "CheckpointError",
