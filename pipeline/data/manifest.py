@@ -15,8 +15,9 @@
 
 Relative paths resolve against ``data_root`` (default: the manifest's folder). A path that escapes the
 data root (``../..``, or an absolute path outside it when a data root is given) is refused with a
-``ManifestError`` naming the line. The readers of the text formats (``parse_videomae_csv``,
-``parse_ssv2_json``, ``read_label_map``) take text, so other tools (annotations.py) reuse them.
+``ManifestError`` naming it; without an explicit data root, absolute paths and URIs are taken as given.
+The readers of the text formats (``parse_videomae_csv``, ``parse_ssv2_json``, ``read_label_map``) take
+text, so other tools (annotations.py) reuse them.
 """
 
 from __future__ import annotations
@@ -125,8 +126,13 @@ def _table_rows(table, source: str) -> list[dict[str, Any]]:
     return [_row(data["path"][i], labels[i], starts[i], ends[i]) for i in range(n) if keep[i]]
 
 
-def resolve_path(path: str, data_root: str, source: str = "<manifest>") -> str:
-    """``path`` as a URI below ``data_root``; refuses paths that escape it."""
+def resolve_path(path: str, data_root: str, source: str = "<manifest>", allow_absolute: bool = False) -> str:
+    """``path`` as a URI below ``data_root``; refuses paths that escape it.
+
+    ``allow_absolute`` keeps absolute paths / URIs as they are (used when no data root was given).
+    """
+    if allow_absolute and (storage.is_s3(path) or path.startswith(("/", "file://"))):
+        return path if storage.is_s3(path) else storage.resolve(path)[1]
     root = data_root.rstrip("/") if data_root != "/" else data_root
     if storage.is_s3(root):
         root_path = root[len("s3://") :]
@@ -194,7 +200,7 @@ def read_manifest(
     if not rows:
         raise ManifestError(f"manifest {source} lists no videos")
     for row in rows:
-        row["path"] = resolve_path(row["path"], root, source)
+        row["path"] = resolve_path(row["path"], root, source, allow_absolute=data_root is None)
     return rows
 
 
