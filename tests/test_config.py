@@ -1,0 +1,121 @@
+"""The job config loader: presets, overrides with type coercion, strict errors naming the key, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as C
+from pipeline.config import ConfigError, PretrainConfig
+
+
+def load(*overrides: str, path: str | Path | None = None) -> PretrainConfig:
+    return C.load(PretrainConfig, path, list(overrides))
+
+
+def test_defaults_are_the_tiny_demo_and_data_geometry_follows_the_model():
+    cfg = load()
+    model = cfg.model.build()
+    assert cfg.model.preset == "tiny"
+    assert (cfg.data.num_frames, cfg.data.image_size, cfg.data.patch_size, cfg.data.tubelet_size) == \
+        (model.num_frames, model.image_size, model.patch_size, model.tubelet_size) == (4, 32, 8, 2)
+
+
+def test_overrides_are_coerced_to_the_field_types():
+    cfg = load("train.batch_size=4", "optim.lr=3e-4", "optim.betas=0.9,0.999", "train.grad_clip=null",
+               "tracking.system_metrics=false", "scaling.use_gpu=true", "model.num_frames=8",
+               "model.norm_pix_loss=false", "data.pretrain_scales=[1.0, 0.5]", "train.precision=bf16")
+    assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.optim.betas == (0.9, 0.999)
+    assert cfg.train.grad_clip is None
+    assert cfg.tracking.system_metrics is False and cfg.scaling.use_gpu is True
+    assert cfg.model.overrides == {"num_frames": 8, "norm_pix_loss": False}
+    assert cfg.data.num_frames == 8  # follows the model
+    assert cfg.data.pretrain_scales == (1.0, 0.5)
+    assert cfg.train.precision == "bf16"
+
+
+def test_yaml_preset_then_overrides_win(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("run_name: from-file\nmodel:\n  preset: vit-s\n  decoder_num_hidden_layers: 2\n"
+                      "optim:\n  base_lr: 1e-4\ntrain:\n  batch_size: 16\n")
+    cfg = load("train.batch_size=2", path=preset)
+    assert cfg.run_name == "from-file"
+    assert cfg.model.build().decoder_num_hidden_layers == 2 and cfg.model.build().hidden_size == 384
+    assert cfg.optim.base_lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string: still a number here
+    assert cfg.train.batch_size == 2
+    assert cfg.data.image_size == 224
+
+
+@pytest.mark.parametrize("name", ["pretrain_tiny_demo", "pretrain_vit_s_k400", "pretrain_vit_b_k400",
+                                  "pretrain_vit_s_ssv2", "pretrain_vit_b_ssv2"])
+def test_presets_load_and_follow_the_paper(name):
+    cfg = load(path=name)  # a bare name is looked up in configs/
+    if name == "pretrain_tiny_demo":
+        return
+    model = cfg.model.build()
+    assert (model.num_frames, model.image_size, model.decoder_num_hidden_layers) == (16, 224, 4)
+    assert cfg.data.mask_ratio == 0.9 and cfg.data.mask_type == "tube"
+    assert cfg.data.sampling_rate == (4 if "k400" in name else 2)
+    assert cfg.optim.base_lr == pytest.approx(1.5e-4) and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_epochs == 40
+    assert cfg.train.epochs == (800 if "k400" in name else 2400)
+    global_batch = cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps
+    assert global_batch == 2048
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'lr'?"),
+    (["modle.preset=vit-b"], "unknown config key 'modle'"),
+    (["model.num_framez=8"], "unknown config key 'model.num_framez'"),
+    (["train.batch_size=abc"], "train.batch_size: expected an integer, got 'abc'"),
+    (["train.precision=fp8"], "train.precision: 'fp8' is not one of"),
+    (["model.num_attention_heads=5"], "hidden_size 64 is not divisible by num_attention_heads 5"),
+    (["data.mask_ratio=1.0"], "data.mask_ratio must lie in (0, 1), got 1.0"),
+    (["data.mask_ratio=0"], "data.mask_ratio must lie in (0, 1)"),
+    (["data.num_frames=8"], "data.num_frames is taken from model.num_frames"),
+    (["model.preset=vit-x"], "model.preset: unknown preset 'vit-x'"),
+    (["run_name=a/b"], "run_name 'a/b' must be"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["optim.betas=0.9"], "optim.betas: expected 2 values"),
+    (["nodot"], "not of the form section.key=value"),
+    (["optim=3"], "optim: expected a section"),
+])
+def test_bad_configs_fail_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load(*overrides)
+    assert message in str(err.value)
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(path=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load(path=bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load(path=listy)
+
+
+def test_round_trip_through_yaml_and_flatten_scrubs_secrets():
+    cfg = load("model.num_frames=8", "tracking.tracking_uri=http://alice:s3cret@mlflow.example:5000")
+    text = C.to_yaml(cfg)
+    assert "s3cret" not in text and "***@mlflow.example" in text
+    again = C.from_yaml_text(PretrainConfig, text)
+    assert again.model.overrides == {"num_frames": 8} and again.data.num_frames == 8
+    assert again.optim == cfg.optim and again.train == cfg.train
+    flat = C.flatten(cfg)
+    assert flat["optim.betas"] == [0.9, 0.95] and flat["model.overrides.num_frames"] == 8
+    assert "s3cret" not in str(flat)
+    assert C.scrub({"aws_secret_access_key": "x", "api_token": "y", "n": 1}) == \
+        {"aws_secret_access_key": "***", "api_token": "***", "n": 1}
+
+
+def test_replace_with_dotted_keys():
+    cfg = C.replace(load(), **{"train.max_steps": 5, "run_name": "x"})
+    assert cfg.train.max_steps == 5 and cfg.run_name == "x"

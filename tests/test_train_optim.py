@@ -1,0 +1,75 @@
+"""Parameter groups (no decay on norms / biases / tokens, layer-wise decay) and the per-step schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
+from pipeline.train.optim import WarmupCosine, build_adamw, layer_id, lr_at, param_groups, scaled_lr
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens():
+    model = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny"))
+    groups = param_groups(model, weight_decay=0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    plain = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert "mask_token" in plain
+    assert any("layernorm" in n and n.endswith("weight") for n in plain)
+    assert all(not n.endswith(".bias") for n in decayed)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert "videomae.embeddings.patch_embeddings.projection.weight" in decayed
+    assert decayed | plain == {n for n, _ in model.named_parameters()}
+
+
+def test_layer_ids_follow_transformers_names():
+    assert layer_id("videomae.embeddings.patch_embeddings.projection.weight", 12) == 0
+    assert layer_id("videomae.encoder.layer.0.attention.attention.query.weight", 12) == 1
+    assert layer_id("videomae.encoder.layer.11.output.dense.bias", 12) == 12
+    assert layer_id("fc_norm.weight", 12) == 13
+    assert layer_id("classifier.weight", 12) == 13
+    assert layer_id("decoder.decoder_layers.0.attention.attention.query.weight", 12) == 13
+
+
+def test_layer_decay_scales_the_lr_by_depth():
+    cfg = VideoMAEConfig.from_preset("tiny", num_labels=3)
+    model = VideoMAEForVideoClassification(cfg)
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.75,
+                      num_layers=cfg.num_hidden_layers)
+    WarmupCosine(opt, total_steps=10, warmup_steps=0, peak_lr=1e-3, min_lr=0.0)
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    layers = cfg.num_hidden_layers
+    emb = model.videomae.embeddings.patch_embeddings.projection.weight
+    assert by_param[id(emb)] == pytest.approx(1e-3 * 0.75 ** (layers + 1))
+    first = model.videomae.encoder.layer[0].intermediate.dense.weight
+    assert by_param[id(first)] == pytest.approx(1e-3 * 0.75 ** layers)
+    assert by_param[id(model.classifier.weight)] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="num_layers"):
+        param_groups(model, 0.05, layer_decay=0.75)
+
+
+def test_warmup_then_cosine_per_step():
+    peak, floor = 1e-3, 1e-5
+    assert lr_at(0, 100, 10, peak, floor, warmup_lr=1e-6) == pytest.approx(1e-6)
+    assert lr_at(5, 100, 10, peak, floor) == pytest.approx(peak / 2)
+    assert lr_at(10, 100, 10, peak, floor) == pytest.approx(peak)
+    assert lr_at(55, 100, 10, peak, floor) == pytest.approx(floor + 0.5 * (peak - floor))
+    assert lr_at(100, 100, 10, peak, floor) == pytest.approx(floor)
+    values = [lr_at(s, 100, 10, peak, floor) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert scaled_lr(1.5e-4, 2048) == pytest.approx(1.2e-3)
+
+
+def test_scheduler_state_resumes_on_the_same_lr():
+    model = torch.nn.Linear(4, 4)
+    opt = build_adamw(model, 1e-3, 0.05, (0.9, 0.95))
+    sched = WarmupCosine(opt, total_steps=50, warmup_steps=5, peak_lr=1e-3, min_lr=1e-5)
+    for _ in range(17):
+        sched.step()
+    opt2 = build_adamw(model, 1e-3, 0.05, (0.9, 0.95))
+    sched2 = WarmupCosine(opt2, total_steps=50, warmup_steps=5, peak_lr=1e-3, min_lr=1e-5)
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(lr_at(17, 50, 5, 1e-3, 1e-5))
+    assert not math.isclose(opt2.param_groups[0]["lr"], 1e-3)
