@@ -71,5 +71,6 @@ def test_scheduler_state_resumes_on_the_same_lr():
     opt2 = build_adamw(model, 1e-3, 0.05, (0.9, 0.95))
     sched2 = WarmupCosine(opt2, total_steps=50, warmup_steps=5, peak_lr=1e-3, min_lr=1e-5)
     sched2.load_state_dict(sched.state_dict())
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(lr_at(17, 50, 5, 1e-3, 1e-5))
+    expected = lr_at(17, 50, 5, 1e-3, 1e-5)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(expected)
     assert not math.isclose(opt2.param_groups[0]["lr"], 1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -31,4 +33,4 @@ def test_reconstruction_keeps_visible_pixels_and_greys_tubes(tmp_path):
     assert torch.equal(recon[visible], original[visible])  # visible patches are shown as they are
     assert model.training  # reconstruct() restores the mode
     png = save_reconstruction_png(tmp_path / "r.png", original, masked, recon, title="t")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
