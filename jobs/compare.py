@@ -11,24 +11,40 @@ The tracking store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pipeline.compare import CompareError, compare
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `pipeline`
+
+from pipeline.compare import CompareError, compare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_ids", nargs="*", help="MLflow run ids")
     parser.add_argument("--experiment", action="append", default=[], help="experiment name (repeatable)")
-    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                        help="only runs with this tag (repeatable; all must match)")
-    parser.add_argument("--metric", action="append", default=[],
-                        help="metric to plot (repeatable; default: every loss/accuracy metric)")
+    parser.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs with this tag (repeatable; all must match)",
+    )
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="metric to plot (repeatable; default: every loss/accuracy metric)",
+    )
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", default="comparison.png", help="where to write the curves PNG")
-    parser.add_argument("--log-experiment", default="comparisons",
-                        help="experiment to log the comparison to; '' to not log it")
+    parser.add_argument(
+        "--log-experiment",
+        default="comparisons",
+        help="experiment to log the comparison to; '' to not log it",
+    )
     parser.add_argument("--max-runs", type=int, default=20)
     args = parser.parse_args(argv)
     tags = {}
@@ -40,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_ids or args.experiment or tags):
         parser.error("name runs to compare: run ids, --experiment or --tag")
     try:
-        comparison, logged = compare(args.run_ids, args.experiment, tags, args.metric, args.tracking_uri,
-                                     args.out or None, args.log_experiment or None, args.max_runs)
+        comparison, logged = compare(
+            args.run_ids,
+            args.experiment,
+            tags,
+            args.metric,
+            args.tracking_uri,
+            args.out or None,
+            args.log_experiment or None,
+            args.max_runs,
+        )
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,26 +50,35 @@ class Comparison:
         header = ["", *self.labels]
         rows: list[list[str]] = []
         if self.param_diffs:
-            rows.append([f"config ({len(self.param_diffs)} differ, {self.identical_params} identical)"]
-                        + [""] * len(self.labels))
+            rows.append(
+                [f"config ({len(self.param_diffs)} differ, {self.identical_params} identical)"]
+                + [""] * len(self.labels)
+            )
             rows += [[f"  {k}", *(_cell(v) for v in vals)] for k, vals in sorted(self.param_diffs.items())]
         else:
             rows.append([f"config: all {self.identical_params} params identical"] + [""] * len(self.labels))
         if self.final_metrics:
             rows.append(["final metrics"] + [""] * len(self.labels))
-            rows += [[f"  {k}", *(_metric_cell(v) for v in vals)]
-                     for k, vals in sorted(self.final_metrics.items())]
+            rows += [
+                [f"  {k}", *(_metric_cell(v) for v in vals)] for k, vals in sorted(self.final_metrics.items())
+            ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
         return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
     def to_json(self) -> str:
-        return json.dumps({
-            "runs": [{"run_id": r.info.run_id, "label": lab, "experiment_id": r.info.experiment_id}
-                     for r, lab in zip(self.runs, self.labels, strict=True)],
-            "param_diffs": self.param_diffs, "identical_params": self.identical_params,
-            "final_metrics": self.final_metrics,
-        }, indent=1)
+        return json.dumps(
+            {
+                "runs": [
+                    {"run_id": r.info.run_id, "label": lab, "experiment_id": r.info.experiment_id}
+                    for r, lab in zip(self.runs, self.labels, strict=True)
+                ],
+                "param_diffs": self.param_diffs,
+                "identical_params": self.identical_params,
+                "final_metrics": self.final_metrics,
+            },
+            indent=1,
+        )
 
 
 def _cell(value: str | None) -> str:
@@ -82,8 +91,13 @@ def _metric_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def select_runs(client: MlflowClient, run_ids: Sequence[str] = (), experiments: Sequence[str] = (),
-                tags: Mapping[str, str] | None = None, max_runs: int = 20) -> list[MlflowRun]:
+def select_runs(
+    client: MlflowClient,
+    run_ids: Sequence[str] = (),
+    experiments: Sequence[str] = (),
+    tags: Mapping[str, str] | None = None,
+    max_runs: int = 20,
+) -> list[MlflowRun]:
     """Runs by id, plus runs of the named experiments (all when none named and tags given) matching
     every tag. Earlier comparison runs are left out. Fails clearly when an id or experiment is unknown."""
     runs: list[MlflowRun] = []
@@ -98,14 +112,16 @@ def select_runs(client: MlflowClient, run_ids: Sequence[str] = (), experiments: 
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 known = [e.name for e in client.search_experiments()]
-                raise CompareError(f"no MLflow experiment named {name!r}; "
-                                   f"known: {', '.join(known) or 'none'}")
+                raise CompareError(
+                    f"no MLflow experiment named {name!r}; known: {', '.join(known) or 'none'}"
+                )
             exp_ids.append(exp.experiment_id)
         if not exp_ids:
             exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
         query = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in (tags or {}).items())
-        found = client.search_runs(exp_ids, filter_string=query, max_results=max_runs + 50,
-                                   order_by=["attributes.start_time ASC"])
+        found = client.search_runs(
+            exp_ids, filter_string=query, max_results=max_runs + 50, order_by=["attributes.start_time ASC"]
+        )
         runs += [r for r in found if r.data.tags.get(tracking.JOB_TAG) != COMPARE_JOB]
     unique = list({r.info.run_id: r for r in runs}.values())
     if len(unique) > max_runs:
@@ -138,8 +154,12 @@ def diff_params(runs: Sequence[MlflowRun]) -> tuple[dict[str, list[str | None]],
     return diffs, same
 
 
-def build_comparison(client: MlflowClient, runs: Sequence[MlflowRun], curve_pattern: str = DEFAULT_CURVES,
-                     metrics: Sequence[str] = ()) -> Comparison:
+def build_comparison(
+    client: MlflowClient,
+    runs: Sequence[MlflowRun],
+    curve_pattern: str = DEFAULT_CURVES,
+    metrics: Sequence[str] = (),
+) -> Comparison:
     """Gather params, final metrics and the histories of ``metrics`` (default: names matching
     ``curve_pattern``, e.g. loss and accuracy) for ``runs``."""
     labels = [run_label(r) for r in runs]
@@ -176,7 +196,7 @@ def curves_png(comparison: Comparison) -> bytes:
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8)
@@ -190,8 +210,14 @@ def curves_png(comparison: Comparison) -> bytes:
 def log_comparison(comparison: Comparison, tracking_uri: str, experiment: str, png: bytes | None) -> str:
     """A new MLflow run holding the table, the JSON and the curves PNG; returns its id."""
     compared = ",".join(r.info.run_id for r in comparison.runs)
-    run = tracking.start_run(f"compare-{len(comparison.runs)}-runs", experiment, tracking_uri,
-                             job=COMPARE_JOB, resume=False, tags={"pipeline.compared_runs": compared})
+    run = tracking.start_run(
+        f"compare-{len(comparison.runs)}-runs",
+        experiment,
+        tracking_uri,
+        job=COMPARE_JOB,
+        resume=False,
+        tags={"pipeline.compared_runs": compared},
+    )
     try:
         run.log_text(comparison.table(), "comparison/table.txt")
         run.log_text(comparison.to_json(), "comparison/comparison.json")
@@ -207,10 +233,16 @@ def log_comparison(comparison: Comparison, tracking_uri: str, experiment: str, p
     return run.run_id
 
 
-def compare(run_ids: Sequence[str] = (), experiments: Sequence[str] = (),
-            tags: Mapping[str, str] | None = None, metrics: Sequence[str] = (),
-            tracking_uri: str | None = None, out_png: str | None = "comparison.png",
-            log_experiment: str | None = "comparisons", max_runs: int = 20) -> tuple[Comparison, str | None]:
+def compare(
+    run_ids: Sequence[str] = (),
+    experiments: Sequence[str] = (),
+    tags: Mapping[str, str] | None = None,
+    metrics: Sequence[str] = (),
+    tracking_uri: str | None = None,
+    out_png: str | None = "comparison.png",
+    log_experiment: str | None = "comparisons",
+    max_runs: int = 20,
+) -> tuple[Comparison, str | None]:
     """The whole comparison: select, print-ready table, PNG written to ``out_png`` (if given) and logged
     to a new run in ``log_experiment`` (if given). Returns the comparison and the logged run id."""
     uri = tracking_uri or tracking.default_tracking_uri()

@@ -20,8 +20,11 @@ _spec.loader.exec_module(compare_job)
 def _make_runs(uri: str, experiment: str) -> list[str]:
     """Two finetunes differing in lr, one pretrain; metrics logged over steps."""
     ids = []
-    for name, lr, job, slope in (("ft-a", 1e-3, "finetune", 0.1), ("ft-b", 5e-4, "finetune", 0.05),
-                                 ("pre", 1e-3, "pretrain", 0.02)):
+    for name, lr, job, slope in (
+        ("ft-a", 1e-3, "finetune", 0.1),
+        ("ft-b", 5e-4, "finetune", 0.05),
+        ("pre", 1e-3, "pretrain", 0.02),
+    ):
         run = tracking.start_run(name, experiment, uri, job=job, resume=False)
         run.log_params({"optim.lr": lr, "model.depth": 2, "data.frames": 4})
         for step in range(5):
@@ -63,8 +66,9 @@ def test_compare_by_experiment_and_tag_skips_earlier_comparisons(local_store):
     compare([a, b], tracking_uri=uri, out_png=None, log_experiment="exp")  # a comparison run inside "exp"
     everything, _ = compare(experiments=["exp"], tracking_uri=uri, out_png=None, log_experiment=None)
     assert {r.info.run_id for r in everything.runs} == {a, b, pre}
-    finetunes, _ = compare(tags={tracking.JOB_TAG: "finetune"}, tracking_uri=uri, out_png=None,
-                           log_experiment=None)
+    finetunes, _ = compare(
+        tags={tracking.JOB_TAG: "finetune"}, tracking_uri=uri, out_png=None, log_experiment=None
+    )
     assert {r.info.run_id for r in finetunes.runs} == {a, b}
     assert everything.final_metrics["val/top1"][2] is None  # the pretrain run has no accuracy: shown as "-"
 
@@ -85,8 +89,10 @@ def test_compare_errors_name_what_was_asked(local_store):
 def test_compare_job_against_mlflow_server(mlflow_server, tmp_path, capsys):
     a, b, _ = _make_runs(mlflow_server, "compare-server")
     out = tmp_path / "curves.png"
-    assert compare_job.main([a, b, "--tracking-uri", mlflow_server, "--out", str(out),
-                             "--metric", "train/loss"]) == 0
+    assert (
+        compare_job.main([a, b, "--tracking-uri", mlflow_server, "--out", str(out), "--metric", "train/loss"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "optim.lr" in printed and "logged to MLflow run" in printed
     assert Image.open(io.BytesIO(out.read_bytes())).size[0] > 300

@@ -34,8 +34,9 @@ class ViewAccumulator:
                 self._sums.append(np.zeros(self.num_classes, np.float64))
                 self._views.append(0)
             elif self._labels[i] != int(label):
-                raise ValueError(f"video {video!r} has views with different labels "
-                                 f"({self._labels[i]}, {label})")
+                raise ValueError(
+                    f"video {video!r} has views with different labels ({self._labels[i]}, {label})"
+                )
             self._sums[i] += p
             self._views[i] += 1
 
@@ -101,8 +102,12 @@ class EvalReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow (per-class keys are sanitised class names)."""
-        out = {"top1": self.top1, "top5": self.top5, "mean_class_accuracy": self.mean_class_accuracy,
-               "num_videos": float(self.num_videos)}
+        out = {
+            "top1": self.top1,
+            "top5": self.top5,
+            "mean_class_accuracy": self.mean_class_accuracy,
+            "num_videos": float(self.num_videos),
+        }
         for name, acc in self.per_class.items():
             if not np.isnan(acc):
                 out[f"class_acc/{_metric_safe(name)}"] = acc
@@ -126,8 +131,9 @@ def _metric_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
 
 
-def evaluate_scores(scores: VideoScores, class_names: list[str], views_per_video: int,
-                    expected_videos: int | None = None) -> EvalReport:
+def evaluate_scores(
+    scores: VideoScores, class_names: list[str], views_per_video: int, expected_videos: int | None = None
+) -> EvalReport:
     """Video-level report; classes without examples and videos with missing views become ``gaps``."""
     num_classes = len(class_names)
     preds = scores.probs.argmax(axis=1) if len(scores.labels) else np.zeros(0, np.int64)
@@ -136,15 +142,19 @@ def evaluate_scores(scores: VideoScores, class_names: list[str], views_per_video
     gaps = []
     empty = [class_names[i] for i in np.flatnonzero(cm.sum(axis=1) == 0)]
     if empty:
-        gaps.append(f"{len(empty)} of {num_classes} classes have no examples: {', '.join(empty[:20])}"
-                    + (" ..." if len(empty) > 20 else ""))
+        gaps.append(
+            f"{len(empty)} of {num_classes} classes have no examples: {', '.join(empty[:20])}"
+            + (" ..." if len(empty) > 20 else "")
+        )
     short = int((scores.num_views < views_per_video).sum())
     if short:
         gaps.append(f"{short} videos were scored on fewer than {views_per_video} views (unreadable frames)")
     if expected_videos is not None and expected_videos > len(scores.labels):
         missing = expected_videos - len(scores.labels)
-        gaps.append(f"{missing} of {expected_videos} videos produced no view at all (unreadable) and are "
-                    "not in the metrics")
+        gaps.append(
+            f"{missing} of {expected_videos} videos produced no view at all (unreadable) and are "
+            "not in the metrics"
+        )
     measured = per_class[~np.isnan(per_class)]
     return EvalReport(
         num_videos=len(scores.labels),

@@ -48,20 +48,25 @@ def confusion_matrix_png(cm: np.ndarray, class_names: list[str], title: str = ""
 def predictions_table(scores: VideoScores, class_names: list[str], k: int = 5) -> pa.Table:
     """One row per video: path, true label, the top-k classes with their scores, views, correctness."""
     k = min(k, len(class_names))
-    order = np.argsort(-scores.probs, axis=1, kind="stable")[:, :k] if len(scores.labels) else \
-        np.zeros((0, k), np.int64)
+    order = (
+        np.argsort(-scores.probs, axis=1, kind="stable")[:, :k]
+        if len(scores.labels)
+        else np.zeros((0, k), np.int64)
+    )
     names = np.asarray(class_names, dtype=object)
     top_scores = np.take_along_axis(scores.probs, order, axis=1) if len(order) else np.zeros((0, k))
-    return pa.table({
-        "path": pa.array(scores.videos, pa.string()),
-        "label": pa.array(scores.labels, pa.int64()),
-        "label_name": pa.array(names[scores.labels].tolist() if len(scores.labels) else [], pa.string()),
-        "top5_ids": pa.array(order.tolist(), pa.list_(pa.int64())),
-        "top5_classes": pa.array(names[order].tolist() if len(order) else [], pa.list_(pa.string())),
-        "top5_scores": pa.array(top_scores.astype(np.float32).tolist(), pa.list_(pa.float32())),
-        "num_views": pa.array(scores.num_views, pa.int64()),
-        "correct": pa.array(order[:, 0] == scores.labels if len(order) else [], pa.bool_()),
-    })
+    return pa.table(
+        {
+            "path": pa.array(scores.videos, pa.string()),
+            "label": pa.array(scores.labels, pa.int64()),
+            "label_name": pa.array(names[scores.labels].tolist() if len(scores.labels) else [], pa.string()),
+            "top5_ids": pa.array(order.tolist(), pa.list_(pa.int64())),
+            "top5_classes": pa.array(names[order].tolist() if len(order) else [], pa.list_(pa.string())),
+            "top5_scores": pa.array(top_scores.astype(np.float32).tolist(), pa.list_(pa.float32())),
+            "num_views": pa.array(scores.num_views, pa.int64()),
+            "correct": pa.array(order[:, 0] == scores.labels if len(order) else [], pa.bool_()),
+        }
+    )
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -77,10 +82,14 @@ def report_json(report: EvalReport) -> str:
         return None if np.isnan(x) else float(x)
 
     body = {
-        "num_videos": report.num_videos, "views_per_video": report.views_per_video,
-        "top1": num(report.top1), "top5": num(report.top5),
+        "num_videos": report.num_videos,
+        "views_per_video": report.views_per_video,
+        "top1": num(report.top1),
+        "top5": num(report.top5),
         "mean_class_accuracy": num(report.mean_class_accuracy),
         "per_class": {n: num(a) for n, a in report.per_class.items()},
-        "confusion": report.confusion.tolist(), "class_names": report.class_names, "gaps": report.gaps,
+        "confusion": report.confusion.tolist(),
+        "class_names": report.class_names,
+        "gaps": report.gaps,
     }
     return json.dumps(body, indent=1, allow_nan=False)

@@ -1,0 +1,251 @@
+"""The evaluation job: multi-view testing of a finetuned classifier, distributed with Ray Data.
+
+Everything checkable is checked on the driver before Ray starts (the model is a classifier, the split is
+non-empty, every label is one the model knows, the dataset's class names match the model's). Results
+go to ``<storage_path>/<run_name>/`` and to an MLflow run:
+
+    metrics.json             top-1, top-5, mean class accuracy, per-class accuracy, confusion, gaps
+    predictions.parquet      per video: path, label, top-5 classes and scores, views scored, correct
+    confusion_matrix.png     row-normalised, counts in the cells
+    data_errors.jsonl        videos that could not be read (they are reported as a gap, not a crash)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline import config as config_lib
+from pipeline.config import ConfigError, TrackingSection
+from pipeline.data import storage
+from pipeline.data.datasets import DataConfig, build_dataset
+from pipeline.data.manifest import ManifestError
+from pipeline.eval import labels as label_lib
+from pipeline.eval.metrics import EvalReport, evaluate_scores
+from pipeline.eval.report import confusion_matrix_png, parquet_bytes, predictions_table, report_json
+from pipeline.models.videomae import CheckpointError
+
+GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
+
+
+# Defaults that differ from the shared sections' own. The config loader builds a section given in YAML or
+# --set from its class defaults, so these are passed to it as the base layer (see load_config).
+DEFAULTS: dict = {
+    "data": {"split": "test", "eval_num_clips": 2, "eval_num_crops": 3, "shuffle": False, "hflip": False},
+    "tracking": {"experiment": "videomae-evaluate"},
+}
+
+
+@dataclass
+class InferenceSection:
+    batch_size: int = 16  # views per forward pass of one actor
+    num_actors: int = 1  # model replicas (Ray actors) scoring views in parallel
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ConfigError("inference.batch_size and inference.num_actors must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation run; the clip geometry (frames, size, patch, tubelet) is taken from the model."""
+
+    run_name: str = "evaluate-demo"
+    model_uri: str = "runs/finetune-demo"  # a classifier: run folder, checkpoint or transformers directory
+    storage_path: str = "runs"  # results under <storage_path>/<run_name>
+    ray_address: str | None = None  # None: RAY_ADDRESS (under `ray job submit`), else a local Ray
+    data: DataConfig = field(default_factory=lambda: DataConfig(**DEFAULTS["data"]))
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(**DEFAULTS["tracking"]))
+
+    def validate(self) -> None:
+        if not self.model_uri:
+            raise ConfigError(
+                "model_uri is empty: give the finetuned model (run folder, checkpoint or "
+                "transformers directory)"
+            )
+        if self.data.eval_num_clips < 1 or self.data.eval_num_crops not in (1, 3):
+            raise ConfigError("data.eval_num_clips must be >= 1 and data.eval_num_crops 1 or 3")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """EvalConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
+    return config_lib.load(EvalConfig, path, overrides, base=DEFAULTS)
+
+
+@dataclass
+class EvalResult:
+    report: EvalReport
+    output_uri: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                self.report.summary(),
+                f"results: {self.output_uri}",
+                f"MLflow: {storage.redact(self.tracking_uri or '')} run {self.mlflow_run_id}",
+            ]
+        )
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def prepare(cfg: EvalConfig):
+    """Driver-side checks and inputs: (classifier, data config with the model's geometry, rows, names)."""
+    from pipeline.train.weights import load_classifier, locate
+
+    model_uri = locate(cfg.model_uri)
+    model = load_classifier(model_uri)
+    mc = model.config
+    data = dataclasses.replace(cfg.data, **{k: getattr(mc, k) for k in GEOMETRY})
+    rows = label_lib.read_rows(data)
+    id2label = dict(mc.id2label)
+    names = label_lib.dataset_label_names(data)
+    if names is not None and names != id2label:
+        differ = [
+            f"{i}: data {names.get(i)!r} vs model {id2label.get(i)!r}"
+            for i in sorted(set(names) | set(id2label))
+            if names.get(i) != id2label.get(i)
+        ]
+        raise label_lib.LabelError(
+            f"the dataset's label map and the model's id2label differ: "
+            f"{'; '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
+        )
+    label_lib.check_labels(rows, id2label, data.split)
+    return model_uri, model, data, rows, [id2label[i] for i in range(len(id2label))]
+
+
+def run_evaluate(cfg: EvalConfig) -> EvalResult:
+    """Score every video of ``cfg.data``'s split and write the report (see the module docstring)."""
+    import ray
+
+    from pipeline import tracking
+    from pipeline.data.errors import ErrorLedger
+    from pipeline.eval.inference import predict_views
+
+    started = time.time()
+    print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
+    model_uri, model, data, rows, class_names = prepare(cfg)
+    views = data.eval_num_clips * data.eval_num_crops
+    print(
+        f"evaluate: {storage.redact(model_uri)} ({len(class_names)} classes, {_geometry(model)}) on "
+        f"{len(rows)} videos x {views} views ({data.eval_num_clips} clips x {data.eval_num_crops} crops)",
+        flush=True,
+    )
+    output = storage.join(_absolute(cfg.storage_path), cfg.run_name)
+    local_root = cfg.storage_path if not storage.is_s3(cfg.storage_path) else "runs"
+    tracking_uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(local_root)
+    run = tracking.start_run(
+        cfg.run_name,
+        cfg.tracking.experiment,
+        tracking_uri,
+        job="evaluate",
+        parent_run_id=cfg.tracking.parent_run_id,
+    )
+    ok = False
+    try:
+        run.log_params(
+            {**config_lib.flatten(cfg), "model.located_uri": model_uri, "data.num_videos": len(rows)}
+        )
+        _ray_init(cfg.ray_address)
+        gpus = cfg.inference.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-{int(started)}")
+        dataset = build_dataset(data, "eval", ledger, rows=rows)
+        scores = predict_views(
+            dataset,
+            model_uri,
+            len(class_names),
+            data.mean,
+            data.std,
+            cfg.inference.batch_size,
+            cfg.inference.num_actors,
+            cfg.inference.cpus_per_actor,
+            gpus,
+            cfg.inference.precision,
+            expected_views=len(rows) * views,
+        )
+        report = evaluate_scores(scores, class_names, views, expected_videos=len(rows))
+        num_errors = ledger.write_report(storage.join(output, "data_errors.jsonl"))
+        if num_errors:
+            report.gaps.append(
+                f"{num_errors} videos could not be read: see {storage.join(output, 'data_errors.jsonl')}"
+            )
+        _write_outputs(report, scores, output, run)
+        run.log_metrics({k: v for k, v in report.metrics().items() if v == v}, step=0)  # v == v: not NaN
+        ok = True
+    finally:
+        run.end(ok)
+    result = EvalResult(report, output, run.run_id, tracking_uri, time.time() - started)
+    print(result.summary(), flush=True)
+    return result
+
+
+def _geometry(model) -> str:
+    c = model.config
+    return f"{c.num_frames} frames at {c.image_size}px"
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_s3(uri) else str(Path(storage.resolve(uri)[1]))
+
+
+def _write_outputs(report: EvalReport, scores, output: str, run) -> None:
+    files = {
+        "metrics.json": report_json(report).encode(),
+        "predictions.parquet": parquet_bytes(predictions_table(scores, report.class_names)),
+        "confusion_matrix.png": confusion_matrix_png(report.confusion, report.class_names),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            storage.write_bytes(storage.join(output, name), data)
+            (Path(tmp) / name).write_bytes(data)
+            run.log_artifact(Path(tmp) / name, "evaluation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="evaluate",
+        description="Multi-view evaluation of a finetuned "
+        "VideoMAE classifier with Ray Data. With no arguments: the demo finetune "
+        "run's model on the sample dataset's test split.",
+    )
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/ like eval_k400)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model_uri=runs/my-finetune (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_evaluate(cfg)
+    except (ConfigError, storage.StorageError, ManifestError, CheckpointError, label_lib.LabelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,103 @@
+"""Multi-view inference as Ray Data batch inference: the model lives in actors, views stream through.
+
+Decode tasks (pipeline/data) emit one row per view (``eval_num_clips x eval_num_crops`` per video); a pool
+of ``ViewClassifier`` actors each loads the model once and turns batches of views into softmax
+probabilities; the driver sums them per video as they arrive (``ViewAccumulator``). Only the small
+``(video, label, probs)`` columns travel back, never the frames.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.transforms import to_model_input
+from pipeline.eval.metrics import VideoScores, ViewAccumulator
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+class ViewClassifier:
+    """Ray Data callable class: loads the classifier at ``model_uri`` once per actor."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        use_gpu: bool = False,
+        precision: str = "fp32",
+    ):
+        from pipeline.train.weights import load_classifier
+
+        self.device = pick_device(use_gpu)
+        self.model = load_classifier(model_uri).to(self.device)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            self.dtype = None  # no fp16 matmuls on CPU
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
+        x = to_model_input(frames, self.mean, self.std)  # (B, T, C, H, W)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(x).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return {
+            "video": batch["video"],
+            "labels": batch["labels"],
+            "clip_index": batch["clip_index"],
+            "crop_index": batch["crop_index"],
+            "probs": probs,
+        }
+
+
+def predict_views(
+    dataset: Any,
+    model_uri: str,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 16,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    precision: str = "fp32",
+    expected_views: int | None = None,
+    progress_every_s: float = 10.0,
+) -> VideoScores:
+    """Run the actor pool over ``dataset`` (eval rows) and average the views of each video."""
+    predictions = dataset.map_batches(
+        ViewClassifier,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "mean": mean,
+            "std": std,
+            "use_gpu": gpus_per_actor > 0,
+            "precision": precision,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=num_actors,
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    )
+    acc = ViewAccumulator(num_classes)
+    views, started, last = 0, time.monotonic(), time.monotonic()
+    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+        acc.add([str(v) for v in batch["video"]], batch["labels"], batch["probs"])
+        views += len(batch["labels"])
+        if time.monotonic() - last > progress_every_s:
+            last = time.monotonic()
+            total = f"/{expected_views}" if expected_views else ""
+            print(
+                f"evaluate: {views}{total} views scored, {views / (last - started):.1f} views/s", flush=True
+            )
+    return acc.result()
