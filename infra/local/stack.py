@@ -450,7 +450,8 @@ def _start_ray(
         cmd += ["--num-cpus", str(num_cpus)]
     if object_store_memory is not None:
         cmd += ["--object-store-memory", str(object_store_memory)]
-    _spawn("ray", cmd, env, state)
+    # `down` of a local stack should not wait out the 30 s node drain meant for Serve replicas on k8s.
+    _spawn("ray", cmd, {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"}, state)
 
 
 def _wait_ready(state: StackState, env: dict[str, str]) -> None:
