@@ -122,8 +122,8 @@ class Run:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def end(self, ok: bool) -> None:
-        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run as FINISHED, FAILED or KILLED (interrupted: a rerun resumes it)."""
         self.client.set_terminated(self.run_id, status=status)
 
 

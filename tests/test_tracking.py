@@ -20,7 +20,7 @@ def _exercise(uri: str, tmp_path) -> None:
     (tmp_path / "report.jsonl").write_text('{"uri": "a", "reason": "empty"}\n')
     run.log_artifact(tmp_path / "report.jsonl", "data")
     run.log_text("run_name: job-a\n", "config/resolved_config.yaml")
-    run.end(ok=False)
+    run.end("FAILED")
 
     again = tracking.start_run("job-a", "exp-tracking", uri, job="pretrain")  # the same job, rerun
     assert again.resumed and again.run_id == run.run_id
@@ -28,7 +28,7 @@ def _exercise(uri: str, tmp_path) -> None:
     again.log_metrics({"loss": 1.0}, step=3)
     child = tracking.start_run("stage", "exp-tracking", uri, parent_run_id=run.run_id)
     assert child.run_id != run.run_id
-    again.end(ok=True)
+    again.end()
 
     client = MlflowClient(uri)
     got = client.get_run(run.run_id)

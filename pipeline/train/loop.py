@@ -64,12 +64,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _mean_across_ranks(value: float, device: torch.device) -> float:
+def _across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+        return values
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def _error_metrics(ledger_name: str | None) -> dict[str, float]:
@@ -99,8 +99,7 @@ class _Rank0:
     def log(self, step: int, epoch: int, lr: float, window: dict[str, float]) -> None:
         print(progress_line(step, self.args.plan.total_steps, epoch, lr, window), flush=True)
         if self.logger:
-            metrics = {"lr": lr, "epoch": epoch, "peak_rss_mb": peak_rss_mb(), **window,
-                       **_error_metrics(self.args.ledger_name)}
+            metrics = {"lr": lr, "epoch": epoch, **window, **_error_metrics(self.args.ledger_name)}
             metrics.pop("eta_s")
             self.logger.log_metrics(metrics, step)
 
@@ -218,7 +217,9 @@ def pretrain_worker(loop_config: dict) -> None:
                 done = step == plan.total_steps
                 if step % cfg.train.log_every_steps == 0 or done:
                     window = meter.window(step)
-                    window["loss"] = _mean_across_ranks(window["loss"], device)
+                    (loss_total,) = _across_ranks([window["loss"]], device, dist.ReduceOp.SUM)
+                    (peak_max,) = _across_ranks([peak_rss_mb()], device, dist.ReduceOp.MAX)
+                    window.update(loss=loss_total / world, peak_rss_mb_max_worker=peak_max)
                     if side:
                         side.log(step, progress.epoch, lr, window)
                 recon_every = cfg.tracking.recon_every_steps
@@ -247,6 +248,6 @@ def _save_and_report(args: LoopArgs, rank: int, model, optimizer, scheduler, sca
         ckpt.save(tmp, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                   progress=progress, job_config_yaml=args.config_yaml)
         metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "start_step": start_step,
-                   "clips_seen": progress.clips_seen}
+                   "clips_seen": progress.clips_seen, "peak_rss_mb": peak_rss_mb()}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{progress.step:08d}")

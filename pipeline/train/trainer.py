@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -129,7 +130,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                              parent_run_id=cfg.tracking.parent_run_id)
     print(f"MLflow: {storage.redact(tracking_uri)} experiment {cfg.tracking.experiment!r} run {run.run_id}"
           f"{' (resumed)' if run.resumed else ''}", flush=True)
-    ok = False
+    status = "FAILED"
     try:
         config_yaml = config_lib.to_yaml(cfg)
         run.log_params(config_lib.flatten(cfg))
@@ -138,10 +139,16 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                         "plan.global_batch": plan.global_batch, "data.num_videos": len(rows)})
         run.log_text(config_yaml, "config/resolved_config.yaml")
         result = _fit(cfg, plan, rows, storage_path, LoopArgs(cfg, config_yaml, plan, run, cfg.run_name))
-        ok = True
-        return _finish(cfg, result, run_dir, run)
+        out = _finish(cfg, result, run_dir, run)
+        status = "FINISHED"
+        return out
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"interrupted: rerun with run_name={cfg.run_name} to resume from its last checkpoint",
+              flush=True)
+        raise
     finally:
-        run.end(ok)
+        run.end(status)
 
 
 def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, args: LoopArgs):
@@ -214,6 +221,10 @@ def _finish(cfg: PretrainConfig, result, run_dir: str, run) -> PretrainResult:
     return out
 
 
+def _raise_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset name from configs/) and ``--set key=value`` overrides."""
     import argparse
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     args = parser.parse_args(argv)
+    # `ray job stop` and schedulers send SIGTERM: unwind like Ctrl-C so the MLflow run is closed as KILLED.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     default = config_lib.CONFIG_DIR / "pretrain_tiny_demo.yaml"
     path = args.config or (str(default) if default.exists() else None)
     try:
@@ -233,4 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, storage.StorageError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if result.checkpoint_uri else 1

@@ -1,0 +1,172 @@
+"""A real 2-worker Ray Train pretraining run on real video files, some of them broken.
+
+One run serves several assertions (each run costs tens of seconds here): a training worker is killed with
+SIGKILL mid-run and Ray Train restarts the group from the last checkpoint, the run still ends at exactly
+the planned step, bad videos are counted and reported, MLflow (local store) holds params, metrics and
+artifacts, and the exported model loads. Failing inputs are checked to fail before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import config as C
+from pipeline.config import ConfigError, PretrainConfig
+from pipeline.data.storage import StorageError
+from pipeline.models.videomae import VideoMAEForPreTraining
+from pipeline.train import checkpointing
+from pipeline.train.trainer import main, run_pretrain
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(tmp_path: Path, data_uri: str, **overrides: str) -> PretrainConfig:
+    sets = {
+        "run_name": "kill-test", "storage_path": str(tmp_path / "runs"), "data.uri": data_uri,
+        "data.decode_isolation": "inline", "data.max_error_fraction": "0.5", "data.shuffle": "true",
+        "train.batch_size": "2", "train.max_steps": "12", "train.log_every_steps": "2",
+        "checkpoint.every_steps": "3", "checkpoint.keep_last": "2", "tracking.recon_every_steps": "6",
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "test-train",
+        "tracking.system_metrics_interval_s": "1", "scaling.num_workers": "2",
+        "scaling.cpus_per_worker": "0.5", "scaling.max_failures": "2", "optim.lr": "1e-3",
+        "optim.warmup_steps": "2", **overrides,
+    }
+    return C.load(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def data_with_broken_videos(sample_videos: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    good = sorted(sample_videos.glob("videos/*/*.mp4"))
+    for i, path in enumerate(good):
+        shutil.copy(path, folder / f"good_{i:02d}.mp4")
+    (folder / "random_bytes.mp4").write_bytes(os.urandom(4096))
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(good[0].read_bytes()[:300])
+    return folder
+
+
+def committed_checkpoint(run_dir: Path) -> str | None:
+    """The latest checkpoint Ray Train has registered (files on disk alone may be a report in flight)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the Ray Train worker processes of *this* test session's Ray (descendants of pytest)."""
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name():
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample_videos, tmp_path):
+    data = data_with_broken_videos(sample_videos, tmp_path)
+    cfg = tiny_config(tmp_path, str(data))
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run_pretrain(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    run_dir = tmp_path / "runs" / "kill-test"
+    killed = None
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline and killed is None:
+        if committed_checkpoint(run_dir):
+            pids = train_worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "training did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert killed is not None, "the run finished before a worker could be killed"
+    result = outcome["result"]
+
+    # the step count is intact after the restart, and the last attempt resumed rather than restarted
+    assert result.final_step == 12
+    assert result.start_step >= 3, result.metrics
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000009", "checkpoint_00000012"]  # keep_last=2
+    progress = checkpointing.read_progress(run_dir / "checkpoint_00000012")
+    assert progress.step == 12 and progress.clips_seen >= 12 * 4 - 3 * 4
+
+    # bad videos: counted by reason, reported, and training went on
+    report = [json.loads(line) for line in Path(result.error_report_uri).read_text().splitlines()]
+    assert {Path(e["uri"]).name for e in report} >= {"random_bytes.mp4", "empty.mp4", "truncated.mp4"}
+    assert "empty" in {e["reason"] for e in report}
+
+    # the exported model is transformers-format and loads
+    model = VideoMAEForPreTraining.from_pretrained(result.export_uri)
+    assert model.config.hidden_size == 64
+
+    # MLflow: one run with params, per-step metrics, artifacts
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "2" and run.data.params["plan.total_steps"] == "12"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(run.data.params)
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert max(loss_steps) == 12 and 2 in loss_steps
+    for name in ("lr", "clips_per_s", "data_wait_fraction", "data/errors"):
+        assert name in run.data.metrics, name
+    assert run.data.metrics["data/errors_total"] >= 3
+    assert any(k.startswith("data/errors_total/") for k in run.data.metrics)
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    artifacts = {a.path for top in ("config", "data", "model", "reconstructions")
+                 for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"config/resolved_config.yaml", "data/data_errors.jsonl", "model/model.safetensors"} <= artifacts
+    assert any(a.startswith("reconstructions/") and a.endswith(".png") for a in artifacts)
+
+
+def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, capsys):
+    cfg = tiny_config(tmp_path, str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
+        run_pretrain(C.replace(cfg, storage_path="s3://no-such-bucket-here/runs"))
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        run_pretrain(C.replace(cfg, storage_path="gs://bucket/runs"))
+    with pytest.raises(StorageError, match="no-such-folder"):
+        run_pretrain(C.replace(cfg, **{"data.uri": str(tmp_path / "no-such-folder")}))
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started or recorded
+
+    assert main(["--set", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+    assert main(["--set", "model.num_attention_heads=3"]) == 2
+    assert "not divisible by num_attention_heads 3" in capsys.readouterr().err
+    assert main(["--set", "data.mask_ratio=1.5"]) == 2
+    assert "data.mask_ratio must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_too_few_videos_for_one_batch_is_a_config_error(tmp_path, sample_videos):
+    cfg = tiny_config(tmp_path, str(sample_videos), **{"data.limit": "3", "train.batch_size": "4"})
+    with pytest.raises(ConfigError, match="fewer than one global batch of 8"):
+        run_pretrain(cfg)
