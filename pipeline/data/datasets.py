@@ -110,6 +110,16 @@ def resolve_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     return rows[: cfg.limit] if cfg.limit else rows
 
 
+_DECODERS: dict[tuple, Decoder] = {}  # per worker process: one decode helper serves every dataset
+
+
+def shared_decoder(limits: DecodeLimits, isolation: str) -> Decoder:
+    key = (limits, isolation)
+    if key not in _DECODERS:
+        _DECODERS[key] = Decoder(limits, isolation)
+    return _DECODERS[key]
+
+
 class ClipMaker:
     """Turns one manifest row into a batch of clip rows (or none, recording why); used by every builder."""
 
@@ -117,7 +127,7 @@ class ClipMaker:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.cfg, self.mode, self.ledger = cfg, mode, ledger
-        self.decoder = Decoder(cfg.limits(), cfg.decode_isolation)
+        self.decoder = shared_decoder(cfg.limits(), cfg.decode_isolation)
         if mode == "eval":
             self.sampler = MultiViewSampler(
                 cfg.num_frames, cfg.sampling_rate, cfg.eval_num_clips, cfg.finetune_sampling
@@ -205,7 +215,7 @@ def concat_batches(
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-_MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process: keeps the decode helper process alive
+_MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process, reused by the tasks it runs
 
 
 def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, ledger: ErrorLedger):
@@ -253,7 +263,7 @@ def build_dataset(
         batch_format="numpy",
         fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger},
         num_cpus=cfg.decode_num_cpus,
-        concurrency=cfg.decode_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
     )
 
 
