@@ -123,6 +123,53 @@ def split_mask(bool_masked_pos: Tensor, num_patches: int) -> tuple[Tensor, Tenso
     return order[:, :num_visible], order[:, num_visible:]
 
 
+def _has_native_bf16_gemm() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+_NATIVE_BF16_CPU = _has_native_bf16_gemm()
+
+
+def _emulate_bf16(x: Tensor) -> bool:
+    """True under CPU bf16 autocast on a CPU without bf16 matrix instructions (e.g. AVX2 only), where
+    torch's bf16 GEMM and attention kernels are 5-15x slower than float32 ones."""
+    return (
+        not _NATIVE_BF16_CPU
+        and x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear. Where bf16 GEMMs are emulated (see ``_emulate_bf16``), bf16-rounded operands go through the
+    float32 kernel: the same products as a bf16 GEMM with float32 accumulation, at float32 speed."""
+    if not _emulate_bf16(x):
+        return F.linear(x, weight, bias)
+    bf16 = torch.bfloat16
+    with torch.autocast("cpu", enabled=False):
+        bias = None if bias is None else bias.to(bf16).float()
+        return F.linear(x.to(bf16).float(), weight.to(bf16).float(), bias).to(bf16)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+    """scaled_dot_product_attention; float32 kernel on bf16 inputs where bf16 is emulated (as ``linear``)."""
+    if not _emulate_bf16(q):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout).to(q.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through ``linear`` (same parameters and state-dict keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def _activation(name: str):
     if name == "gelu":
         return F.gelu
@@ -148,7 +195,7 @@ class VideoMAESelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qv_bias: bool, dropout: float):
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
 
@@ -157,7 +204,7 @@ class VideoMAESelfAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, d // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         dropout = self.dropout if self.training else 0.0
         probs = None
@@ -165,7 +212,7 @@ class VideoMAESelfAttention(nn.Module):
             probs = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
             out = F.dropout(probs, dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = attention(q, k, v, dropout)
         return out.transpose(1, 2).reshape(b, n, d), probs
 
 
@@ -182,11 +229,11 @@ class VideoMAELayer(nn.Module):
             attention=VideoMAESelfAttention(
                 dim, num_heads, config.qv_bias, config.attention_probs_dropout_prob
             ),
-            output=_Holder(dense=nn.Linear(dim, dim)),
+            output=_Holder(dense=Linear(dim, dim)),
         )
         self.layernorm_after = nn.LayerNorm(dim, eps=eps)
-        self.intermediate = _Holder(dense=nn.Linear(dim, mlp_dim))
-        self.output = _Holder(dense=nn.Linear(mlp_dim, dim))
+        self.intermediate = _Holder(dense=Linear(dim, mlp_dim))
+        self.output = _Holder(dense=Linear(mlp_dim, dim))
         self.act = _activation(config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path = drop_path
@@ -238,7 +285,7 @@ class VideoMAEPatchEmbeddings(nn.Module):
     def forward(self, patches: Tensor) -> Tensor:
         """patches: (B, M, tubelet * patch * patch * C) in ``patchify`` order -> (B, M, D)."""
         w = self.projection.weight  # (D, C, t, p, p) -> (D, t * p * p * C)
-        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.projection.bias)
+        return linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.projection.bias)
 
 
 class VideoMAEEmbeddings(nn.Module):
@@ -607,7 +654,7 @@ class VideoMAEDecoder(nn.Module):
             for _ in range(config.decoder_num_hidden_layers)
         )
         self.norm = nn.LayerNorm(config.decoder_hidden_size)  # eps 1e-5, as transformers and the original
-        self.head = nn.Linear(
+        self.head = Linear(
             config.decoder_hidden_size, config.num_channels * config.tubelet_size * config.patch_size**2
         )
 
@@ -625,7 +672,7 @@ class VideoMAEForPreTraining(VideoMAEPreTrainedModel):
     def __init__(self, config: VideoMAEConfig):
         super().__init__(config)
         self.videomae = VideoMAEModel(config)
-        self.encoder_to_decoder = nn.Linear(config.hidden_size, config.decoder_hidden_size, bias=False)
+        self.encoder_to_decoder = Linear(config.hidden_size, config.decoder_hidden_size, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
         self.register_buffer(
             "position_embeddings",
@@ -717,7 +764,7 @@ class VideoMAEForVideoClassification(VideoMAEPreTrainedModel):
         self.videomae = VideoMAEModel(config)
         self.fc_norm = nn.LayerNorm(config.hidden_size) if config.use_mean_pooling else None
         self.classifier = (
-            nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+            Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         )
         self.post_init()
 
