@@ -347,28 +347,56 @@ def _service_env(state: StackState) -> dict[str, str]:
     return env
 
 
-def _start_s3(state: StackState, env: dict[str, str]) -> None:
-    port = state.ports["s3"]
+def service_specs(
+    state: StackState,
+    env: dict[str, str],
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Command line and environment of each service, in start order. Every listener binds 127.0.0.1 except
+    Ray's internal gRPC ports, which Ray binds on all interfaces and guards with the token."""
+    root = Path(state.state_dir)
+    p = state.ports
+    specs: dict[str, tuple[list[str], dict[str, str]]] = {}
     if state.s3_backend == "minio":
-        data = Path(state.state_dir) / "minio" / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        minio_env = {
-            **env,
-            "MINIO_ROOT_USER": env["AWS_ACCESS_KEY_ID"],
-            "MINIO_ROOT_PASSWORD": env["AWS_SECRET_ACCESS_KEY"],
-        }
-        cmd = [
-            shutil.which("minio") or "minio",
-            "server",
-            str(data),
-            "--address",
-            f"{HOST}:{port}",
-            "--console-address",
-            f"{HOST}:{state.ports['s3_console']}",
-        ]
-        _spawn("s3", cmd, minio_env, state)
+        minio_env = {**env, "MINIO_ROOT_USER": env["AWS_ACCESS_KEY_ID"]}
+        minio_env["MINIO_ROOT_PASSWORD"] = env["AWS_SECRET_ACCESS_KEY"]
+        data = str(root / "minio" / "data")
+        cmd = [shutil.which("minio") or "minio", "server", data, "--address", f"{HOST}:{p['s3']}",
+               "--console-address", f"{HOST}:{p['s3_console']}"]  # fmt: skip
+        specs["s3"] = (cmd, minio_env)
     else:
-        _spawn("s3", [str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], env, state)
+        specs["s3"] = ([str(BIN / "moto_server"), "-H", HOST, "-p", str(p["s3"])], env)
+
+    cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(p["mlflow"]),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{state.bucket}/mlflow", "--workers", "1"]  # fmt: skip
+    # No job-execution workers (GenAI features): seven extra processes a training stack does not use.
+    mlflow_env = {
+        **env,
+        "MLFLOW_S3_ENDPOINT_URL": state.s3_url,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    specs["mlflow"] = (cmd, mlflow_env)
+
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           "--node-ip-address", HOST, "--port", str(p["ray_gcs"]),
+           "--dashboard-host", HOST, "--dashboard-port", str(p["dashboard"]),
+           "--dashboard-agent-listen-port", str(p["dashboard_agent_listen"]),
+           "--dashboard-agent-grpc-port", str(p["dashboard_agent_grpc"]),
+           "--runtime-env-agent-port", str(p["runtime_env_agent"]),
+           "--metrics-export-port", str(p["metrics_export"]),
+           "--node-manager-port", str(p["node_manager"]),
+           "--object-manager-port", str(p["object_manager"]),
+           "--min-worker-port", str(state.worker_ports[0]), "--max-worker-port", str(state.worker_ports[1]),
+           "--temp-dir", state.ray_temp_dir]  # fmt: skip
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    if object_store_memory is not None:
+        cmd += ["--object-store-memory", str(object_store_memory)]
+    # `down` of a local stack should not wait out the 30 s node drain meant for Serve replicas on k8s.
+    specs["ray"] = (cmd, {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"})
+    return specs
 
 
 def _wait_s3_and_create_bucket(state: StackState, env: dict[str, str]) -> None:
@@ -384,74 +412,6 @@ def _wait_s3_and_create_bucket(state: StackState, env: dict[str, str]) -> None:
     _wait_until("s3", lambda: client.list_buckets() is not None, state, timeout=60)
     if state.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket=state.bucket)
-
-
-def _start_mlflow(state: StackState, env: dict[str, str]) -> None:
-    root = Path(state.state_dir) / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        HOST,
-        "--port",
-        str(state.ports["mlflow"]),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        f"s3://{state.bucket}/mlflow",
-        "--workers",
-        "1",
-    ]
-    # No job-execution workers (GenAI features): seven extra processes a training stack does not use.
-    mlflow_env = {**env, "MLFLOW_S3_ENDPOINT_URL": state.s3_url}
-    mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    _spawn("mlflow", cmd, mlflow_env, state)
-
-
-def _start_ray(
-    state: StackState, env: dict[str, str], num_cpus: int | None, object_store_memory: int | None
-) -> None:
-    p = state.ports
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address",
-        HOST,
-        "--port",
-        str(p["ray_gcs"]),
-        "--dashboard-host",
-        HOST,
-        "--dashboard-port",
-        str(p["dashboard"]),
-        "--dashboard-agent-listen-port",
-        str(p["dashboard_agent_listen"]),
-        "--dashboard-agent-grpc-port",
-        str(p["dashboard_agent_grpc"]),
-        "--runtime-env-agent-port",
-        str(p["runtime_env_agent"]),
-        "--metrics-export-port",
-        str(p["metrics_export"]),
-        "--node-manager-port",
-        str(p["node_manager"]),
-        "--object-manager-port",
-        str(p["object_manager"]),
-        "--min-worker-port",
-        str(state.worker_ports[0]),
-        "--max-worker-port",
-        str(state.worker_ports[1]),
-        "--temp-dir",
-        state.ray_temp_dir,
-    ]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    if object_store_memory is not None:
-        cmd += ["--object-store-memory", str(object_store_memory)]
-    # `down` of a local stack should not wait out the 30 s node drain meant for Serve replicas on k8s.
-    _spawn("ray", cmd, {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"}, state)
 
 
 def _wait_ready(state: StackState, env: dict[str, str]) -> None:
@@ -526,9 +486,11 @@ def up(
             file=sys.stderr,
         )
         t0 = time.monotonic()
-        _start_s3(state, env)
-        _start_mlflow(state, env)
-        _start_ray(state, env, num_cpus, object_store_memory)
+        (Path(state_dir) / "mlflow").mkdir(exist_ok=True)
+        if s3 == "minio":
+            (Path(state_dir) / "minio" / "data").mkdir(parents=True, exist_ok=True)
+        for name, (cmd, service_env) in service_specs(state, env, num_cpus, object_store_memory).items():
+            _spawn(name, cmd, service_env, state)
         _wait_ready(state, env)
         print(f"ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     except BaseException:
