@@ -6,8 +6,9 @@ local folder or an S3 prefix:
 
 1. list the input videos, join annotations (labels, splits) to them, and read what a previous run
    already finished (``manifest.parquet`` plus the partial manifests an interrupted run left);
-2. send the rest through a pool of Ray actors, each driving one isolated child process
-   (:mod:`pipeline.data.video_worker`) that probes, checks decoding and transcodes with a time limit;
+2. send the rest through Ray Data tasks (``--workers`` at a time), each Ray worker process driving
+   one isolated child (:mod:`pipeline.data.video_worker`) that probes, checks decoding and
+   transcodes with a time limit per video;
 3. stream the result rows back to the driver, which appends them to partial manifests every few
    seconds (so an interruption loses nothing already written), prints progress, and finally writes
    ``manifest.parquet``, ``report.json`` and the MLflow summary.
@@ -153,22 +154,26 @@ def _temp_path(dst: str) -> str:
     return os.path.join(head, f".{name}.tmp-{tag}")
 
 
-class VideoBatchProcessor:
-    """Ray Data actor: one isolated child process per actor, reused across videos."""
+# One isolated child per Ray worker process, kept between tasks (Ray reuses worker processes), so the
+# child's start-up is paid once per process rather than once per block of videos.
+_worker_cache: dict[str, IsolatedVideoWorker] = {}
 
-    def __init__(self, settings: dict, timeout_s: float):
-        self.worker = IsolatedVideoWorker(VideoSettings(**settings), timeout_s)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for task in batch.to_pylist():
-            dst = task["dst"] or None
-            row = self.worker.process(task["src"], dst, _temp_path(dst) if dst else None)
-            rows.append({c: row.get(c) for c in _RESULT_COLUMNS})
-        return pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)
-
-    def __del__(self):
-        self.worker.close()
+def process_batch(batch: pa.Table, settings: dict, timeout_s: float) -> pa.Table:
+    """Ray Data map step: probe / transcode each video of the block in this process's isolated child."""
+    key = json.dumps([settings, timeout_s], sort_keys=True)
+    worker = _worker_cache.get(key)
+    if worker is None:
+        for old in _worker_cache.values():
+            old.close()
+        _worker_cache.clear()
+        worker = _worker_cache[key] = IsolatedVideoWorker(VideoSettings(**settings), timeout_s)
+    rows = []
+    for task in batch.to_pylist():
+        dst = task["dst"] or None
+        row = worker.process(task["src"], dst, _temp_path(dst) if dst else None)
+        rows.append({c: row.get(c) for c in _RESULT_COLUMNS})
+    return pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)
 
 
 def read_manifest_rows(output: str) -> dict[str, dict]:
@@ -295,9 +300,9 @@ def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) 
     per_block = max(1, min(64, len(plan.tasks) // (workers * 8)))
     ds = ray.data.from_items(plan.tasks, override_num_blocks=math.ceil(len(plan.tasks) / per_block))
     ds = ds.map_batches(
-        VideoBatchProcessor,
-        fn_constructor_kwargs={"settings": asdict(cfg.settings()), "timeout_s": cfg.timeout_s},
-        batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+        process_batch,
+        fn_kwargs={"settings": asdict(cfg.settings()), "timeout_s": cfg.timeout_s},
+        batch_size=None, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1,
     )  # fmt: skip
     log.info("processing %d videos with %d workers (%s)", len(plan.tasks), workers,
              "probe + transcode" if cfg.transcode else "probe only")  # fmt: skip
@@ -403,28 +408,29 @@ def format_report(report: dict) -> str:
 
 
 def _log_mlflow(cfg: PreprocessConfig, report: dict) -> None:
+    """One MLflow run per preprocessing run: settings as params, the report's figures as metrics."""
     tracking_uri = cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         return
-    import mlflow
+    from pipeline import tracking
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=f"preprocess-{posixpath.basename(_normalize(cfg.output))}"):
-        params = {k: v for k, v in asdict(cfg).items() if k not in ("mlflow", "annotations")}
-        params.update(input=storage.redact(cfg.input), output=storage.redact(cfg.output),
-                      annotations=",".join(storage.redact(a) for a in cfg.annotations))  # fmt: skip
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        keys = ("videos", "ok", "failed", "processed", "hours", "bytes_in", "bytes_out", "seconds",
-                "videos_per_s", "videos_per_s_per_worker")  # fmt: skip
-        metrics = {k: float(report[k]) for k in keys}
-        metrics.update({f"status_{k}": float(v) for k, v in report["status_counts"].items()})
-        if "annotations" in report:
-            metrics.update(
-                {f"annotations_{k}": float(v) for k, v in report["annotations"].items() if isinstance(v, int)}
-            )
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(report, REPORT)
+    name = f"preprocess-{posixpath.basename(_normalize(cfg.output))}"
+    mlrun = tracking.start_run(name, cfg.experiment, tracking_uri, job="preprocess", resume=False)
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("mlflow", "annotations")}
+    params.update(input=storage.redact(cfg.input), output=storage.redact(cfg.output),
+                  annotations=",".join(storage.redact(a) for a in cfg.annotations))  # fmt: skip
+    mlrun.log_params(params)
+    keys = ("videos", "ok", "failed", "processed", "hours", "bytes_in", "bytes_out", "seconds",
+            "videos_per_s", "videos_per_s_per_worker")  # fmt: skip
+    metrics = {k: float(report[k]) for k in keys}
+    metrics.update({f"status_{k}": float(v) for k, v in report["status_counts"].items()})
+    if "annotations" in report:
+        metrics.update(
+            {f"annotations_{k}": float(v) for k, v in report["annotations"].items() if isinstance(v, int)}
+        )
+    mlrun.log_metrics(metrics, step=0)
+    mlrun.log_text(json.dumps(report, indent=2, default=str), REPORT)
+    mlrun.end()
 
 
 def run(cfg: PreprocessConfig) -> dict:

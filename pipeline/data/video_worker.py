@@ -59,20 +59,23 @@ class IsolatedVideoWorker:
             line = ""
         if line:
             return json.loads(line)
+        exit_code = self._kill()
         if line is None:
             status, error = "timeout", f"no result within {self.timeout_s:g}s; worker process killed"
         else:
-            status, error = "decoder_crash", f"worker process died (exit code {proc.poll()})"
-        self._kill()
+            status, error = "decoder_crash", f"worker process died (exit code {exit_code})"
         if tmp_path and os.path.exists(tmp_path):
             os.remove(tmp_path)
         return {"original_path": src, "status": status, "error": error, "seconds": time.monotonic() - start}
 
-    def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+    def _kill(self) -> int | None:
+        """Kill the child (a no-op if it died already); returns its exit code."""
+        if self._proc is None:
+            return None
+        self._proc.kill()
+        code = self._proc.wait()
+        self._proc = None
+        return code
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
