@@ -20,10 +20,10 @@ from pipeline.data.errors import REASONS, ErrorBudgetExceeded, ErrorLedger, Vide
 from pipeline.data.sampling import DenseSampler
 
 
-def h264_bytes(width: int = 64, height: int = 48, frames: int = 12) -> bytes:
+def h264_bytes(width: int = 64, height: int = 48, frames: int = 12, codec="libx264", fmt="mp4") -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=Fraction(25))
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=Fraction(25))
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.options = {"preset": "ultrafast"}
         for i in range(frames):
@@ -88,6 +88,25 @@ def test_huge_resolution_refused_before_decoding(huge_video):
         read_and_decode(huge_video, DenseSampler(2, 1), seed=0)
     assert e.value.reason == "too_large" and "4352x2176" in e.value.detail
     assert time.monotonic() - start < 5
+
+
+def test_other_containers_are_size_checked_by_probing(tmp_path):
+    path = tmp_path / "clip.webm"
+    path.write_bytes(h264_bytes(64, 48, frames=6, codec="libvpx-vp9", fmt="webm"))
+    assert read_and_decode(str(path), DenseSampler(4, 1), 0).clip(0).shape == (4, 48, 64, 3)
+    with pytest.raises(VideoError) as e:
+        read_and_decode(str(path), DenseSampler(4, 1), 0, DecodeLimits(max_pixels=1000))
+    assert e.value.reason == "too_large" and "64x48" in e.value.detail
+
+
+@pytest.mark.integration
+def test_unreachable_storage_is_a_storage_error(s3_bucket, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(VideoError) as e:
+        read_and_decode(f"{s3_bucket}/videos/a.mp4", DenseSampler(4, 2), seed=0)
+    assert e.value.reason == "storage" and f"{s3_bucket}/videos/a.mp4" in str(e.value)
 
 
 def test_missing_object_is_not_found(tmp_path):

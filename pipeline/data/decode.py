@@ -1,17 +1,18 @@
 """Read one video (one GET) and decode only the frames its clips need, with decord, from bytes.
 
-``read_and_decode(uri, sampler, seed, limits)`` does the work: read the bytes, probe the container with
-PyAV (cheap: headers only) to name what is wrong with bad files, open decord on the bytes, ask the
-sampler for the clips' frame indices given the video length, and decode the union of those frames once.
-Every failure becomes a ``VideoError`` with a reason from ``errors.REASONS``.
+``read_and_decode(uri, sampler, seed, limits)`` does the work: read the bytes, check the frame size
+against ``max_pixels`` before decoding (from the MP4 track headers, or a PyAV probe for other
+containers), open decord on the bytes, ask the sampler for the clips' frame indices given the video
+length, and decode the union of those frames once. Every failure becomes a ``VideoError`` with a reason
+from ``errors.REASONS``; when decord cannot open a file, PyAV names what is wrong with it.
 
 The per-video time limit. decord can hang or crash inside C, and a Python thread cannot interrupt C
 code, so ``Decoder(isolation="process")`` (the default) runs ``read_and_decode`` in a long-lived helper
 process per decode worker: the parent waits at most ``timeout_s`` for the answer, and on expiry kills
 the helper (SIGKILL works on C code), records ``timeout`` and starts a new helper on the next video. A
 segfault in the helper becomes ``decoder_crash`` instead of killing the Ray worker. Frames come back
-through a shared memory-mapped buffer, not a pipe, so the isolation costs one memcpy of the decoded
-frames (a few percent of the decode time; see benchmarks/data_throughput.py).
+through a shared memory map (an unlinked file in /dev/shm whose descriptor the helper inherits), not a
+pipe, so the isolation costs one memcpy of the decoded frames (see benchmarks/data_throughput.py).
 ``isolation="inline"`` decodes in-process: no hard limit (an overrun is only detected after the fact).
 """
 
@@ -21,6 +22,7 @@ import contextlib
 import io
 import mmap
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -100,6 +102,40 @@ def frame_window(length: int, fps: float, window: tuple[float, float]) -> tuple[
     return lo, hi
 
 
+def _boxes(data: bytes, start: int, end: int):
+    """ISO-BMFF boxes in ``data[start:end]`` as (type, payload start, end)."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1 and pos + 16 <= end:
+            size, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def mp4_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the largest video track of an MP4/MOV file from its ``tkhd`` boxes, else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    best = None
+    for kind, start, end in _boxes(data, 0, len(data)):
+        if kind != b"moov":
+            continue
+        for trak, t_start, t_end in _boxes(data, start, end):
+            for box, b_start, b_end in _boxes(data, t_start, t_end) if trak == b"trak" else ():
+                offset = b_start + (88 if data[b_start] == 1 else 76)  # width, height: 16.16 fixed point
+                if box == b"tkhd" and offset + 8 <= b_end:
+                    w, h = (v >> 16 for v in struct.unpack_from(">II", data, offset))
+                    if w * h and (best is None or w * h > best[0] * best[1]):
+                        best = (w, h)
+    return best
+
+
 def decode_bytes(
     uri: str,
     data: bytes,
@@ -110,11 +146,16 @@ def decode_bytes(
 ) -> DecodedVideo:
     import decord
 
-    probe(uri, data, limits)
+    size = mp4_frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
+    if size is None:
+        probe(uri, data, limits)  # other containers (or no video track): PyAV reads size and names problems
+    elif size[0] * size[1] > limits.max_pixels:
+        raise VideoError(uri, "too_large", f"{size[0]}x{size[1]} > max_pixels {limits.max_pixels}")
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=limits.num_threads)
         length, fps = len(reader), float(reader.get_avg_fps())
     except Exception as e:  # noqa: BLE001 - decord raises RuntimeError / DECORDError / AssertionError
+        probe(uri, data, limits)  # a more specific reason (codec, no video stream) when PyAV finds one
         raise VideoError(uri, "undecodable", f"{type(e).__name__}: {e}"[:300]) from None
     lo, hi = frame_window(length, fps, window)
     if hi - lo < limits.min_frames:
@@ -141,27 +182,25 @@ def read_and_decode(
 
 
 class _FrameBuffer:
-    """A growable memory-mapped file (in /dev/shm when present) shared with the helper process."""
+    """A growable shared memory map: a file in /dev/shm (when present) unlinked at once, so nothing is
+    left behind however the processes end; the helper maps the same descriptor, inherited at start."""
 
     def __init__(self) -> None:
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self.path = os.path.join(folder, f"videomae-decode-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        path = os.path.join(folder, f"videomae-decode-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
         self.size, self.map = 0, None
-        with open(self.path, "wb"):
-            pass
 
     def ensure(self, nbytes: int) -> None:
-        if nbytes <= self.size:
-            return
-        self.size = int(nbytes * 1.25) + 4096
-        with open(self.path, "r+b") as f:
-            f.truncate(self.size)
-            self.map = mmap.mmap(f.fileno(), self.size)
+        if nbytes > self.size:  # an old map stays valid for frames still viewing it; GC closes it
+            self.size = int(nbytes * 1.25) + 4096
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
 
     def close(self) -> None:
-        self.map = None  # closed by GC once no frames view it
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        self.map = None
+        os.close(self.fd)
 
 
 class Decoder:
@@ -188,17 +227,14 @@ class Decoder:
         return self._decode_isolated(uri, sampler, seed, window)
 
     def _start(self) -> None:
+        if self._buffer is None:
+            self._buffer = _FrameBuffer()
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
+        fds = (child_r, child_w, self._buffer.fd)
         self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from pipeline.data.decode import serve; serve()",
-                str(child_r),
-                str(child_w),
-            ],
-            pass_fds=(child_r, child_w),
+            [sys.executable, "-c", "from pipeline.data.decode import serve; serve()", *map(str, fds)],
+            pass_fds=fds,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
@@ -206,11 +242,17 @@ class Decoder:
         os.close(child_w)
         self._recv, self._send = Connection(parent_r), Connection(parent_w, readable=False)
         # the time limit is per video, so wait for the helper's imports separately
-        if not self._recv.poll(HELPER_START_TIMEOUT_S) or self._recv.recv() != ("ready",):
+        try:
+            ready = self._recv.poll(HELPER_START_TIMEOUT_S) and self._recv.recv() == ("ready",)
+        except EOFError:
+            ready = False
+        if not ready:
+            code = self._proc.poll()
             self._kill()
-            raise RuntimeError(f"the decode helper process did not start within {HELPER_START_TIMEOUT_S}s")
-        if self._buffer is None:
-            self._buffer = _FrameBuffer()
+            raise RuntimeError(
+                f"the decode helper process did not start (exit code {code}, "
+                f"limit {HELPER_START_TIMEOUT_S}s); run `python -c 'import decord, av'` to check"
+            )
 
     def _kill(self) -> None:
         if self._proc is not None:
@@ -229,7 +271,7 @@ class Decoder:
         deadline = time.monotonic() + self.limits.timeout_s
         buf = self._buffer
         try:
-            self._send.send(("decode", uri, sampler, seed, window, self.limits, buf.path, buf.size))
+            self._send.send(("decode", uri, sampler, seed, window, self.limits, buf.size))
             while True:
                 if not self._recv.poll(max(deadline - time.monotonic(), 0)):
                     self._kill()
@@ -239,7 +281,7 @@ class Decoder:
                 msg = self._recv.recv()
                 if msg[0] == "need":
                     buf.ensure(msg[1])
-                    self._send.send(("buffer", buf.path, buf.size))
+                    self._send.send(("buffer", buf.size))
                     continue
                 break
         except (EOFError, OSError, BrokenPipeError):
@@ -269,14 +311,15 @@ def serve() -> None:
     import decord  # noqa: F401
 
     recv, send = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    buffer_fd = int(sys.argv[3])
     send.send(("ready",))
-    mapped: tuple[str, int, mmap.mmap] | None = None
+    mapped: tuple[int, mmap.mmap] | None = None
     while True:
         try:
             msg = recv.recv()
         except EOFError:
             return
-        _, uri, sampler, seed, window, limits, path, size = msg
+        _, uri, sampler, seed, window, limits, size = msg
         try:
             video = read_and_decode(uri, sampler, seed, limits, window)
         except VideoError as e:
@@ -288,11 +331,8 @@ def serve() -> None:
         nbytes = video.frames.nbytes
         if nbytes > size:
             send.send(("need", nbytes))
-            _, path, size = recv.recv()
-        if mapped is None or mapped[:2] != (path, size):
-            if mapped is not None:
-                mapped[2].close()
-            with open(path, "r+b") as f:
-                mapped = (path, size, mmap.mmap(f.fileno(), size))
-        np.frombuffer(mapped[2], np.uint8, count=nbytes)[:] = video.frames.reshape(-1)
+            _, size = recv.recv()
+        if mapped is None or mapped[0] != size:
+            mapped = (size, mmap.mmap(buffer_fd, size))
+        np.frombuffer(mapped[1], np.uint8, count=nbytes)[:] = video.frames.reshape(-1)
         send.send(("ok", video.frames.shape, video.clips, video.length, video.fps))
