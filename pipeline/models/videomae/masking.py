@@ -45,6 +45,8 @@ def running_cell_mask(grid: Grid, ratio: float, rng: np.random.Generator) -> np.
     Returns True for tokens the decoder does *not* reconstruct. Same count in every sample.
     """
     t, h, w = grid
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"decoder mask ratio must lie in [0, 1), got {ratio}")
     if h % 2 or w % 2:
         raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}")
     dropped = int(round(4 * ratio))
