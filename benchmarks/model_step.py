@@ -3,9 +3,11 @@ transformers' VideoMAEForPreTraining with the same weights and inputs, in float3
 
     .venv/bin/python benchmarks/model_step.py            # ViT-S and ViT-B
     .venv/bin/python benchmarks/model_step.py --quick    # ViT-S only
+    .venv/bin/python benchmarks/model_step.py --quick --levers   # + our model with each speed-up undone
 
-Steps of the two implementations alternate, so load from other processes on the machine hits both alike;
-the figure is the median over the timed steps. Needs transformers (a dev dependency).
+Steps of all implementations alternate, so load from other processes hits them alike. Reported: clips/s
+from the median wall time, and CPU seconds per clip (process time, steadier on a shared machine); the
+ratios use both. Needs transformers (a dev dependency).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining
+from pipeline.models.videomae import modeling as ours_modeling
 from pipeline.models.videomae.masking import make_mask
 
 
@@ -32,28 +37,86 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
+# --- our model with one speed-up undone (benchmark-only patches, applied around that model's step) --------
+
+
+def _full_patch_embedding(self, patches, visible):
+    """transformers' order: embed every tubelet, then keep the visible ones."""
+    x = self.patch_embeddings(patches) + self.position_embeddings[0]
+    return x if visible is None else ours_modeling.gather_tokens(x, visible)
+
+
+def _separate_qkv(self, x, output_attentions=False):
+    b, n, d = x.shape
+    wq, wk, wv = self.qkv.weight.chunk(3)
+    heads = [
+        ours_modeling.linear(x, w, bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+        for w, bias in ((wq, self.q_bias), (wk, None), (wv, self.v_bias))
+    ]
+    out = ours_modeling.attention(*heads, 0.0)
+    return out.transpose(1, 2).reshape(b, n, d), None
+
+
+def _eager_attention(q, k, v, dropout):
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def _native_bf16(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+LEVERS: dict[str, list[tuple[object, str, Callable]]] = {
+    "- visible-only patch embed": [(ours_modeling.VideoMAEEmbeddings, "forward", _full_patch_embedding)],
+    "- fused qkv": [(ours_modeling.VideoMAESelfAttention, "forward", _separate_qkv)],
+    "- SDPA (eager softmax)": [(ours_modeling, "attention", _eager_attention)],
+    "- fp32 kernels for bf16": [
+        (ours_modeling, "linear", _native_bf16),
+        (ours_modeling, "attention", lambda q, k, v, p: F.scaled_dot_product_attention(q, k, v, dropout_p=p)),
+    ],
+}
+
+
+@contextlib.contextmanager
+def patched(patches: list[tuple[object, str, Callable]]):
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 class Runner:
-    """A model, its AdamW optimiser and a step function returning (seconds, loss)."""
+    """A model, its AdamW optimiser and a timed step; ``patches`` undo one of our speed-ups."""
 
-    def __init__(self, model: torch.nn.Module, precision: str):
-        self.model, self.precision = model.train(), precision
+    def __init__(self, model: torch.nn.Module, precision: str, patches=()):
+        self.model, self.precision, self.patches = model.train(), precision, list(patches)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.first_loss = float("nan")
 
-    def step(self, pixel_values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    def step(self, pixel_values: torch.Tensor, mask: torch.Tensor, timed: bool) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast(self.precision):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with patched(self.patches), autocast(self.precision):
             loss = self.model(pixel_values=pixel_values, bool_masked_pos=mask).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - start, float(loss.detach())
+        if timed:
+            self.wall.append(time.perf_counter() - start)
+            self.cpu.append(time.process_time() - cpu_start)
+        else:
+            self.first_loss = float(loss.detach())
 
 
-def bench(size: str, precision: str, batch: int, steps: int, compile_ours: bool) -> dict:
+def bench(size: str, precision: str, batch: int, steps: int, compile_ours: bool, levers: bool) -> dict:
     from transformers import VideoMAEForPreTraining as HFPreTraining
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,37 +128,35 @@ def bench(size: str, precision: str, batch: int, steps: int, compile_ours: bool)
         theirs, info = HFPreTraining.from_pretrained(
             tmp, output_loading_info=True, attn_implementation="sdpa"
         )
+        variants = {name: VideoMAEForPreTraining.from_pretrained(tmp) for name in (LEVERS if levers else ())}
     assert not any(info.values()), f"transformers did not load our checkpoint cleanly: {info}"
-    ours, theirs = ours.to(device), theirs.to(device)
-    model = torch.compile(ours) if compile_ours else ours
-    runners = {"transformers": Runner(theirs, precision), "ours": Runner(model, precision)}
+    runners = {
+        "transformers": Runner(theirs.to(device), precision),
+        "ours": Runner(torch.compile(ours.to(device)) if compile_ours else ours.to(device), precision),
+    }
+    for name, model in variants.items():
+        if precision == "fp32" and name == "- fp32 kernels for bf16":
+            continue
+        runners["ours " + name] = Runner(model.to(device), precision, LEVERS[name])
 
     rng = np.random.default_rng(0)
     pixel_values = torch.randn(
         batch, config.num_frames, 3, config.image_size, config.image_size, device=device
     )
-    mask = torch.from_numpy(np.stack([make_mask("tube", config.grid, 0.9, rng) for _ in range(batch)])).to(
-        device
-    )
-
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    first_loss = {}
-    for i in range(steps + 1):  # step 0 warms up (allocator, oneDNN primitives, compilation)
-        for name, runner in runners.items():
-            seconds, loss = runner.step(pixel_values, mask)
-            if i == 0:
-                first_loss[name] = loss
-            else:
-                times[name].append(seconds)
-    rate = {name: batch / statistics.median(t) for name, t in times.items()}
-    return dict(
-        size=size,
-        precision=precision,
-        theirs=rate["transformers"],
-        ours=rate["ours"],
-        loss_theirs=first_loss["transformers"],
-        loss_ours=first_loss["ours"],
-    )
+    mask = torch.from_numpy(np.stack([make_mask("tube", config.grid, 0.9, rng) for _ in range(batch)]))
+    for i in range(
+        steps + 1
+    ):  # step 0 warms up (allocator, oneDNN primitives, compilation) and gives the loss
+        for runner in runners.values():
+            runner.step(pixel_values, mask.to(device), timed=i > 0)
+    return {
+        name: dict(
+            clips_per_s=batch / statistics.median(r.wall),
+            cpu_s_per_clip=statistics.median(r.cpu) / batch,
+            loss=r.first_loss,
+        )
+        for name, r in runners.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,35 +167,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--levers", action="store_true", help="also time our model with each speed-up undone")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = parser.parse_args(argv)
     sizes = ["vit-s"] if args.quick else ["vit-s", "vit-b"]
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    native = "native" if ours_modeling._NATIVE_BF16_CPU else "emulated (no bf16 GEMM instructions)"
     print(
-        f"pretraining step, 16 x 224 x 224, tube mask 0.9, batch {args.batch}, median of {args.steps} steps, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"pretraining step (forward, backward, AdamW), 16 x 224 x 224, tube mask 0.9, batch {args.batch}, "
+        f"median of {args.steps} steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU bf16 {native}",
         flush=True,
     )
     header = (
-        f"{'model':6} {'precision':9} {'transformers clips/s':>20} {'ours clips/s':>12} {'ratio':>6} "
-        f"{'loss (transformers / ours)':>28}"
+        f"{'model':6} {'precision':9} {'implementation':34} {'clips/s':>8} {'x':>6} {'CPU s/clip':>10} "
+        f"{'x':>6} {'first loss':>10}"
     )
-    print(header)
-    print("-" * len(header))
+    print(header + "\n" + "-" * len(header))
     ok = True
     for size in sizes:
         for precision in precisions:
-            r = bench(size, precision, args.batch, args.steps, args.compile)
+            rows = bench(size, precision, args.batch, args.steps, args.compile, args.levers)
+            base = rows["transformers"]
             tolerance = 1e-4 if precision == "fp32" else 2e-2  # bf16 rounding of a ~1.0 loss
-            same = abs(r["loss_theirs"] - r["loss_ours"]) <= tolerance * max(1.0, abs(r["loss_theirs"]))
-            ok &= same
-            ratio = r["ours"] / r["theirs"]
-            print(
-                f"{size:6} {precision:9} {r['theirs']:20.3f} {r['ours']:12.3f} {ratio:6.2f} "
-                f"{r['loss_theirs']:13.5f} / {r['loss_ours']:.5f}{'' if same else '  LOSS DIFFERS'}",
-                flush=True,
-            )
-    print("targets: ours/transformers >= 1.5 with bf16, >= 1.0 with fp32, at equal first-step loss")
+            for name, r in rows.items():
+                same = abs(r["loss"] - base["loss"]) <= tolerance * max(1.0, abs(base["loss"]))
+                ok &= same or name != "ours"
+                print(
+                    f"{size:6} {precision:9} {name:34} {r['clips_per_s']:8.3f} "
+                    f"{r['clips_per_s'] / base['clips_per_s']:6.2f} {r['cpu_s_per_clip']:10.2f} "
+                    f"{base['cpu_s_per_clip'] / r['cpu_s_per_clip']:6.2f} {r['loss']:10.5f}"
+                    f"{'' if same else '  LOSS DIFFERS'}",
+                    flush=True,
+                )
+    print(
+        "x = speed relative to transformers. Targets: ours >= 1.5x with bf16, >= 1.0x with fp32, equal loss"
+    )
     return 0 if ok else 1
 
 

@@ -217,3 +217,29 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     # strict=False loads and reports it
     _, info = VideoMAEForPreTraining.from_pretrained(tmp_path / "ok", strict=False, output_loading_info=True)
     assert info["missing_keys"] == ["videomae.encoder.layer.1.output.dense.weight"]
+
+
+def test_position_table_follows_frames_and_size(tmp_path):
+    from pipeline.models.videomae.modeling import position_table, sinusoid_table
+
+    # more frames extend the table: the first time slices keep their pretrained codes
+    torch.testing.assert_close(position_table(tiny(num_frames=8), 64)[:, :32], position_table(tiny(), 64))
+    # resizing a table to its own size is the identity; to another size, a smooth resize per time slice
+    torch.testing.assert_close(position_table(tiny(position_embedding_size=32), 64), sinusoid_table(32, 64))
+    resized = position_table(tiny(image_size=64, position_embedding_size=32), 64)
+    assert resized.shape == (1, 2 * 8 * 8, 64)
+    assert not torch.allclose(resized, sinusoid_table(128, 64))
+
+    # a checkpoint trained at 32 px / 4 frames finetunes at 48 px / 8 frames without any weight changing
+    model = VideoMAEForPreTraining(tiny())
+    model.save_pretrained(tmp_path)
+    cls = VideoMAEForVideoClassification.from_pretrained(tmp_path, image_size=48, num_frames=8, num_labels=3)
+    assert cls.config.position_embedding_size == 32
+    assert cls(torch.randn(1, 8, 3, 48, 48)).logits.shape == (1, 3)
+    cls.save_pretrained(tmp_path / "ft")
+    again = VideoMAEForVideoClassification.from_pretrained(tmp_path / "ft")
+    torch.testing.assert_close(
+        again.videomae.embeddings.position_embeddings, cls.videomae.embeddings.position_embeddings
+    )
+    with pytest.raises(ValueError, match="position_embedding_size must be a multiple of patch_size"):
+        tiny(position_embedding_size=30).validate()

@@ -111,6 +111,10 @@ class VideoMAEConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value over the encoder layers
     decoder_mask_ratio: float = 0.0  # VideoMAE V2 running-cell decoder masking; 0 = reconstruct all masked
     gradient_checkpointing: bool = False
+    # Image size the position table was trained at. When set and unlike image_size, the fixed table is built
+    # for that size and resized bicubically per time slice (the original's finetuning recipe), so each
+    # token keeps its pretrained position code. None: the table of image_size (transformers' behaviour).
+    position_embedding_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept as-is
 
     def __init__(self, num_labels: int | None = None, qkv_bias: bool | None = None, **kwargs: Any):
@@ -216,6 +220,11 @@ class VideoMAEConfig:
             problems.append(
                 f"decoder_mask_ratio > 0 (running-cell masking) needs an even token grid, got "
                 f"{self.image_size // self.patch_size} tokens per side"
+            )
+        pes = self.position_embedding_size
+        if pes is not None and (not isinstance(pes, int) or pes < self.patch_size or pes % self.patch_size):
+            problems.append(
+                f"position_embedding_size must be a multiple of patch_size {self.patch_size}, got {pes}"
             )
         if self.hidden_act not in ACTIVATIONS:
             problems.append(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")

@@ -91,6 +91,19 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()[None]
 
 
+def position_table(config: VideoMAEConfig, dim: int) -> Tensor:
+    """The (1, N, dim) table for the config's token grid. Frames need no care: the 1-D table of more time
+    slices extends that of fewer. A different image size changes which row a (y, x) position gets, so with
+    ``position_embedding_size`` the table of the trained size is resized per time slice instead."""
+    t, h, w = config.grid
+    side = (config.position_embedding_size or config.image_size) // config.patch_size
+    if side == h == w:
+        return sinusoid_table(t * h * w, dim)
+    table = sinusoid_table(t * side * side, dim).view(t, side, side, dim).permute(0, 3, 1, 2)  # (t, D, s, s)
+    table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+    return table.permute(0, 2, 3, 1).reshape(1, t * h * w, dim)
+
+
 def patchify(pixel_values: Tensor, tubelet_size: int, patch_size: int) -> Tensor:
     """(B, T, C, H, W) -> (B, N, tubelet * patch * patch * C), token order t, y, x; channels last within a
     tubelet (the order of transformers' reconstruction target)."""
@@ -294,7 +307,7 @@ class VideoMAEEmbeddings(nn.Module):
         self.patch_embeddings = VideoMAEPatchEmbeddings(config)
         # Fixed, not a parameter: rebuilt for the config's frames / size, never stored in checkpoints.
         self.register_buffer(
-            "position_embeddings", sinusoid_table(config.num_patches, config.hidden_size), persistent=False
+            "position_embeddings", position_table(config, config.hidden_size), persistent=False
         )
 
     def forward(self, patches: Tensor, visible: Tensor | None) -> Tensor:
@@ -489,11 +502,19 @@ class VideoMAEPreTrainedModel(nn.Module):
         weights and reports new heads and unused weights; ``strict=True`` fails on any missing or unexpected
         key; ``strict=False`` only reports. Shape mismatches fail unless ``ignore_mismatched_sizes`` (then
         those weights are re-initialised, e.g. a classifier with another number of labels).
-        ``config_overrides`` change the config, e.g. ``num_frames=8`` or ``num_labels=10``.
+        ``config_overrides`` change the config, e.g. ``num_frames=8`` or ``num_labels=10``; a new
+        ``image_size`` keeps the checkpoint's position codes (``position_embedding_size``, see
+        ``position_table``) unless ``position_embedding_size`` is given too.
         """
         path = Path(path)
         if config is None:
-            config = VideoMAEConfig.from_pretrained(path, **config_overrides)
+            stored = VideoMAEConfig.from_pretrained(path)
+            size = config_overrides.get("image_size", stored.image_size)
+            if size != stored.image_size and "position_embedding_size" not in config_overrides:
+                config_overrides["position_embedding_size"] = (
+                    stored.position_embedding_size or stored.image_size
+                )
+            config = VideoMAEConfig.from_dict(stored.to_dict(), **config_overrides)
         elif config_overrides:
             config = VideoMAEConfig.from_dict(config.to_dict(), **config_overrides)
         files = find_weights(path)
@@ -676,7 +697,7 @@ class VideoMAEForPreTraining(VideoMAEPreTrainedModel):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
         self.register_buffer(
             "position_embeddings",
-            sinusoid_table(config.num_patches, config.decoder_hidden_size),
+            position_table(config, config.decoder_hidden_size),
             persistent=False,
         )
         self.decoder = VideoMAEDecoder(config)
