@@ -139,6 +139,21 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         submit_env["PATH"] = f"{BIN}{os.pathsep}{submit_env.get('PATH', '')}"
         bucket = f"s3://{state.bucket}"
         submission_id = "infra-e2e-" + os.urandom(4).hex()
+        overrides = {
+            "data.uri": f"{bucket}/videos",
+            "storage_path": f"{bucket}/runs",
+            "run_name": RUN_NAME,
+            "train.max_steps": 2,
+            "train.batch_size": 2,
+            "checkpoint.every_steps": 2,
+            "train.log_every_steps": 1,
+            "scaling.num_workers": 1,
+            "scaling.cpus_per_worker": 1,
+            "tracking.recon_every_steps": 0,
+            "tracking.system_metrics": "false",
+        }
+        entrypoint = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
+        entrypoint += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
         submit = subprocess.run(
             [
                 "ray",
@@ -149,32 +164,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
                 "--submission-id",
                 submission_id,
                 "--",
-                "python",
-                "jobs/pretrain.py",
-                "--config",
-                "configs/pretrain_tiny_demo.yaml",
-                "--set",
-                f"data.uri={bucket}/videos",
-                "--set",
-                f"storage_path={bucket}/runs",
-                "--set",
-                f"run_name={RUN_NAME}",
-                "--set",
-                "train.max_steps=2",
-                "--set",
-                "train.batch_size=2",
-                "--set",
-                "checkpoint.every_steps=1",
-                "--set",
-                "train.log_every_steps=1",
-                "--set",
-                "scaling.num_workers=1",
-                "--set",
-                "scaling.cpus_per_worker=1",
-                "--set",
-                "tracking.recon_every_steps=0",
-                "--set",
-                "tracking.system_metrics=false",
+                *entrypoint,
             ],
             cwd=REPO,
             env=submit_env,
@@ -201,9 +191,11 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         assert experiment is not None
         runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{RUN_NAME}'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert "loss" in runs[0].data.metrics or any(k.startswith("train") for k in runs[0].data.metrics)
+        assert "loss" in runs[0].data.metrics
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state.bucket).get("Contents", [])]
-        assert any(k.startswith("mlflow/") for k in keys), keys
+        run_id = runs[0].info.run_id
+        assert any(k.startswith("mlflow/") and k.endswith(f"{run_id}/artifacts/model/model.safetensors")
+                   for k in keys), keys  # fmt: skip
         # the checkpoint and the exported model are in the bucket
         run_keys = [k for k in keys if k.startswith(f"runs/{RUN_NAME}/")]
         assert any("checkpoint" in k for k in run_keys), run_keys
