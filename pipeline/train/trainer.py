@@ -93,7 +93,7 @@ def preflight(cfg: PretrainConfig) -> tuple[str, list[dict]]:
     return storage_path, rows
 
 
-def _ray_init(cfg: PretrainConfig) -> None:
+def init_ray(cfg: PretrainConfig) -> None:
     import ray
 
     if ray.is_initialized():
@@ -104,7 +104,7 @@ def _ray_init(cfg: PretrainConfig) -> None:
     ray.init(address=address, log_to_driver=True)
 
 
-def _use_gpu(cfg: PretrainConfig) -> bool:
+def resolve_use_gpu(cfg: PretrainConfig) -> bool:
     if cfg.scaling.use_gpu is not None:
         return cfg.scaling.use_gpu
     import ray
@@ -157,10 +157,10 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
 
     from pipeline.data.errors import ErrorLedger
 
-    _ray_init(cfg)
+    init_ray(cfg)
     ledger = ErrorLedger.get_or_create(cfg.run_name)
     dataset = build_dataset(cfg.data, "pretrain", ledger, rows=rows)
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     fs, path = (storage.s3_filesystem(), storage.resolve(storage_path)[1]) if storage.is_s3(storage_path) \
         else (None, storage_path)
     trainer = TorchTrainer(
