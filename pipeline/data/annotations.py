@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.data import storage
+from pipeline.data import manifest, storage
 
 FORMATS = ("auto", "videomae-csv", "kinetics-csv", "ssv2-json", "ucf101", "hmdb51")
 _SPLIT_WORDS = {
@@ -82,16 +82,13 @@ def _strip_ext(path: str) -> str:
 
 
 def parse_videomae_csv(text: str, source: str) -> list[Annotation]:
+    """VideoMAE ``path label`` lists, read by the training manifest reader; split from the file name."""
+    try:
+        rows = manifest.parse_videomae_csv(text, source)
+    except manifest.ManifestError as e:
+        raise AnnotationError(str(e)) from e
     split = split_from_name(source)
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.strip().rsplit(maxsplit=1)
-        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            raise AnnotationError(f"{source}:{n}: expected 'path label' with an integer label, got {line!r}")
-        out.append(Annotation(parts[0], int(parts[1]), None, split))
-    return out
+    return [Annotation(r["path"], r["label"] if r["label"] >= 0 else None, None, split) for r in rows]
 
 
 def kinetics_name(youtube_id: str, start: float, end: float) -> str:
@@ -121,35 +118,19 @@ def parse_kinetics_csv(text: str, source: str, classes: Sequence[str] | None = N
     return out
 
 
-def _template_class(template: str) -> str:
-    return template.replace("[", "").replace("]", "")
-
-
 def parse_ssv2_json(text: str, source: str, labels: dict[str, int] | None) -> list[Annotation]:
+    """SSv2 lists through the training manifest reader (``<id>.webm``), plus the class name."""
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{source}: not valid JSON ({e})") from e
-    if not isinstance(items, list):
-        raise AnnotationError(f"{source}: expected a JSON list of videos")
+        entries = json.loads(text)
+        rows = manifest.parse_ssv2_json(text, labels, source=source)
+    except (json.JSONDecodeError, KeyError, TypeError, manifest.ManifestError) as e:
+        raise AnnotationError(f"{source}: not a Something-Something V2 list ({type(e).__name__}: {e})") from e
     split = split_from_name(source)
-    out = []
-    for n, item in enumerate(items):
-        if not isinstance(item, dict) or "id" not in item:
-            raise AnnotationError(f"{source}: entry {n} has no 'id': {item!r}")
-        name = _template_class(item["template"]) if "template" in item else None
-        if name is not None and labels is not None and name not in labels:
-            raise AnnotationError(f"{source}: entry {n}: template {name!r} is not in the labels file")
-        label = labels[name] if name is not None and labels is not None else None
-        out.append(Annotation(str(item["id"]), label, name, split))
-    return out
-
-
-def parse_ssv2_labels(text: str, source: str) -> dict[str, int]:
-    try:
-        return {name: int(i) for name, i in json.loads(text).items()}
-    except (json.JSONDecodeError, AttributeError, ValueError) as e:
-        raise AnnotationError(f"{source}: expected a JSON object {{class name: index}} ({e})") from e
+    return [
+        Annotation(r["path"], r["label"] if r["label"] >= 0 else None,
+                   manifest.ssv2_label_key(e["template"]) if "template" in e else None, split)
+        for r, e in zip(rows, entries, strict=True)
+    ]  # fmt: skip
 
 
 def parse_ucf101(files: dict[str, str], split_index: int) -> list[Annotation]:
@@ -227,7 +208,12 @@ def load_annotations(
         raise AnnotationError(f"unknown annotation format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out: list[Annotation] = []
     kinetics_classes: list[str] | None = None
-    ssv2_labels = parse_ssv2_labels(storage.read_text(labels), labels) if labels else None
+    ssv2_labels = None
+    if labels:
+        try:
+            ssv2_labels = manifest.read_label_map(storage.read_text(labels))
+        except ValueError as e:
+            raise AnnotationError(f"{storage.redact(labels)}: not a label map ({e})") from e
     for uri in sorted(uris, key=lambda u: split_from_name(u) != "train"):  # train first: it fixes classes
         kind = detect_format(uri) if fmt == "auto" else fmt
         if kind == "ucf101":
