@@ -14,6 +14,7 @@ import pytest
 from preprocess_videos import HUGE_MAX_PIXELS, write_broken_set, write_video
 
 from pipeline.data import preprocess, storage
+from pipeline.data.manifest import read_manifest
 from pipeline.data.preprocess import PreprocessConfig, run
 
 _spec = importlib.util.spec_from_file_location(
@@ -90,6 +91,13 @@ def test_local_transcode_with_labels_then_rerun_skips_done_work(
     assert report["bytes_out"] == sum(r["out_bytes"] or 0 for r in rows.values() if r["status"] == "ok")
     assert report["hours"] > 0 and report["videos_per_s"] > 0
     assert json.loads((out / "report.json").read_text())["status_counts"] == report["status_counts"]
+
+    # The training jobs take the manifest directly: ok rows only, paths below the output root.
+    train_rows = read_manifest(str(out / "manifest.parquet"))
+    assert sorted(r["path"] for r in train_rows) == sorted(str(out / p) for p in ok_outputs)
+    assert {r["path"]: r["label"] for r in train_rows if r["label"] >= 0} == {
+        str(out / (p.rsplit(".", 1)[0] + ".mp4")): label for p, (label, _) in listed.items()
+    }
 
     # A rerun does nothing; a removed output (and only it) is made again.
     again = run(cfg)
