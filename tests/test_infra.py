@@ -347,3 +347,27 @@ def test_local_stack_refuses_busy_ports_before_starting_anything(tmp_path: Path)
             mod.up(tmp_path / "stack", base_port=base, s3="moto")
     assert not (tmp_path / "stack" / "state.json").exists()
     assert mod.down(tmp_path / "stack", quiet=True) == []
+
+
+def test_local_stack_down_stops_only_its_own_processes(stack_state) -> None:
+    """A recorded pid reused by another program is never signalled; the stack's own processes are."""
+    mod, state = stack_state
+    env = mod._service_env(state)
+    mod._write_env_file(state)
+    assert env[mod.MARKER_VAR] == state.state_dir
+    assert mod.MARKER_VAR not in state.env_file.read_text(), "the user's shell must not carry the marker"
+    import subprocess
+
+    ours = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        state.pids = {"s3": ours.pid, "mlflow": stranger.pid}
+        state.save()
+        assert mod.stack_pids(state) == [ours.pid]
+        assert mod.down(Path(state.state_dir), quiet=True) == []
+        assert ours.wait(timeout=10) is not None
+        assert stranger.poll() is None, "down signalled a process that is not the stack's"
+    finally:
+        for proc in (ours, stranger):
+            proc.kill()
+            proc.wait()

@@ -204,7 +204,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         down = stack("down", "--state-dir", str(state_dir), timeout=120)
     lap("stack down")
     assert down.returncode == 0, down.stderr
-    assert mod.leftover_pids(state) == []
+    assert mod.stack_pids(state) == []
     for name in ("ray_gcs", "dashboard", "s3", "mlflow"):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -205,20 +205,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+def _running(pid: int | None, state: StackState) -> bool:
+    """``pid`` is alive (not a zombie) and still one of this stack's processes (not a reused pid)."""
+    info = _proc(pid) if pid else None
+    return bool(info) and info[0] != "Z" and _marker(state) in info[2].split(b"\0")
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], state: StackState) -> int:
@@ -252,7 +242,7 @@ def _wait_until(name: str, check, state: StackState, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_error = ""
     while time.monotonic() < deadline:
-        if not _alive(state.pids.get(name)):
+        if not _running(state.pids.get(name), state):
             raise StackError(f"{name} exited during start-up; last log lines:\n{_log_tail(state, name)}")
         try:
             if check():
@@ -274,64 +264,64 @@ def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
         return e.code
 
 
-def _stop_group(pid: int, timeout: float, leader_only: bool = False) -> None:
-    """SIGTERM a service (each runs in its own session, ``pid`` leads the group); SIGKILL the group after.
+# Set in every service's environment only (not in stack.env, so never in the user's shell): it marks the
+# stack's processes and everything they start (Ray workers, job drivers), and only those are ever signalled.
+MARKER_VAR = "VIDEOMAE_LOCAL_STACK"
 
-    ``leader_only``: `ray start --block` drains and stops its own children on SIGTERM, and does it
-    better than a signal to each of them at once (the raylet then hangs waiting for a dead GCS).
-    """
+
+def _marker(state: StackState) -> bytes:
+    return f"{MARKER_VAR}={state.state_dir}".encode()
+
+
+def _proc(pid: int) -> tuple[str, int, bytes] | None:
+    """(state letter, process group, environment) of a process of this user, None if gone or not ours."""
     try:
-        if leader_only:
-            os.kill(pid, signal.SIGTERM)
-        else:
-            os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for sig, wait in ((None, timeout), (signal.SIGKILL, 5.0)):
-        if sig is not None:
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_members(pid):
-                return
-            time.sleep(0.2)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[-1].split()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+        return fields[0], int(fields[2]), environ
+    except (OSError, IndexError, ValueError):
+        return None
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    return _pids_matching(lambda stat, cmd: stat["pgid"] == pgid)
-
-
-def _pids_matching(predicate) -> list[int]:
-    """Pids of this user's processes for which ``predicate(stat_fields, cmdline)`` holds."""
+def stack_pids(state: StackState) -> list[int]:
+    """Live processes carrying this stack's marker: its services and whatever they started."""
+    marker = _marker(state)
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[-1].split()
-            stat = {"state": fields[0], "pgid": int(fields[2])}
-        except (OSError, IndexError, ValueError):
-            continue
-        if stat["state"] != "Z" and predicate(stat, cmd):
+        info = _proc(int(entry))
+        if info and info[0] != "Z" and marker in info[2].split(b"\0"):
             out.append(int(entry))
-    return out
+    return sorted(out)
 
 
-def leftover_pids(state: StackState) -> list[int]:
-    """Processes of this stack still running: recorded pids, their groups, anything using its dirs."""
-    recorded = {p for p in state.pids.values() if _alive(p)}
-    groups = set(state.pids.values())
-    root = Path(state.state_dir)
-    markers = (state.ray_temp_dir, str(root / "mlflow"), str(root / "minio"))
-    stray = _pids_matching(lambda stat, cmd: stat["pgid"] in groups or any(m in cmd for m in markers))
-    return sorted(recorded | set(stray))
+def _stop_group(pid: int, state: StackState, timeout: float, leader_only: bool = False) -> None:
+    """SIGTERM a service (each runs in its own session; ``pid`` leads the group), SIGKILL what remains.
+
+    Only processes carrying the stack's marker are signalled: a recorded pid that has since been reused
+    by another program is left alone. ``leader_only``: `ray start --block` drains and stops its own
+    children on SIGTERM, better than a signal to all of them at once (the raylet then waits on a dead GCS).
+    """
+    members = [p for p in stack_pids(state) if (_proc(p) or ("", -1, b""))[1] == pid]
+    if pid not in members:
+        return  # the leader is gone; stragglers are collected by `down`
+    with contextlib.suppress(ProcessLookupError):
+        if leader_only:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = [p for p in stack_pids(state) if (_proc(p) or ("", -1, b""))[1] == pid]
+        if not members:
+            return
+        time.sleep(0.2)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- services
@@ -344,6 +334,7 @@ def _service_env(state: StackState) -> dict[str, str]:
     # `python` in a job's entrypoint must be this environment's interpreter, with the project installed.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env[MARKER_VAR] = state.state_dir
     return env
 
 
@@ -442,8 +433,8 @@ def up(
     """Start the stack (or report the running one); on any failure stop what was started."""
     state_dir = state_dir.expanduser().resolve()
     existing = StackState.load(state_dir)
-    if existing and any(_alive(p) for p in existing.pids.values()):
-        if all(_alive(p) for p in existing.pids.values()):
+    if existing and any(_running(p, existing) for p in existing.pids.values()):
+        if all(_running(p, existing) for p in existing.pids.values()):
             print(f"stack already running (state dir {state_dir})", file=sys.stderr)
             return existing
         raise StackError(f"a previous stack in {state_dir} is half running; run `down` first")
@@ -512,14 +503,14 @@ def down(state_dir: Path, purge: bool = False, keep_ray_logs: bool = False, quie
         pid = state.pids.get(name)
         if pid:
             t0 = time.monotonic()
-            _stop_group(pid, timeout=40 if name == "ray" else 15, leader_only=name == "ray")
+            _stop_group(pid, state, timeout=40 if name == "ray" else 15, leader_only=name == "ray")
             if not quiet:
                 print(f"stopped {name} ({time.monotonic() - t0:.1f}s)", file=sys.stderr)
-    for pid in leftover_pids(state):  # e.g. a Ray worker that left the group; matched by our temp dir
+    for pid in stack_pids(state):  # e.g. a Ray worker that left its group
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
-    stuck = leftover_pids(state)
+    stuck = stack_pids(state)
     if not keep_ray_logs:
         shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
     state.pids = {}
@@ -551,12 +542,12 @@ def status(state_dir: Path) -> dict[str, dict]:
     for name, (url, check) in checks.items():
         pid = state.pids.get(name)
         try:
-            healthy = _alive(pid) and check()
+            healthy = _running(pid, state) and check()
         except Exception:  # noqa: BLE001 - unreachable means unhealthy
             healthy = False
         out[name] = {
             "pid": pid,
-            "alive": _alive(pid),
+            "alive": _running(pid, state),
             "healthy": healthy,
             "url": url,
             "log": str(state.logs_dir / f"{name}.log"),
