@@ -371,3 +371,11 @@ def test_local_stack_down_stops_only_its_own_processes(stack_state) -> None:
         for proc in (ours, stranger):
             proc.kill()
             proc.wait()
+
+
+def test_paths_named_in_the_cluster_docs_exist() -> None:
+    text = DOCS.read_text()
+    named = set(re.findall(r"(?<![\w/.])((?:infra|jobs|configs|benchmarks|docs|tests)/[\w./*-]*[\w*])", text))
+    assert len(named) > 10
+    missing = sorted(p for p in named if not (REPO / p).exists() and "*" not in p)
+    assert not missing, f"docs/cluster.md names files that do not exist: {missing}"
