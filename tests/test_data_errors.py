@@ -183,6 +183,23 @@ def test_ledger_counts_and_budget():
     ledger.check(max_error_fraction=0.1, min_videos=20)  # at the bound is fine
     with pytest.raises(ErrorBudgetExceeded, match=r"2 of 20 videos.*s3://b/x.mp4 \(empty"):
         ledger.check(max_error_fraction=0.05, min_videos=20)
+    ledger.check(max_error_fraction=0.05, min_videos=20, z=3)  # 2 of 20 could be bad luck at 5%
+
+
+def test_streaming_check_fails_fast_on_broken_data_only():
+    broken = ErrorLedger.local()
+    for i in range(20):
+        broken.record(f"/v/{i}.mp4", "unsupported_codec")
+    with pytest.raises(ErrorBudgetExceeded, match="20 of 20"):
+        broken.check(max_error_fraction=0.05, min_videos=20, z=3)
+    unlucky = ErrorLedger.local()  # 3% bad overall, but the first 40 videos hold 4 of them
+    for i in range(400):
+        if i in (1, 5, 9, 30) or i % 50 == 49:
+            unlucky.record(f"/v/{i}.mp4", "undecodable")
+        else:
+            unlucky.record_ok()
+        unlucky.check(max_error_fraction=0.05, min_videos=20, z=3)
+    assert unlucky.snapshot()["errors"] == 12
 
 
 @pytest.mark.integration
@@ -205,14 +222,14 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
 
     from pipeline.data.datasets import resolve_rows
 
-    cfg = DataConfig(
+    cfg = DataConfig(  # a 60% bound: 9 bad of 23 videos pass however they are ordered
         uri=f"{s3_bucket}/videos",
         num_frames=4,
         sampling_rate=2,
         image_size=32,
         patch_size=8,
         clips_per_video=2,
-        max_error_fraction=0.5,
+        max_error_fraction=0.6,
         min_videos_for_error_check=5,
         seed=0,
     )
@@ -231,7 +248,7 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     report = [json.loads(line) for line in storage.read_text(report_uri).splitlines()]
     assert {r["uri"]: r["reason"] for r in report} == expected
 
-    strict = DataConfig(**{**cfg.__dict__, "max_error_fraction": 0.1})
+    strict = DataConfig(**{**cfg.__dict__, "max_error_fraction": 0.05})
     ds = build_pretrain_dataset(strict, run_name="test-bad-s3-strict")
     with pytest.raises(Exception, match="max_error_fraction") as e:
         for _ in ds.iter_torch_batches(batch_size=8):

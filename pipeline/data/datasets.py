@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,8 @@ class DataConfig:
     decode_timeout_s: float = 60.0  # per-video read + decode limit
     max_pixels: int = 4096 * 2160  # refuse larger frames (too_large) before decoding
     min_frames: int = 2  # refuse videos with fewer frames (too_short)
-    max_error_fraction: float = 0.05  # fail the run when more videos than this fraction are bad ...
-    min_videos_for_error_check: int = 20  # ... once at least this many have been tried
+    max_error_fraction: float = 0.05  # fail when clearly more than this fraction of videos is bad ...
+    min_videos_for_error_check: int = 20  # ... judged once at least this many have been tried
     # order
     shuffle: bool = True  # shuffle video order every epoch (training modes)
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
@@ -151,30 +152,38 @@ class ClipMaker:
         except VideoError as e:
             log.warning("skipping video %s", e)
             snap = self.ledger.record(e.uri, e.reason, e.detail)
-            self.ledger.check(self.cfg.max_error_fraction, self.cfg.min_videos_for_error_check, snap)
+            self.ledger.check(self.cfg.max_error_fraction, self.cfg.min_videos_for_error_check, snap, z=3.0)
             return None
         self.ledger.record_ok()
         size = (self.cfg.image_size, self.cfg.image_size)
+        with warnings.catch_warnings():  # read-only frames (decord's or the shared buffer): we only read
+            warnings.simplefilter("ignore", UserWarning)
+            frames = torch.from_numpy(video.frames)  # (U, H, W, C)
+        _, h, w, _ = frames.shape
         out: dict[str, list] = {"pixel_values": []}
-        for i in range(len(video.clips)):
-            clip = torch.from_numpy(video.clip(i))  # (T, H, W, C) uint8, a copy out of the decode buffer
-            _, h, w, _ = clip.shape
+        for i, positions in enumerate(video.clips):
+            index = torch.from_numpy(positions)
             if self.mode == "pretrain":
-                box = transforms.multi_scale_crop_box(
+                top, left, ch, cw = transforms.multi_scale_crop_box(
                     h, w, self.cfg.image_size, rng, self.cfg.pretrain_scales
                 )
-                out["pixel_values"].append(transforms.resized_crop(clip, box, size))
+                clip = frames[index, top : top + ch, left : left + cw]  # gathers only the crop: a copy
+                out["pixel_values"].append(transforms.resize(clip, size))
                 mask = make_mask(self.cfg.mask_type, self.grid, self.cfg.mask_ratio, rng)
                 out.setdefault("bool_masked_pos", []).append(mask)
             elif self.mode == "finetune":
-                box = transforms.random_resized_crop_box(h, w, rng, self.cfg.finetune_crop_scale)
-                clip = transforms.resized_crop(clip, box, size)
+                top, left, ch, cw = transforms.random_resized_crop_box(
+                    h, w, rng, self.cfg.finetune_crop_scale
+                )
+                clip = transforms.resize(frames[index, top : top + ch, left : left + cw], size)
                 if self.cfg.hflip and rng.random() < 0.5:
                     clip = transforms.hflip(clip).contiguous()
                 out["pixel_values"].append(clip)
                 out.setdefault("labels", []).append(row["label"])
             else:
-                short = transforms.short_side_resize(clip, self.cfg.eval_short_side or self.cfg.image_size)
+                short = transforms.short_side_resize(
+                    frames[index], self.cfg.eval_short_side or self.cfg.image_size
+                )
                 crops = transforms.spatial_crops(short, self.cfg.image_size, self.cfg.eval_num_crops)
                 if crops[0].shape[1:3] != size:  # eval_short_side < image_size would leave small crops
                     crops = [transforms.resize(c, size) for c in crops]

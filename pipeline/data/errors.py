@@ -3,7 +3,8 @@
 Every video that cannot be read or decoded raises a ``VideoError(uri, reason, detail)`` in the decode
 step; the step records it in the run's ``ErrorLedger``, skips the video and goes on. The run fails with
 ``ErrorBudgetExceeded`` (a clear message with counts per reason and the first failures) only when the
-error fraction passes ``max_error_fraction`` after at least ``min_videos`` videos.
+error fraction passes ``max_error_fraction`` after at least ``min_videos`` videos (while streaming: when
+it is statistically clear that it does, see ``ErrorLedger.check``).
 
 The ledger is a named Ray actor (``videomae-data-errors/<run_name>`` in namespace ``videomae``) created
 by the driver when it builds a dataset; decode tasks report to it, and the training loop (rank 0, in a
@@ -13,7 +14,7 @@ Ray Train worker) reads live counts and writes the report::
     ledger.record(uri, reason, detail)             # decode tasks (returns the new snapshot)
     ledger.record_ok()                             # decode tasks, once per decoded video (async)
     ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}}
-    ledger.check(max_error_fraction, min_videos)   # raises ErrorBudgetExceeded
+    ledger.check(max_error_fraction, min_videos)   # raises ErrorBudgetExceeded (e.g. at the end of an epoch)
     ledger.write_report(uri)                       # JSONL: one {"uri", "reason", "detail"} per line
 
 ``ErrorLedger.local()`` is the same API without Ray (unit tests, benchmarks, single-process tools).
@@ -22,6 +23,7 @@ Ray Train worker) reads live counts and writes the report::
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 from pipeline.data import storage
@@ -90,6 +92,16 @@ class LedgerState:
         return list(self.errors)
 
 
+def error_rate_lower_bound(snap: dict, z: float) -> float:
+    """Wilson score lower bound of the error rate after ``snap["videos"]`` videos (z = 0: the fraction)."""
+    n, p = snap["videos"], snap["error_fraction"]
+    if n == 0 or z == 0:
+        return p
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
 def budget_message(snap: dict, max_error_fraction: float, first: list[dict]) -> str:
     examples = "; ".join(f"{e['uri']} ({e['reason']}: {e['detail'][:80]})" for e in first[:5])
     return (
@@ -150,9 +162,18 @@ class ErrorLedger:
     def errors(self) -> list[dict]:
         return self._call("report_lines")
 
-    def check(self, max_error_fraction: float, min_videos: int = 20, snapshot: dict | None = None) -> None:
+    def check(
+        self, max_error_fraction: float, min_videos: int = 20, snapshot: dict | None = None, z: float = 0.0
+    ) -> None:
+        """Raise ``ErrorBudgetExceeded`` when the error fraction passes the bound.
+
+        ``z = 0`` compares the observed fraction (for the end of an epoch). While data streams, bad videos
+        can come in clusters, so the decode tasks use ``z = 3``: they fail only when even the lower
+        Wilson bound of the error rate (99.7% confidence) is above the limit: at once for a dataset of
+        only bad videos, never for one just under the limit that happened to start badly.
+        """
         snap = snapshot or self.snapshot()
-        if snap["videos"] >= min_videos and snap["error_fraction"] > max_error_fraction:
+        if snap["videos"] >= min_videos and error_rate_lower_bound(snap, z) > max_error_fraction:
             raise ErrorBudgetExceeded(budget_message(snap, max_error_fraction, self.errors()))
 
     def write_report(self, uri: str) -> int:
