@@ -207,8 +207,7 @@ def _port_free(port: int) -> bool:
 
 def _running(pid: int | None, state: StackState) -> bool:
     """``pid`` is alive (not a zombie) and still one of this stack's processes (not a reused pid)."""
-    info = _proc(pid) if pid else None
-    return bool(info) and info[0] != "Z" and _marker(state) in info[2].split(b"\0")
+    return bool(pid) and pid in _stack_processes(state)
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], state: StackState) -> int:
@@ -269,33 +268,26 @@ def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
 MARKER_VAR = "VIDEOMAE_LOCAL_STACK"
 
 
-def _marker(state: StackState) -> bytes:
-    return f"{MARKER_VAR}={state.state_dir}".encode()
+def _stack_processes(state: StackState) -> dict[int, int]:
+    """pid -> process group of every live process carrying this stack's marker (services and what they
+    started). psutil keeps it portable (Linux, macOS); processes of other users are skipped."""
+    import psutil
 
-
-def _proc(pid: int) -> tuple[str, int, bytes] | None:
-    """(state letter, process group, environment) of a process of this user, None if gone or not ours."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[-1].split()
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-        return fields[0], int(fields[2]), environ
-    except (OSError, IndexError, ValueError):
-        return None
+    out = {}
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get(MARKER_VAR) == state.state_dir:
+                out[proc.pid] = os.getpgid(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return out
 
 
 def stack_pids(state: StackState) -> list[int]:
-    """Live processes carrying this stack's marker: its services and whatever they started."""
-    marker = _marker(state)
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        info = _proc(int(entry))
-        if info and info[0] != "Z" and marker in info[2].split(b"\0"):
-            out.append(int(entry))
-    return sorted(out)
+    """Live processes of this stack (for `down` and the tests' no-leftover check)."""
+    return sorted(_stack_processes(state))
 
 
 def _stop_group(pid: int, state: StackState, timeout: float, leader_only: bool = False) -> None:
@@ -305,8 +297,11 @@ def _stop_group(pid: int, state: StackState, timeout: float, leader_only: bool =
     by another program is left alone. ``leader_only``: `ray start --block` drains and stops its own
     children on SIGTERM, better than a signal to all of them at once (the raylet then waits on a dead GCS).
     """
-    members = [p for p in stack_pids(state) if (_proc(p) or ("", -1, b""))[1] == pid]
-    if pid not in members:
+
+    def members() -> list[int]:
+        return [p for p, group in _stack_processes(state).items() if group == pid]
+
+    if pid not in members():
         return  # the leader is gone; stragglers are collected by `down`
     with contextlib.suppress(ProcessLookupError):
         if leader_only:
@@ -314,12 +309,9 @@ def _stop_group(pid: int, state: StackState, timeout: float, leader_only: bool =
         else:
             os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        members = [p for p in stack_pids(state) if (_proc(p) or ("", -1, b""))[1] == pid]
-        if not members:
-            return
+    while (remaining := members()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for member in members:
+    for member in remaining:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
 
@@ -451,7 +443,7 @@ def up(
     if s3 != "minio":
         needed.pop("s3_console")
     busy = [f"{name}={port}" for name, port in needed.items() if not _port_free(port)]
-    busy += [str(p) for p in range(worker_ports[0], worker_ports[1] + 1) if not _port_free(p)][:3]
+    busy += [f"worker port {p}" for p in range(worker_ports[0], worker_ports[1] + 1) if not _port_free(p)][:3]
     if busy:
         raise StackError(f"ports in use: {', '.join(busy)}; choose another --base-port")
 
