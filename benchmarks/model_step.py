@@ -164,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="ViT-S only")
+    parser.add_argument("--models", default="vit-s,vit-b", help="comma-separated presets")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--levers", action="store_true", help="also time our model with each speed-up undone")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = parser.parse_args(argv)
-    sizes = ["vit-s"] if args.quick else ["vit-s", "vit-b"]
+    sizes = ["vit-s"] if args.quick else args.models.split(",")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     native = "native" if ours_modeling._NATIVE_BF16_CPU else "emulated (no bf16 GEMM instructions)"
     print(

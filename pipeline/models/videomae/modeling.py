@@ -7,7 +7,8 @@ bias), as in the original code; loading and saving translate to and from transfo
 Why it is faster than transformers' implementation for pretraining (see docs/model.md for figures):
 the patch embedding is a GEMM over the *visible* tubelets only (the Conv3d weight is reused as a matrix),
 one fused qkv GEMM, ``scaled_dot_product_attention``, the target is built only for the reconstructed
-tubelets, and the video is patchified once for both the encoder input and the target.
+tubelets, the video is patchified once for both the encoder input and the target, and on CPUs without bf16
+instructions bf16 autocast uses float32 kernels on bf16-rounded operands (``linear``, ``attention``).
 """
 
 from __future__ import annotations
@@ -52,9 +53,6 @@ class ModelOutput:
 
     def __getitem__(self, key: int | str | slice) -> Any:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
 
 
 @dataclass
