@@ -45,6 +45,7 @@ def write_original(
     coarse = (rng.random((h // 24, width // 24, 3)) * 255).astype(np.uint8)
     background = av.VideoFrame.from_ndarray(coarse, format="rgb24")
     background = background.reformat(width=width, height=h, interpolation="BICUBIC").to_ndarray()
+    noise = rng.integers(-6, 7, (4, h, w, 3), dtype=np.int16)
     with av.open(str(path), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps), options={"preset": "veryfast", "crf": "23"})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -52,7 +53,7 @@ def write_original(
             img = background[:, 4 * i : 4 * i + w].copy()
             y, x = (h // 3 + int(80 * np.sin(i / 9))), (i * 11) % (w - 120)
             img[y : y + 120, x : x + 120] = (240, 60, 30)
-            img = np.clip(img.astype(np.int16) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+            img = np.clip(img.astype(np.int16) + noise[i % len(noise)], 0, 255).astype(np.uint8)
             out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(stream.encode(None))
 
@@ -80,8 +81,8 @@ def main() -> None:
         "--clips", type=int, default=3, help="random clips decoded per video for the read test"
     )
     args = parser.parse_args()
-    n_videos = args.videos or (4 if args.quick else 8)
-    n_frames = int(30 * (args.seconds or (3 if args.quick else 5)))
+    n_videos = args.videos or (4 if args.quick else 6)
+    n_frames = int(30 * (args.seconds or (3 if args.quick else 4)))
     logging.basicConfig(level=logging.WARNING)
 
     import ray

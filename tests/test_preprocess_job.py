@@ -152,7 +152,7 @@ def test_s3_job_with_kinetics_annotations_and_mlflow(tmp_path, s3_bucket, ray_se
     )
     code = preprocess_job.main([
         "--input", f"{s3_bucket}/raw", "--output", f"{s3_bucket}/k-64", "--short-side", "64",
-        "--workers", "2",
+        "--workers", "1",
         "--annotations", str(csv_path), "--mlflow", mlflow_server, "--experiment", "preprocess-test",
     ])  # fmt: skip
     assert code == 0
