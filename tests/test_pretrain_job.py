@@ -38,11 +38,8 @@ def _ray(args: list[str], env: dict, timeout: float = 120, check: bool = True) -
     return proc
 
 
-@contextmanager
-def ray_head(env: dict) -> Iterator[str]:
-    """A private Ray head (own ports, own temp dir) for this test; yields the job API address."""
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's unix sockets live in here
-    dashboard = free_port()
+def _start_head(env: dict, temp_dir: str, dashboard: int) -> subprocess.Popen:
+    """``ray start --head --block`` on fresh ports; returns once the whole node is up (or raises)."""
     worker_base = random.randrange(20000, 60000, 200)
     cmd = [RAY, "start", "--head", "--block", "--temp-dir", temp_dir, "--num-cpus", "4",
            "--node-ip-address", "127.0.0.1",
@@ -53,32 +50,57 @@ def ray_head(env: dict) -> Iterator[str]:
            "--object-manager-port", str(free_port()), "--min-worker-port", str(worker_base),
            "--max-worker-port", str(worker_base + 199), "--include-dashboard", "true",
            "--disable-usage-stats"]
-    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 360
+    while "block forever" not in log_path.read_text(errors="replace"):  # printed after the node is up
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_head(proc, temp_dir)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the Ray head did not come up:\n{tail}")
+        time.sleep(1)
+    return proc
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for p in psutil.process_iter(["cmdline"]):  # anything of this head still alive (never other Rays)
+        try:
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+@contextmanager
+def ray_head(env: dict, attempts: int = 3) -> Iterator[str]:
+    """A private Ray head (own ports, own temp dir) for this test; yields the job API address.
+
+    A loaded machine can miss Ray's fixed 30 s raylet registration window, so start-up is retried."""
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's unix sockets live in here
     # a loaded test machine can take longer than Ray's default 60 s to bring up the dashboard
     env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **env}
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
+    dashboard = free_port()
     try:
-        deadline = time.monotonic() + 360
-        while _ray(["job", "list", "--address", address], env, check=False).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the Ray head did not come up:\n" +
-                                     (Path(temp_dir) / "ray-start.log").read_text())
-            time.sleep(1)
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for p in psutil.process_iter(["cmdline"]):  # anything of this head still alive (never other Rays)
+        for attempt in range(attempts):
             try:
-                if temp_dir in " ".join(p.info["cmdline"] or []):
-                    p.kill()
-            except psutil.Error:
-                pass
-        log.close()
+                proc = _start_head(env, temp_dir, dashboard)
+                break
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                dashboard = free_port()
+        address = f"http://127.0.0.1:{dashboard}"
+        try:
+            yield address
+        finally:
+            _stop_head(proc, temp_dir)
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -100,8 +122,8 @@ def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow
     env.pop("RAY_ADDRESS", None)
     storage = tmp_path / "runs"
     sets = {"run_name": "job-test", "storage_path": storage, "data.uri": sample_videos,
-            "train.batch_size": 2, "train.max_steps": 16, "train.log_every_steps": 2,
-            "checkpoint.every_steps": 4, "tracking.tracking_uri": mlflow_server,
+            "data.clips_per_video": 4, "train.batch_size": 2, "train.max_steps": 8,
+            "train.log_every_steps": 2, "checkpoint.every_steps": 2, "tracking.tracking_uri": mlflow_server,
             "tracking.experiment": "job-test", "optim.warmup_steps": 2}
     job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
     job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
@@ -113,24 +135,27 @@ def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow
 
         submit = ["job", "submit", "--address", address, "--working-dir", "."]
         _ray([*submit, "--submission-id", "pretrain-first", "--no-wait", "--", *job_args], env)
-        deadline = time.monotonic() + 240
-        while _committed_step(storage / "job-test") < 4:
-            status = _ray(["job", "status", "--address", address, "pretrain-first"], env, check=False)
-            text = (status.stdout + status.stderr).lower()
-            assert "failed" not in text and "succeeded" not in text, status.stdout + status.stderr
+        deadline = time.monotonic() + 300
+        polls = 0
+        while _committed_step(storage / "job-test") < 2:
+            polls += 1
+            if polls % 20 == 0:  # the CLI is slow: ask for the job's status only now and then
+                status = _ray(["job", "status", "--address", address, "pretrain-first"], env, check=False)
+                text = (status.stdout + status.stderr).lower()
+                assert "failed" not in text and "succeeded" not in text, status.stdout + status.stderr
             assert time.monotonic() < deadline, "no checkpoint within the deadline"
-            time.sleep(1)
+            time.sleep(0.5)
         _ray(["job", "stop", "--address", address, "pretrain-first"], env)
         stopped_at = _committed_step(storage / "job-test")
-        assert stopped_at < 16
+        assert stopped_at < 8
 
         second = _ray([*submit, "--submission-id", "pretrain-second", "--", *job_args], env, timeout=400)
         logs = second.stdout + second.stderr
         assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
-        assert "finished at step 16" in logs
+        assert "finished at step 8" in logs
 
-    final = sorted((storage / "job-test").glob("checkpoint_*"))[-1]
-    assert checkpointing.read_progress(final).step == 16
+    final = sorted((storage / "job-test").glob("checkpoint_0*"))[-1]
+    assert checkpointing.read_progress(final).step == 8
     assert (storage / "job-test" / "export" / "model.safetensors").exists()
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("job-test")
@@ -139,4 +164,4 @@ def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow
     run = runs[0]
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert steps[0] <= stopped_at and steps[-1] == 16
+    assert steps[0] <= stopped_at and steps[-1] == 8

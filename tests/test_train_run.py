@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 def tiny_config(tmp_path: Path, data_uri: str, **overrides: str) -> PretrainConfig:
     sets = {
         "run_name": "kill-test", "storage_path": str(tmp_path / "runs"), "data.uri": data_uri,
-        "data.decode_isolation": "inline", "data.max_error_fraction": "0.5", "data.shuffle": "true",
+        "data.decode_isolation": "inline", "data.max_error_fraction": "0.5", "data.clips_per_video": "2",
         "train.batch_size": "2", "train.max_steps": "12", "train.log_every_steps": "2",
         "checkpoint.every_steps": "3", "checkpoint.keep_last": "2", "tracking.recon_every_steps": "6",
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "test-train",
