@@ -243,3 +243,29 @@ def test_position_table_follows_frames_and_size(tmp_path):
     )
     with pytest.raises(ValueError, match="position_embedding_size must be a multiple of patch_size"):
         tiny(position_embedding_size=30).validate()
+
+
+def test_bf16_autocast_on_cpus_without_bf16_gemm(monkeypatch):
+    """Where bf16 GEMMs are emulated, bf16-rounded operands go through float32 kernels: bf16 results equal to
+    a bf16 GEMM with float32 accumulation, and a pretraining loss close to float32's."""
+    from pipeline.models.videomae import modeling
+
+    monkeypatch.setattr(modeling, "_NATIVE_BF16_CPU", False)
+    x, w, b = torch.randn(5, 64), torch.randn(32, 64), torch.randn(32)
+    bf = torch.bfloat16
+    with torch.autocast("cpu", dtype=bf):
+        y = modeling.linear(x, w, b)
+    assert y.dtype == bf
+    expected = (x.to(bf).double() @ w.to(bf).double().T + b.to(bf).double()).to(bf)
+    torch.testing.assert_close(y, expected, atol=0, rtol=1e-2)
+    assert modeling.linear(x, w, b).dtype == torch.float32  # no autocast: untouched
+
+    c = tiny()
+    model = VideoMAEForPreTraining(c)
+    x, mask = clip(2, c), tube(2, c)
+    with torch.autocast("cpu", dtype=bf):
+        out = model(x, bool_masked_pos=mask)
+    assert out.logits.dtype == bf and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert model.videomae.encoder.layer[0].attention.attention.qkv.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.loss, model(x, bool_masked_pos=mask).loss, atol=0, rtol=2e-2)
