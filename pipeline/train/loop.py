@@ -1,4 +1,4 @@
-"""The per-worker pretraining loop, run by Ray Train on every rank. Reads top to bottom:
+"""The per-worker training loop, run by Ray Train on every rank. Reads top to bottom:
 
 restore (or start) -> for each optimizer step: wait for a batch, forward/backward (with accumulation and
 autocast), clip, step, schedule -> every N steps: log (rank 0), picture (rank 0), checkpoint (all ranks).
@@ -8,6 +8,10 @@ capped at ``steps_per_epoch``; ``Progress`` stores the epoch and the step inside
 middle of epoch ``e`` at step ``k`` of it starts a fresh pass of the data for the epoch's remaining
 ``steps_per_epoch - k`` steps (streamed datasets cannot seek; re-decoding ``k`` batches to skip them would
 cost as much as training on them). The per-worker shuffle buffer is seeded by (seed, epoch, rank).
+
+What is trained is an *objective* (``LoopArgs.objective``): it builds the model and optimizer, turns a
+batch into a loss, and may evaluate after a step. ``PretrainObjective`` (masked reconstruction) is the
+default; finetuning's lives in pipeline/train/finetune.py.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -52,6 +57,27 @@ class LoopArgs:
     plan: Plan
     run: Run | None = None  # the MLflow run rank 0 logs into
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
+    objective: Any = None  # None: PretrainObjective; see finetune.FinetuneObjective
+
+
+class PretrainObjective:
+    """Masked video reconstruction: VideoMAEForPreTraining on clips with their tube masks."""
+
+    def build_model(self, cfg: PretrainConfig) -> torch.nn.Module:
+        return VideoMAEForPreTraining(cfg.model.build())
+
+    def build_optimizer(self, core: torch.nn.Module, plan: Plan, cfg: PretrainConfig):
+        return build_adamw(core, plan.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+
+    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, step: int, micro: int):
+        """(loss, what the reconstruction picture needs)."""
+        mask = batch["bool_masked_pos"].to(pixel_values.device, non_blocking=True)
+        return model(pixel_values, mask).loss, (pixel_values, mask)
+
+    def after_step(self, core: torch.nn.Module, progress: ckpt.Progress, plan: Plan, device: torch.device,
+                   rank: int) -> dict[str, float]:
+        """Metrics of an evaluation run after this step (collective: every rank calls it); none here."""
+        return {}
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -103,6 +129,12 @@ class _Rank0:
             metrics.pop("eta_s")
             self.logger.log_metrics(metrics, step)
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        print(f"step {step}/{self.args.plan.total_steps} | "
+              + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.logger:
+            self.logger.log_metrics(metrics, step)
+
     def picture(self, model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor,
                 step: int) -> None:
         if not self.logger:
@@ -122,7 +154,7 @@ class _Rank0:
 
 
 def pretrain_worker(loop_config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker`` for VideoMAE pretraining."""
+    """Ray Train's ``train_loop_per_worker``: VideoMAE pretraining, or ``args.objective`` (finetuning)."""
     args: LoopArgs = loop_config["args"]
     cfg, plan = args.config, args.plan
     ctx = ray.train.get_context()
@@ -130,9 +162,10 @@ def pretrain_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     ckpt.seed_everything(cfg.seed * 1000 + rank)
 
-    model = ray.train.torch.prepare_model(VideoMAEForPreTraining(cfg.model.build()))
+    objective = args.objective or PretrainObjective()
+    model = ray.train.torch.prepare_model(objective.build_model(cfg))
     core = ckpt.unwrap(model)
-    optimizer = build_adamw(core, plan.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    optimizer = objective.build_optimizer(core, plan, cfg)
     scheduler = WarmupCosine(optimizer, plan.total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.min_lr,
                              cfg.optim.warmup_lr)
     amp_dtype = resolve_precision(cfg.train.precision, device)
@@ -183,15 +216,14 @@ def pretrain_worker(loop_config: dict) -> None:
                         break
                     frames = batch["pixel_values"].to(device, non_blocking=True)  # uint8 (B, T, H, W, C)
                     pixel_values = to_model_input(frames, mean, std)  # float (B, T, C, H, W)
-                    mask = batch["bool_masked_pos"].to(device, non_blocking=True)
                     sync = micro == accum - 1 or not hasattr(model, "no_sync")
                     with (contextlib.nullcontext() if sync else model.no_sync()), \
                             torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = model(pixel_values, mask).loss / accum
+                        loss, last_batch = objective.loss(model, batch, pixel_values, progress.step, micro)
+                        loss = loss / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     loss_sum += loss.item()
                     clips += pixel_values.shape[0]
-                    last_batch = (pixel_values, mask)
                 if exhausted:  # every rank's shard holds the same number of batches: all stop here
                     optimizer.zero_grad(set_to_none=True)
                     break
@@ -215,6 +247,9 @@ def pretrain_worker(loop_config: dict) -> None:
 
                 step = progress.step
                 done = step == plan.total_steps
+                evaluated = objective.after_step(core, progress, plan, device, rank)
+                if side and evaluated:
+                    side.log_eval(step, evaluated)
                 if step % cfg.train.log_every_steps == 0 or done:
                     window = meter.window(step)
                     (loss_total,) = _across_ranks([window["loss"]], device, dist.ReduceOp.SUM)

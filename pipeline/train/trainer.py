@@ -15,8 +15,10 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import config as config_lib
 from pipeline.config import ConfigError, PretrainConfig
@@ -151,7 +153,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         run.end(status)
 
 
-def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, args: LoopArgs):
+def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, args: LoopArgs,
+         make_datasets: Callable[[Any], dict] | None = None):
+    """Run the TorchTrainer. ``make_datasets(ledger)`` gives other jobs (finetune) their own datasets;
+    the default is the pretraining clips of ``rows``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -159,7 +164,8 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
 
     init_ray(cfg)
     ledger = ErrorLedger.get_or_create(cfg.run_name)
-    dataset = build_dataset(cfg.data, "pretrain", ledger, rows=rows)
+    datasets = make_datasets(ledger) if make_datasets else \
+        {"train": build_dataset(cfg.data, "pretrain", ledger, rows=rows)}
     use_gpu = resolve_use_gpu(cfg)
     fs, path = (storage.s3_filesystem(), storage.resolve(storage_path)[1]) if storage.is_s3(storage_path) \
         else (None, storage_path)
@@ -173,7 +179,7 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     started = time.time()
     result = trainer.fit()

@@ -1,0 +1,16 @@
+"""VideoMAE finetuning: ``python jobs/finetune.py [--config FILE] [--set key=value ...]``.
+
+No arguments: configs/finetune_tiny_demo.yaml, the pretraining demo's model (runs/pretrain-tiny-demo)
+finetuned on the sample dataset's labels. On a cluster:
+``ray job submit --working-dir . -- python jobs/finetune.py --config finetune_vit_b_k400 --set ...``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `pipeline`
+
+from pipeline.train.finetune import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
