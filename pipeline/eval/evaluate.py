@@ -12,6 +12,7 @@ go to ``<storage_path>/<run_name>/`` and to an MLflow run:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -80,7 +81,7 @@ class EvalConfig:
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
     """EvalConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(EvalConfig, path, overrides, base=DEFAULTS)
+    return config_lib.load(EvalConfig, path, overrides, base=copy.deepcopy(DEFAULTS))
 
 
 @dataclass

@@ -14,6 +14,7 @@ labels of both splits against the label map, empty splits, classes without train
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -125,7 +126,7 @@ class FinetuneConfig:
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """FinetuneConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(FinetuneConfig, path, overrides, base=DEFAULTS)
+    return config_lib.load(FinetuneConfig, path, overrides, base=copy.deepcopy(DEFAULTS))
 
 
 # --- the objective the shared training loop runs -----------------------------------------------------------
