@@ -15,15 +15,22 @@ from pipeline.models.videomae import (
     VideoMAEForPreTraining,
     VideoMAEForVideoClassification,
 )
-from pipeline.train.finetune import load_config, prepare, run_finetune
+from pipeline.train.finetune import load_config, prepare
 
 
 def _cfg(tmp_path: Path, data: Path, *more: str):
-    return load_config(overrides=[
-        f"storage_path={tmp_path / 'runs'}", f"data.uri={data}", "data.sampling_rate=2",
-        "data.decode_isolation=inline", "data.hflip=false", f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
-        "tracking.system_metrics=false", *more,
-    ])
+    return load_config(
+        overrides=[
+            f"storage_path={tmp_path / 'runs'}",
+            f"data.uri={data}",
+            "data.sampling_rate=2",
+            "data.decode_isolation=inline",
+            "data.hflip=false",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
+            "tracking.system_metrics=false",
+            *more,
+        ]
+    )
 
 
 @pytest.fixture()
