@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--levers", action="store_true", help="also time our model with each speed-up undone")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--threads", type=int, help="torch threads (1: exact CPU time on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = ["vit-s"] if args.quick else args.models.split(",")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     native = "native" if ours_modeling._NATIVE_BF16_CPU else "emulated (no bf16 GEMM instructions)"
