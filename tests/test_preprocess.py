@@ -146,3 +146,28 @@ def test_worker_reports_a_crashed_child_and_starts_a_new_one(tmp_path: Path, slo
         assert worker.process(str(slow), None, None)["status"] == "ok"
     finally:
         worker.close()
+
+
+def test_rerun_plan_redoes_transient_failures_and_changed_inputs(tmp_path: Path):
+    from pipeline.data.preprocess import PreprocessConfig, _plan, _write_parquet
+
+    for name in ("timed_out", "broken", "changed", "done"):
+        write_video(tmp_path / f"in/{name}.mp4", frames=4)
+    cfg = PreprocessConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), transcode=False)
+    fingerprint = cfg.settings().fingerprint()
+
+    def row(name: str, status: str, size: int | None = None) -> dict:
+        src = str(tmp_path / f"in/{name}.mp4")
+        return {"original_path": src, "path": src, "status": status, "settings": fingerprint,
+                "bytes": size if size is not None else os.path.getsize(src)}  # fmt: skip
+
+    previous = [row("timed_out", "timeout"), row("broken", "not_a_video"), row("changed", "ok", size=1),
+                row("done", "ok")]  # fmt: skip
+    _write_parquet(str(tmp_path / "out/manifest.parquet"), previous)
+    todo = [os.path.basename(t["src"]) for t in _plan(cfg, str(tmp_path / "in"), str(tmp_path / "out")).tasks]
+    assert todo == ["changed.mp4", "timed_out.mp4"]
+    cfg.retry_failed = True
+    todo = [os.path.basename(t["src"]) for t in _plan(cfg, str(tmp_path / "in"), str(tmp_path / "out")).tasks]
+    assert todo == ["broken.mp4", "changed.mp4", "timed_out.mp4"]
+    cfg.min_frames = 3  # other settings: every row is redone
+    assert len(_plan(cfg, str(tmp_path / "in"), str(tmp_path / "out")).tasks) == 4

@@ -174,6 +174,10 @@ def test_s3_job_with_kinetics_annotations_and_mlflow(tmp_path, s3_bucket, ray_se
     ]
     assert "gone_000000_000010" in storage.read_text(f"{s3_bucket}/k-64/unmatched_annotations.csv")
 
+    # a rerun has nothing to do; too many failures for the bound exit with status 3
+    args = ["--input", f"{s3_bucket}/raw", "--output", f"{s3_bucket}/k-64", "--short-side", "64"]
+    assert preprocess_job.main([*args, "--max-error-fraction", "0.1"]) == 3
+
     client = mlflow.MlflowClient(mlflow_server)
     (mlrun,) = client.search_runs([client.get_experiment_by_name("preprocess-test").experiment_id])
     assert mlrun.data.metrics["videos"] == 4 and mlrun.data.metrics["ok"] == 3
