@@ -180,8 +180,18 @@ def test_referenced_job_scripts_presets_and_keys_exist() -> None:
         if preset:
             path = repo_path(preset)
             assert path.is_file() or (REPO / "configs" / f"{preset}.yaml").is_file(), f"{where}: {preset}"
+        path = str(repo_path(preset)) if preset else None
         if script.endswith("pretrain.py"):  # unknown or mistyped keys fail here, as they would at start
-            config_lib.load(config_lib.PretrainConfig, str(repo_path(preset)) if preset else None, overrides)
+            config_lib.load(config_lib.PretrainConfig, path, overrides)
+        if script.endswith("pipeline.py"):
+            from pipeline.chain import PipelineConfig
+
+            chain = config_lib.load(PipelineConfig, path, overrides)
+            for stage_preset in (chain.pretrain_config, chain.finetune_config, chain.evaluate_config):
+                if stage_preset:
+                    assert (REPO / "configs" / f"{stage_preset}.yaml").is_file() or repo_path(
+                        stage_preset
+                    ).is_file(), f"{where}: stage preset {stage_preset} missing"
 
 
 # ------------------------------------------------------------------------------------------ AWS
