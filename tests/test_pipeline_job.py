@@ -1,0 +1,103 @@
+"""A reduced chain pretrain -> finetune -> evaluate on real videos, Ray and MLflow; then a rerun that skips
+the finished stages and redoes only the unfinished one."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import config as config_lib
+from pipeline.chain import PipelineConfig, dotted, run_pipeline
+from pipeline.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(tmp_path, data, *more):
+    sets = [
+        "run_name=chain-test",
+        f"storage_path={tmp_path / 'runs'}",
+        f"data_uri={data}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "experiment=chain-test",
+        # tiny stages: a few steps each, 2 workers, clips at 4 frames x 32 px
+        "pretrain.train.max_steps=4",
+        "pretrain.train.batch_size=4",
+        "pretrain.data.sampling_rate=2",
+        "pretrain.checkpoint.every_steps=4",
+        "pretrain.tracking.system_metrics=false",
+        "finetune.train.epochs=3",
+        "finetune.train.batch_size=4",
+        "finetune.data.sampling_rate=2",
+        "finetune.data.clips_per_video=2",
+        "finetune.optim.warmup_epochs=1",
+        "finetune.train.log_every_steps=2",
+        "finetune.tracking.system_metrics=false",
+        "evaluate.data.sampling_rate=2",
+        "evaluate.data.eval_num_clips=2",
+        "evaluate.data.eval_num_crops=1",
+        "evaluate.data.decode_isolation=inline",
+        *more,
+    ]
+    return config_lib.load(PipelineConfig, "pipeline_tiny_demo", sets)
+
+
+def test_chain_runs_all_stages_then_skips_them_and_resumes_the_unfinished_one(
+    ray_session, sample_videos, tmp_path
+):
+    result = run_pipeline(_cfg(tmp_path, sample_videos))
+    chain = tmp_path / "runs" / "chain-test"
+    record = json.loads((chain / "stages.json").read_text())
+    assert [s for s in record if record[s]["status"] == "done"] == ["pretrain", "finetune", "evaluate"]
+    # the URIs were passed along: finetune started from pretraining's export, evaluate scored finetune's
+    assert record["pretrain"]["export_uri"] == str(chain / "chain-test-pretrain" / "export")
+    assert record["finetune"]["export_uri"] == str(chain / "chain-test-finetune" / "export")
+    ft_config = json.loads((chain / "chain-test-finetune" / "export" / "config.json").read_text())
+    assert (
+        ft_config["architectures"] == ["VideoMAEForVideoClassification"] and len(ft_config["id2label"]) == 8
+    )
+    assert (
+        0.0 <= record["evaluate"]["top1"] <= 1.0 and (chain / "chain-test-evaluate" / "metrics.json").exists()
+    )
+
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {parent.data.tags[f"pipeline.stage.{s}"] for s in ("pretrain", "finetune", "evaluate")} == {"done"}
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.mlflow_run_id}'"
+    )
+    assert sorted(c.data.tags["pipeline.job"] for c in children) == ["evaluate", "finetune", "pretrain"]
+    finetune = next(c for c in children if c.data.tags["pipeline.job"] == "finetune")
+    assert "val/top1" in finetune.data.metrics and "loss" in finetune.data.metrics
+    losses = [m.value for m in client.get_metric_history(finetune.info.run_id, "loss")]
+    assert len(losses) >= 2
+
+    # rerun: everything finished is skipped
+    again = run_pipeline(_cfg(tmp_path, sample_videos))
+    assert (
+        again.skipped == ["pretrain", "finetune", "evaluate"] and again.mlflow_run_id == result.mlflow_run_id
+    )
+
+    # the evaluate stage "did not finish": only it runs again, with finetune's recorded export
+    del record["evaluate"]
+    (chain / "stages.json").write_text(json.dumps(record))
+    third = run_pipeline(_cfg(tmp_path, sample_videos, "evaluate.data.eval_num_clips=1"))
+    assert third.skipped == ["pretrain", "finetune"] and "evaluate" in third.outputs
+    assert third.mlflow_run_id == result.mlflow_run_id
+
+
+def test_stage_overrides_are_checked_before_anything_runs(tmp_path, sample_videos):
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        run_pipeline(_cfg(tmp_path, sample_videos, "finetune.optim.lrr=1"))
+    assert not (tmp_path / "mlflow.db").exists()
+    with pytest.raises(ConfigError, match="stages must keep the order"):
+        _cfg(tmp_path, sample_videos, "stages=[evaluate,pretrain]")
+
+
+def test_dotted_overrides():
+    assert dotted({"train": {"epochs": 3}, "stages": ["a"], "x": True}) == [
+        "train.epochs=3",
+        'stages=["a"]',
+        "x=true",
+    ]
