@@ -126,7 +126,7 @@ def main() -> int:
 
     labeled = args.labeled_per_class * 8
     print(
-        f"\nsample efficiency: {labeled} labeled train videos ({args.labeled_per_class}/class, 8 motion classes), "
+        f"\nsample efficiency: {labeled} labeled train videos ({args.labeled_per_class}/class, 8 classes), "
         f"pretraining on {args.videos_per_class * 8} unlabeled videos ({args.pretrain_epochs} epochs, "
         f"{pretrain_s:.0f} s), {args.finetune_steps} finetuning steps each; test = held-out split, "
         f"2 clips x 3 crops. Chance = 12.5%."
