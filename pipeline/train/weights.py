@@ -124,7 +124,7 @@ def _convert_original(file: Path, uri: str) -> Path:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name, dir=CACHE_DIR))
     try:
-        convert.convert_original_checkpoint(str(file), str(tmp))
+        convert.convert_checkpoint(file, tmp)
         if not target.exists():
             os.replace(tmp, target)
     except CheckpointError:
