@@ -93,3 +93,26 @@ def test_bad_labels_and_splits_fail_at_start(data, tmp_path):
     (data / "train.csv").write_text("videos/unlabeled.mp4\n")
     with pytest.raises(LabelError, match="have no label"):
         prepare(_cfg(tmp_path, data, "val_split="))
+
+
+def test_an_original_videomae_pth_is_converted(data, tmp_path):
+    from test_model_convert import to_original
+
+    original = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", layer_norm_eps=1e-6))
+    torch.save({"model": to_original(original, finetuned=False)}, tmp_path / "checkpoint-799.pth")
+    heads = ["model.num_frames=4", "model.image_size=32", "model.num_attention_heads=4"]
+    p = prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'checkpoint-799.pth'}", *heads))
+    assert p.model_config["hidden_size"] == 64 and p.model_config["num_hidden_layers"] == 2
+    model = VideoMAEForVideoClassification(VideoMAEConfig.from_dict(p.model_config))
+    from pipeline.train.weights import load_for_finetuning
+
+    loaded = load_for_finetuning(
+        p.init_from,
+        p.id2label,
+        **{k: p.model_config[k] for k in ("num_frames",)},
+        image_size=32,
+        num_attention_heads=4,
+    )
+    weight = "videomae.encoder.layer.0.attention.output.dense.weight"
+    assert torch.equal(loaded.state_dict()[weight], original.state_dict()[weight])
+    assert model.state_dict()[weight].shape == loaded.state_dict()[weight].shape

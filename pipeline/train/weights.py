@@ -16,6 +16,7 @@ checkpoint given to evaluation (no classifier), a classifier for other labels.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEFo
 CACHE_DIR = Path(os.environ.get("PIPELINE_MODEL_CACHE", "~/.cache/videomae-pipeline/models")).expanduser()
 ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
 # Config fields that fix the shapes of the encoder's weights: a checkpoint must agree with them.
+# What an original checkpoint's weights cannot tell (fixed position tables, heads); taken from the config.
+CONVERT_FIELDS = ("num_frames", "image_size", "num_attention_heads", "decoder_num_attention_heads")
 ARCHITECTURE_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -105,26 +108,28 @@ def locate(uri: str) -> str:
     )
 
 
-def model_dir(uri: str) -> Path:
-    """A local transformers-format directory for ``uri`` (downloading and converting as needed)."""
+def model_dir(uri: str, convert: dict[str, Any] | None = None) -> Path:
+    """A local transformers-format directory for ``uri`` (downloading and converting as needed;
+    ``convert`` holds the CONVERT_FIELDS an original checkpoint needs)."""
     located = locate(uri)
     local = _local_copy(located)
     if local.is_file() or located.endswith(ORIGINAL_SUFFIXES):
-        return _convert_original(local, located)
+        return _convert_original(local, located, convert or {})
     return local
 
 
-def _convert_original(file: Path, uri: str) -> Path:
-    """Original VideoMAE ``.pth`` -> a transformers-format directory in the cache (once)."""
+def _convert_original(file: Path, uri: str, overrides: dict[str, Any]) -> Path:
+    """Original VideoMAE ``.pth`` -> a transformers-format directory in the cache (once per settings)."""
     from pipeline.models.videomae import convert
 
-    target = CACHE_DIR / ("converted-" + hashlib.sha1(uri.encode()).hexdigest()[:16])
+    key = json.dumps([uri, sorted(overrides.items())])
+    target = CACHE_DIR / ("converted-" + hashlib.sha1(key.encode()).hexdigest()[:16])
     if (target / "config.json").exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name, dir=CACHE_DIR))
     try:
-        convert.convert_checkpoint(file, tmp)
+        convert.convert_checkpoint(file, tmp, **overrides)
         if not target.exists():
             os.replace(tmp, target)
     except CheckpointError:
@@ -136,9 +141,9 @@ def _convert_original(file: Path, uri: str) -> Path:
     return target
 
 
-def read_config(uri: str) -> VideoMAEConfig:
+def read_config(uri: str, convert: dict[str, Any] | None = None) -> VideoMAEConfig:
     """The model config behind ``uri`` with a clear error for anything that is not a VideoMAE model."""
-    directory = model_dir(uri)
+    directory = model_dir(uri, convert)
     try:
         return VideoMAEConfig.from_pretrained(directory)
     except (FileNotFoundError, ValueError) as e:
@@ -165,7 +170,8 @@ def load_for_finetuning(
 ) -> VideoMAEForVideoClassification:
     """A classifier for ``id2label`` whose encoder comes from ``uri`` (pretraining checkpoint, encoder or
     another classifier); the head is new unless the source is a classifier for exactly these labels."""
-    source = read_config(uri)
+    convert = {k: overrides[k] for k in CONVERT_FIELDS if k in overrides}
+    source = read_config(uri, convert)
     check_architecture(source, overrides, uri)
     config = VideoMAEConfig.from_dict(source.to_dict(), **overrides, id2label=dict(id2label), label2id=None)
     config.architectures = None
@@ -174,7 +180,7 @@ def load_for_finetuning(
     )
     try:
         model, info = VideoMAEForVideoClassification.from_pretrained(
-            model_dir(uri), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+            model_dir(uri, convert), config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
     except FileNotFoundError as e:
         raise CheckpointError(f"{storage.redact(uri)}: {e}") from e
