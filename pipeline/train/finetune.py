@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
         "betas": [0.9, 0.999],
         "layer_decay": 0.75,
     },
-    "train": {"epochs": 50.0},
+    # several clips per decoded video arrive together: shuffle locally so a batch mixes videos and classes
+    "train": {"epochs": 50.0, "shuffle_buffer_batches": 8},
     "tracking": {"experiment": "videomae-finetune"},
 }
 
