@@ -163,9 +163,11 @@ def test_rerun_plan_redoes_transient_failures_and_changed_inputs(tmp_path: Path)
 
     previous = [row("timed_out", "timeout"), row("broken", "not_a_video"), row("changed", "ok", size=1),
                 row("done", "ok")]  # fmt: skip
+    previous[-1]["label"] = 5
     _write_parquet(str(tmp_path / "out/manifest.parquet"), previous)
-    todo = [os.path.basename(t["src"]) for t in _plan(cfg, str(tmp_path / "in"), str(tmp_path / "out")).tasks]
-    assert todo == ["changed.mp4", "timed_out.mp4"]
+    plan = _plan(cfg, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert [os.path.basename(t["src"]) for t in plan.tasks] == ["changed.mp4", "timed_out.mp4"]
+    assert plan.rows[str(tmp_path / "in/done.mp4")]["label"] == 5  # kept when no annotations are given
     cfg.retry_failed = True
     todo = [os.path.basename(t["src"]) for t in _plan(cfg, str(tmp_path / "in"), str(tmp_path / "out")).tasks]
     assert todo == ["broken.mp4", "changed.mp4", "timed_out.mp4"]

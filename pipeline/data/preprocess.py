@@ -222,7 +222,7 @@ def _write_parquet(uri: str, rows: list[dict]) -> None:
 class _Plan:
     """Every input video: reused rows from earlier runs, and tasks for the workers."""
 
-    rows: dict[str, dict]  # original_path -> row, in input order (None until processed)
+    rows: dict[str, dict]  # original_path -> row, in input order (completed as results arrive)
     tasks: list[dict]
     annotations: Matched | None
     annotation_rows: int
@@ -258,13 +258,13 @@ def _plan(cfg: PreprocessConfig, input_root: str, output_root: str) -> _Plan:
     for (uri, size), rel in zip(listed, rels, strict=True):
         out_rel = _output_relpath(rel, cfg.transcode)
         dst = storage.join(output_root, out_rel) if cfg.transcode else None
-        ann = matched.by_video.get(rel) if matched else None
         base = {
             "original_path": uri, "relative_path": rel, "bytes": size, "settings": fingerprint,
             "path": out_rel if cfg.transcode else uri,
-            "label": ann.label if ann else None, "label_name": ann.label_name if ann else None,
-            "split": ann.split if ann else None,
         }  # fmt: skip
+        if matched is not None:  # without --annotations, labels of earlier runs are kept
+            ann = matched.by_video.get(rel)
+            base.update(label=ann and ann.label, label_name=ann and ann.label_name, split=ann and ann.split)
         if cfg.transcode and out_rel in claimed:
             rows[uri] = {**base, "path": uri, "status": "output_collision",
                          "error": f"{claimed[out_rel]} already maps to {out_rel}"}  # fmt: skip
