@@ -65,7 +65,7 @@ def stack(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
     import boto3
     from mlflow.tracking import MlflowClient
@@ -170,7 +170,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
             env=submit_env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=450,
         )
         lap("job finished")
         # the job's state from the job server's REST API, authenticated as a user's curl would be
