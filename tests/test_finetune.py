@@ -116,3 +116,25 @@ def test_an_original_videomae_pth_is_converted(data, tmp_path):
     weight = "videomae.encoder.layer.0.attention.output.dense.weight"
     assert torch.equal(loaded.state_dict()[weight], original.state_dict()[weight])
     assert model.state_dict()[weight].shape == loaded.state_dict()[weight].shape
+
+
+def test_weights_are_found_in_s3_run_folders(s3_bucket, tmp_path, monkeypatch):
+    from pipeline.data import storage
+    from pipeline.train import weights
+
+    monkeypatch.setattr(weights, "CACHE_DIR", tmp_path / "cache")
+    model = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny"))
+    model.save_pretrained(tmp_path / "local")
+    run = f"{s3_bucket}/runs/pre"
+    for name in ("config.json", "model.safetensors"):  # a run still training: checkpoints only
+        for step in ("00000010", "00000020"):
+            storage.upload_file(str(tmp_path / "local" / name), f"{run}/checkpoint_{step}/{name}")
+    assert weights.locate(run) == f"{run}/checkpoint_00000020"
+    for name in ("config.json", "model.safetensors"):  # finished: its export wins
+        storage.upload_file(str(tmp_path / "local" / name), f"{run}/export/{name}")
+    assert weights.locate(run) == f"{run}/export"
+    loaded = weights.load_for_finetuning(run, {0: "a", 1: "b"})
+    key = "videomae.encoder.layer.1.output.dense.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+    with pytest.raises(CheckpointError, match="not found"):
+        weights.locate(f"{s3_bucket}/runs/missing")
