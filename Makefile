@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench stack-up stack-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed  ## every benchmark, each printing its table and ratio
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+stack-up: $(VENV)/.installed  ## local Ray head + S3 server + MLflow server on 127.0.0.1 (infra/local)
+	$(PY) infra/local/stack.py up
+
+stack-down: $(VENV)/.installed
+	$(PY) infra/local/stack.py down
 
 clean:
 	rm -rf $(VENV) .cache runs mlruns

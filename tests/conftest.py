@@ -113,6 +113,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=open(root / "server.log", "wb"),
         stderr=subprocess.STDOUT,
+        # the job-execution feature spawns background workers this project never uses
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     try:
