@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import threading
 import time
 from fractions import Fraction
@@ -149,6 +150,36 @@ def test_isolated_decoder_survives_a_dying_helper(tmp_path):
         assert e.value.reason == "decoder_crash" and "-9" in e.value.detail
     finally:
         killer.cancel()
+        decoder.close()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_decode_leaves_no_stale_answer(tmp_path):
+    """A Ray task cancelled mid-decode must not leave the helper's late answer for the next video."""
+    fifo = tmp_path / "slow.mp4"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.mp4"
+    good.write_bytes(h264_bytes(frames=12))
+    decoder = Decoder(DecodeLimits(timeout_s=30))
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        decoder.decode(str(good), DenseSampler(2, 1), 0)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            decoder.decode(str(fifo), DenseSampler(4, 2), 0)
+        with pytest.raises(OSError):  # the helper that was reading the FIFO is gone: no reader left
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        video = decoder.decode(str(good), DenseSampler(12, 1), 0)
+        assert video.length == 12 and video.clip(0).shape == (12, 48, 64, 3)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
         decoder.close()
 
 

@@ -144,6 +144,12 @@ class ClipMaker:
         return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode())])
 
     def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        """The clip rows of one video as a batch of arrays, or None if the video was skipped."""
+        out = self.clips(row)
+        return None if out is None else self.to_batch(out)
+
+    def clips(self, row: dict[str, Any]) -> dict[str, list] | None:
+        """The clip rows of one video as lists per column (uint8 tensors for pixels), or None."""
         path = row["path"]
         rng = self._rng(path)
         try:
@@ -193,11 +199,16 @@ class ClipMaker:
                     out.setdefault("video", []).append(path)
                     out.setdefault("clip_index", []).append(i)
                     out.setdefault("crop_index", []).append(j)
-        batch = {"pixel_values": torch.stack(out.pop("pixel_values")).numpy()}
+        return out
+
+    @staticmethod
+    def to_batch(out: dict[str, list]) -> dict[str, np.ndarray]:
+        """Lists per column -> arrays; the pixels are copied once, into one (N, T, H, W, C) array."""
+        batch = {"pixel_values": torch.stack(out["pixel_values"]).numpy()}
         for key, values in out.items():
-            batch[key] = np.asarray(
-                values, dtype=np.int64 if key in ("labels", "clip_index", "crop_index") else None
-            )
+            if key != "pixel_values":
+                dtype = np.int64 if key in ("labels", "clip_index", "crop_index") else None
+                batch[key] = np.asarray(values, dtype=dtype)
         return batch
 
     def empty_batch(self) -> dict[str, np.ndarray]:
@@ -216,14 +227,6 @@ class ClipMaker:
         return batch
 
 
-def concat_batches(
-    batches: list[dict[str, np.ndarray]], empty: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    if not batches:
-        return empty
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-
 _MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process, reused by the tasks it runs
 
 
@@ -233,8 +236,11 @@ def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, le
     if maker is None:
         maker = _MAKERS[key] = ClipMaker(cfg, mode, ledger)
     rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
-    made = [b for b in (maker(r) for r in rows) if b is not None]
-    return concat_batches(made, maker.empty_batch())
+    merged: dict[str, list] = {}
+    for made in (maker.clips(r) for r in rows):
+        for key, values in (made or {}).items():
+            merged.setdefault(key, []).extend(values)
+    return maker.to_batch(merged) if merged else maker.empty_batch()
 
 
 def build_dataset(

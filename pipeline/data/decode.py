@@ -226,6 +226,7 @@ class Decoder:
         self.limits, self.isolation = limits, isolation
         self._proc: subprocess.Popen | None = None
         self._buffer: _FrameBuffer | None = None
+        self._request = 0  # request ids pair every answer with its question
 
     def decode(
         self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1)
@@ -260,6 +261,9 @@ class Decoder:
             ready = self._recv.poll(HELPER_START_TIMEOUT_S) and self._recv.recv() == ("ready",)
         except EOFError:
             ready = False
+        except BaseException:
+            self._kill()
+            raise
         if not ready:
             code = self._proc.poll()
             self._kill()
@@ -282,10 +286,11 @@ class Decoder:
         if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()
+        self._request += 1
         deadline = time.monotonic() + self.limits.timeout_s
         buf = self._buffer
         try:
-            self._send.send(("decode", uri, sampler, seed, window, self.limits, buf.size))
+            self._send.send((self._request, uri, sampler, seed, window, self.limits, buf.size))
             while True:
                 if not self._recv.poll(max(deadline - time.monotonic(), 0)):
                     self._kill()
@@ -293,18 +298,25 @@ class Decoder:
                         uri, "timeout", f"no result within decode_timeout_s={self.limits.timeout_s}"
                     )
                 msg = self._recv.recv()
-                if msg[0] == "need":
-                    buf.ensure(msg[1])
+                if msg[0] != self._request:
+                    raise RuntimeError(f"decode helper answered request {msg[0]}, expected {self._request}")
+                if msg[1] == "need":
+                    buf.ensure(msg[2])
                     self._send.send(("buffer", buf.size))
                     continue
                 break
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError):
             code = self._proc.wait() if self._proc else None
             self._kill()
             raise VideoError(uri, "decoder_crash", f"decode process exited with code {code}") from None
-        if msg[0] == "error":
-            raise VideoError(uri, msg[1], msg[2])
-        _, shape, clips, length, fps = msg
+        except BaseException:
+            # interrupted mid-exchange (a cancelled Ray task, KeyboardInterrupt) or out of step: the
+            # helper's state is unknown and a stale answer could be taken for the next video's
+            self._kill()
+            raise
+        if msg[1] == "error":
+            raise VideoError(uri, msg[2], msg[3])
+        _, _, shape, clips, length, fps = msg
         frames = np.frombuffer(buf.map, np.uint8, count=int(np.prod(shape))).reshape(shape)
         return DecodedVideo(frames, clips, length, fps)
 
@@ -333,20 +345,20 @@ def serve() -> None:
             msg = recv.recv()
         except EOFError:
             return
-        _, uri, sampler, seed, window, limits, size = msg
+        request, uri, sampler, seed, window, limits, size = msg
         try:
             video = read_and_decode(uri, sampler, seed, limits, window)
         except VideoError as e:
-            send.send(("error", e.reason, e.detail))
+            send.send((request, "error", e.reason, e.detail))
             continue
         except Exception as e:  # noqa: BLE001 - report, never die on one video
-            send.send(("error", "decode_error", f"{type(e).__name__}: {e}"[:300]))
+            send.send((request, "error", "decode_error", f"{type(e).__name__}: {e}"[:300]))
             continue
         nbytes = video.frames.nbytes
         if nbytes > size:
-            send.send(("need", nbytes))
+            send.send((request, "need", nbytes))
             _, size = recv.recv()
         if mapped is None or mapped[0] != size:
             mapped = (size, mmap.mmap(buffer_fd, size))
         np.frombuffer(mapped[1], np.uint8, count=nbytes)[:] = video.frames.reshape(-1)
-        send.send(("ok", video.frames.shape, video.clips, video.length, video.fps))
+        send.send((request, "ok", video.frames.shape, video.clips, video.length, video.fps))
