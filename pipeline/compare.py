@@ -226,9 +226,9 @@ def log_comparison(comparison: Comparison, tracking_uri: str, experiment: str, p
                 path = Path(tmp) / "curves.png"
                 path.write_bytes(png)
                 run.log_artifact(path, "comparison")
-        run.end(ok=True)
+        run.end("FINISHED")
     except BaseException:
-        run.end(ok=False)
+        run.end("FAILED")
         raise
     return run.run_id
 

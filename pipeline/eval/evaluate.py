@@ -195,7 +195,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         run.log_metrics({k: v for k, v in report.metrics().items() if v == v}, step=0)  # v == v: not NaN
         ok = True
     finally:
-        run.end(ok)
+        run.end("FINISHED" if ok else "FAILED")
     result = EvalResult(report, output, run.run_id, tracking_uri, time.time() - started)
     print(result.summary(), flush=True)
     return result
