@@ -31,7 +31,7 @@ def _make_runs(uri: str, experiment: str) -> list[str]:
             run.log_metrics({"train/loss": 2.0 - slope * step, "lr": lr}, step)
         if job == "finetune":
             run.log_metrics({"val/top1": 0.5 + slope}, 4)
-        run.end(ok=True)
+        run.end("FINISHED")
         ids.append(run.run_id)
     return ids
 
