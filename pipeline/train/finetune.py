@@ -343,7 +343,11 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
             )
     overrides = dict(cfg.model.overrides)
     if cfg.init_from:
-        init_from = locate(cfg.init_from)
+        try:
+            init_from = locate(cfg.init_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"init_from: {e} (pretrain first: python jobs/pretrain.py, or set "
+                                  "init_from='' to train from scratch)") from e
         model = load_for_finetuning(init_from, id2label, **overrides)  # fails here on a bad checkpoint
         model_config = model.config.to_dict()
         del model
