@@ -137,6 +137,7 @@ class ClipMaker:
             sampling = cfg.finetune_sampling if mode == "finetune" else "dense"
             self.sampler = make_sampler(sampling, cfg.num_frames, cfg.sampling_rate, cfg.clips_per_video)
         self.grid = token_grid(cfg.num_frames, cfg.image_size, cfg.patch_size, cfg.tubelet_size)
+        self._ok = 0  # decoded videos not yet reported to the ledger
 
     def _rng(self, path: str) -> np.random.Generator:
         if self.cfg.seed is None and self.mode != "eval":
@@ -146,7 +147,14 @@ class ClipMaker:
     def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         """The clip rows of one video as a batch of arrays, or None if the video was skipped."""
         out = self.clips(row)
+        self.flush_ok()
         return None if out is None else self.to_batch(out)
+
+    def flush_ok(self) -> None:
+        """Report the videos decoded since the last flush (one round trip per block, not per video)."""
+        if self._ok:
+            self.ledger.record_ok(self._ok, wait=True)
+            self._ok = 0
 
     def clips(self, row: dict[str, Any]) -> dict[str, list] | None:
         """The clip rows of one video as lists per column (uint8 tensors for pixels), or None."""
@@ -157,10 +165,11 @@ class ClipMaker:
             video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)), window)
         except VideoError as e:
             log.warning("skipping video %s", e)
+            self.flush_ok()  # the budget check must see every success so far
             snap = self.ledger.record(e.uri, e.reason, e.detail)
             self.ledger.check(self.cfg.max_error_fraction, self.cfg.min_videos_for_error_check, snap, z=3.0)
             return None
-        self.ledger.record_ok()
+        self._ok += 1
         size = (self.cfg.image_size, self.cfg.image_size)
         with warnings.catch_warnings():  # read-only frames (decord's or the shared buffer): we only read
             warnings.simplefilter("ignore", UserWarning)
@@ -240,6 +249,7 @@ def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, le
     for made in (maker.clips(r) for r in rows):
         for key, values in (made or {}).items():
             merged.setdefault(key, []).extend(values)
+    maker.flush_ok()  # counted before the block's clips reach the trainer
     return maker.to_batch(merged) if merged else maker.empty_batch()
 
 

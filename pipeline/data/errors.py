@@ -12,7 +12,7 @@ Ray Train worker) reads live counts and writes the report::
 
     ledger = ErrorLedger.get_or_create(run_name)   # driver; or ErrorLedger.get(run_name) in a worker
     ledger.record(uri, reason, detail)             # decode tasks (returns the new snapshot)
-    ledger.record_ok()                             # decode tasks, once per decoded video (async)
+    ledger.record_ok(n)                            # decode tasks, videos decoded (once per block)
     ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}}
     ledger.check(max_error_fraction, min_videos)   # raises ErrorBudgetExceeded (e.g. at the end of an epoch)
     ledger.write_report(uri)                       # JSONL: one {"uri", "reason", "detail"} per line
@@ -153,8 +153,8 @@ class ErrorLedger:
     def record(self, uri: str, reason: str, detail: str = "") -> dict:
         return self._call("record", uri, reason, detail)
 
-    def record_ok(self, n: int = 1) -> None:
-        self._call("record_ok", n, wait=False)
+    def record_ok(self, n: int = 1, wait: bool = False) -> None:
+        self._call("record_ok", n, wait=wait)
 
     def snapshot(self) -> dict:
         return self._call("snapshot")
