@@ -75,7 +75,7 @@ def bench(name: str, steps: int, workers: int, batch_size: int, root: str) -> di
         f"train.batch_size={batch_size}", f"train.max_steps={steps}", "train.log_every_steps=5",
         f"checkpoint.every_steps={steps}", "tracking.system_metrics=false", "tracking.experiment=bench",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"scaling.num_workers={workers}",
-        "scaling.cpus_per_worker=1", "optim.warmup_steps=1",
+        "scaling.cpus_per_worker=1", "optim.warmup_steps=1", "tracking.recon_every_steps=0",
     ]
     cfg = C.load(PretrainConfig, C.CONFIG_DIR / "pretrain_tiny_demo.yaml", sets)
     result = run_pretrain(cfg)
