@@ -20,13 +20,14 @@ use and never enter a config, so a config can be printed, logged to MLflow and s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -216,6 +217,9 @@ def build(cls: type[T], data: Mapping[str, Any] | None = None, prefix: str = "")
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name in by_name and name != extra_field:
+            default = _section_default(by_name[name], hints[name])
+            if default is not None and isinstance(value, Mapping):
+                value = _deep_merge(default, value)  # a partial section keeps the job's own defaults
             kwargs[name] = _coerce(value, hints[name], key)
         elif name == extra_field and isinstance(value, Mapping):
             for sub, sub_value in value.items():
@@ -233,6 +237,13 @@ def build(cls: type[T], data: Mapping[str, Any] | None = None, prefix: str = "")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
     return obj
+
+
+def _section_default(f: Any, hint: Any) -> dict[str, Any] | None:
+    """A dataclass field's default section as a mapping, so overriding one key keeps the others."""
+    if not (is_dataclass(hint) and f.default_factory is not MISSING):
+        return None
+    return to_dict(f.default_factory())
 
 
 def _coerce_extra(name: str, value: Any, allowed: dict[str, Any], key: str) -> Any:
@@ -261,7 +272,7 @@ def validate(obj: Any, prefix: str = "") -> None:
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
          base: Mapping[str, Any] | None = None) -> T:
     """The job config: ``cls`` defaults <- ``base`` <- YAML file at ``path`` <- ``overrides``, validated."""
-    data = _deep_merge(dict(base or {}), read_yaml(path) if path else {})
+    data = _deep_merge(copy.deepcopy(dict(base or {})), read_yaml(path) if path else {})
     data = apply_overrides(data, overrides)
     for derived, source in getattr(cls, "__derived_keys__", {}).items():
         head, _, leaf = derived.rpartition(".")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from pipeline import config as C
 from pipeline.config import ConfigError, PretrainConfig
+from pipeline.data.datasets import DataConfig
 
 
 def load(*overrides: str, path: str | Path | None = None) -> PretrainConfig:
@@ -119,3 +121,19 @@ def test_round_trip_through_yaml_and_flatten_scrubs_secrets():
 def test_replace_with_dotted_keys():
     cfg = C.replace(load(), **{"train.max_steps": 5, "run_name": "x"})
     assert cfg.train.max_steps == 5 and cfg.run_name == "x"
+
+
+
+@dataclass
+class _JobWithOwnDataDefaults:
+    data: DataConfig = field(default_factory=lambda: DataConfig(hflip=False, clips_per_video=3))
+
+
+def test_a_partial_section_keeps_the_jobs_own_section_defaults(tmp_path):
+    """A job whose section default differs from the section class's keeps it when one key is overridden."""
+    preset = tmp_path / "job.yaml"
+    preset.write_text("data:\n  clips_per_video: 5\n")
+    base = {"data": {"split": "val"}}
+    cfg = C.load(_JobWithOwnDataDefaults, preset, ["data.seed=7"], base=base)
+    assert (cfg.data.hflip, cfg.data.clips_per_video, cfg.data.seed, cfg.data.split) == (False, 5, 7, "val")
+    assert base == {"data": {"split": "val"}}  # the caller's base layer is not modified

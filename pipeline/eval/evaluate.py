@@ -12,7 +12,6 @@ go to ``<storage_path>/<run_name>/`` and to an MLflow run:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import sys
@@ -36,8 +35,7 @@ from pipeline.models.videomae import CheckpointError
 GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
 
 
-# Defaults that differ from the shared sections' own. The config loader builds a section given in YAML or
-# --set from its class defaults, so these are passed to it as the base layer (see load_config).
+# Defaults that differ from the shared sections' own (a partial section in YAML or --set keeps them).
 DEFAULTS: dict = {
     "data": {"split": "test", "eval_num_clips": 2, "eval_num_crops": 3, "shuffle": False, "hflip": False},
     "tracking": {"experiment": "videomae-evaluate"},
@@ -81,7 +79,7 @@ class EvalConfig:
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
     """EvalConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(EvalConfig, path, overrides, base=copy.deepcopy(DEFAULTS))
+    return config_lib.load(EvalConfig, path, overrides)
 
 
 @dataclass

@@ -14,7 +14,6 @@ labels of both splits against the label map, empty splits, classes without train
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re
@@ -54,8 +53,8 @@ from pipeline.train.optim import build_adamw
 GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
 BEST_DIR, EXPORT_DIR, BEST_RECORD = "best", "export", "best.json"
 
-# The finetuning recipe where it differs from the shared sections' defaults. The config loader builds a
-# section given in YAML or --set from its class defaults, so these are its base layer (load_config).
+# The finetuning recipe where it differs from the shared sections' defaults (a partial section in YAML or
+# --set keeps them).
 DEFAULTS: dict[str, Any] = {
     "model": {"drop_path_rate": 0.1, "use_mean_pooling": True},
     "data": {"split": "train", "eval_num_clips": 1, "eval_num_crops": 1},
@@ -127,7 +126,7 @@ class FinetuneConfig:
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """FinetuneConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(FinetuneConfig, path, overrides, base=copy.deepcopy(DEFAULTS))
+    return config_lib.load(FinetuneConfig, path, overrides)
 
 
 # --- the objective the shared training loop runs -----------------------------------------------------------
