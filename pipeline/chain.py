@@ -13,13 +13,13 @@ MLflow: one parent run for the chain, one child run per stage.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import config as config_lib
+from pipeline.cli import run_job
 from pipeline.config import ConfigError, PretrainConfig
 from pipeline.data import storage
 
@@ -245,35 +245,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``--config FILE`` and ``--set key=value`` (e.g. ``--set finetune.train.epochs=10``)."""
-    import argparse
-
-    from pipeline.data.manifest import ManifestError
-    from pipeline.eval.labels import LabelError
-    from pipeline.models.videomae import CheckpointError
-
-    parser = argparse.ArgumentParser(
-        prog="pipeline",
-        description="pretrain -> finetune -> evaluate in one command; rerun to resume. With "
-        "no arguments: the tiny demo chain on a generated sample dataset, locally.",
-    )
-    parser.add_argument("--config", help="YAML preset: a path, or a name in configs/ (pipeline_tiny_demo)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value, e.g. --set finetune.train.epochs=10 (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    default = config_lib.CONFIG_DIR / "pipeline_tiny_demo.yaml"
-    path = args.config or (str(default) if default.exists() else None)
-    try:
-        cfg = config_lib.load(PipelineConfig, path, args.overrides)
-        result = run_pipeline(cfg)
-    except (ConfigError, storage.StorageError, ManifestError, CheckpointError, LabelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0 if result.outputs else 1
+    return run_job(
+        argv, prog="pipeline", default_preset="pipeline_tiny_demo", config_example="pipeline_tiny_demo",
+        description="pretrain -> finetune -> evaluate in one command; rerun to resume. With no arguments: "
+        "the tiny demo chain on a generated sample dataset, locally.", set_example="finetune.train.epochs=10",
+        load=lambda path, overrides: config_lib.load(PipelineConfig, path, overrides),
+        run=run_pipeline, succeeded=lambda result: bool(result.outputs))

@@ -113,6 +113,22 @@ def test_parquet_keeps_only_ok_rows_and_jsonl(tmp_path):
         read_manifest(str(tmp_path / "bad.parquet"))
 
 
+def test_a_split_column_selects_the_requested_split(tmp_path):
+    table = pa.table({"path": ["a.mp4", "b.mp4", "c.mp4", "d.mp4"], "label": [0, 1, 0, 1],
+                      "status": ["ok", "ok", "decode_error", "ok"], "split": ["train", "val", "train", None]})
+    pq.write_table(table, tmp_path / "m.parquet")
+
+    def names(split):
+        return [r["path"].rsplit("/", 1)[1] for r in read_manifest(str(tmp_path / "m.parquet"), split=split)]
+
+    assert names("train") == ["a.mp4"] and names("val") == ["b.mp4"]
+    assert names(None) == ["a.mp4", "b.mp4", "d.mp4"]  # no split asked: every ok row
+    with pytest.raises(ManifestError, match=r"no rows of split 'test' \(splits: \['train', 'val'\]\)"):
+        read_manifest(str(tmp_path / "m.parquet"), split="test")
+    (tmp_path / "u.jsonl").write_text('{"path": "a.mp4", "split": null}\n{"path": "b.mp4"}\n')
+    assert len(read_manifest(str(tmp_path / "u.jsonl"), split="train")) == 2  # no split known: all rows
+
+
 def test_folder_listing_and_split_manifest(sample_videos, tmp_path):
     rows = read_manifest(str(sample_videos / "videos"))
     assert len(rows) == 24 and all(r["label"] == -1 and r["path"].endswith(".mp4") for r in rows)

@@ -10,8 +10,9 @@
   a header line starting with ``path`` switches to named columns ``path,label[,start,end]``;
 - Something-Something V2 JSON (``.json``): the ``[{"id", "template", ...}]`` list; labels come from the
   ``labels.json`` (template -> id) next to it or given as ``label_map``; videos are ``<id>.webm``;
-- Parquet / JSONL: columns ``path[, label, start, end, status]``; with a ``status`` column (written by
-  the preprocessing job) only rows with ``status == "ok"`` are kept.
+- Parquet / JSONL: columns ``path[, label, start, end, status, split]``; with a ``status`` column (written
+  by the preprocessing job) only rows with ``status == "ok"`` are kept, and with a ``split`` column only
+  the rows of the requested ``split`` (one manifest serves train, val and test).
 
 Relative paths resolve against ``data_root`` (default: the manifest's folder). A path that escapes the
 data root (``../..``, or an absolute path outside it when a data root is given) is refused with a
@@ -110,13 +111,21 @@ def parse_ssv2_json(
     return rows
 
 
-def _table_rows(table, source: str) -> list[dict[str, Any]]:
+def _table_rows(table, source: str, split: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a Parquet/JSONL table; ``status`` (the preprocess manifest's) keeps only ``ok`` rows and a
+    ``split`` column with any value set is filtered to ``split``, so one manifest serves every split."""
     cols = set(table.column_names)
     if "path" not in cols:
         raise ManifestError(f"{source}: no 'path' column (columns: {sorted(cols)})")
     data = table.to_pydict()
     n = table.num_rows
     keep = [s == "ok" for s in data["status"]] if "status" in cols else [True] * n
+    splits = data.get("split") or [None] * n
+    if split and any(s is not None for s in splits):
+        if split not in splits:
+            known = sorted({s for s in splits if s is not None})
+            raise ManifestError(f"{source}: no rows of split {split!r} (splits: {known})")
+        keep = [k and s == split for k, s in zip(keep, splits, strict=True)]
 
     def col(name, default):
         values = data.get(name) or [default] * n
@@ -178,12 +187,12 @@ def read_manifest(
             import pyarrow.parquet as pq
 
             fs, path = storage.resolve(uri)
-            rows = _table_rows(pq.read_table(path, filesystem=fs), source)
+            rows = _table_rows(pq.read_table(path, filesystem=fs), source, split)
         elif lower.endswith(".jsonl"):
             import pyarrow as pa
 
             records = [json.loads(ln) for ln in storage.read_text(uri).splitlines() if ln.strip()]
-            rows = _table_rows(pa.Table.from_pylist(records), source)
+            rows = _table_rows(pa.Table.from_pylist(records), source, split)
         elif lower.endswith(".json"):
             if label_map is None:
                 candidate = storage.join(posixpath.dirname(uri), "labels.json")

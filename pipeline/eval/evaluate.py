@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,14 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import config as config_lib
+from pipeline.cli import run_job
 from pipeline.config import ConfigError, TrackingSection
 from pipeline.data import storage
 from pipeline.data.datasets import DataConfig, build_dataset
-from pipeline.data.manifest import ManifestError
 from pipeline.eval import labels as label_lib
 from pipeline.eval.metrics import EvalReport, evaluate_scores
 from pipeline.eval.report import confusion_matrix_png, parquet_bytes, predictions_table, report_json
-from pipeline.models.videomae import CheckpointError
 
 GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
 
@@ -223,28 +221,9 @@ def _write_outputs(report: EvalReport, scores, output: str, run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
-        description="Multi-view evaluation of a finetuned "
-        "VideoMAE classifier with Ray Data. With no arguments: the demo finetune "
-        "run's model on the sample dataset's test split.",
-    )
-    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/ like eval_k400)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model_uri=runs/my-finetune (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run_evaluate(cfg)
-    except (ConfigError, storage.StorageError, ManifestError, CheckpointError, label_lib.LabelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(
+        argv, prog="evaluate", default_preset=None, config_example="eval_k400",
+        description="Multi-view evaluation of a finetuned VideoMAE classifier with Ray Data. With no "
+        "arguments: the demo finetune run's model on the sample dataset's test split.",
+        set_example="model_uri=runs/my-finetune", load=load_config, run=run_evaluate,
+        succeeded=lambda result: True)

@@ -17,10 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import config as config_lib
+from pipeline.cli import run_job
 from pipeline.config import (
     CheckpointSection,
     ConfigError,
@@ -498,42 +496,11 @@ def _finish(cfg: FinetuneConfig, result, run_dir: str, best_uri: str | None, run
     return out
 
 
-def _raise_interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="finetune",
-        description="Finetune a VideoMAE classifier on Ray Train. With no arguments: the "
-        "pretraining demo's model on the sample dataset (configs/finetune_tiny_demo.yaml).",
-    )
-    parser.add_argument("--config", help="YAML preset: a path, or a name in configs/ (finetune_vit_b_k400)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set init_from=runs/my-pretrain (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    default = config_lib.CONFIG_DIR / "finetune_tiny_demo.yaml"
-    path = args.config or (str(default) if default.exists() else None)
-    started = time.time()
-    try:
-        cfg = load_config(path, args.overrides)
-        result = run_finetune(cfg)
-    except (ConfigError, storage.StorageError, ManifestError, CheckpointError, label_lib.LabelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(f"finetune took {time.time() - started:.0f} s", flush=True)
-    return 0 if result.export_uri else 1
+    return run_job(
+        argv, prog="finetune", default_preset="finetune_tiny_demo", config_example="finetune_vit_b_k400",
+        description="Finetune a VideoMAE classifier on Ray Train. With no arguments: the pretraining "
+        "demo's model on the sample dataset (configs/finetune_tiny_demo.yaml).",
+        set_example="init_from=runs/my-pretrain", load=load_config, run=run_finetune,
+        succeeded=lambda result: bool(result.export_uri))

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_lib
+from pipeline.cli import run_job
 from pipeline.config import ConfigError, PretrainConfig
 from pipeline.data import storage
 from pipeline.data.datasets import build_dataset, resolve_rows
-from pipeline.data.manifest import ManifestError
 from pipeline.train import checkpointing
 from pipeline.train.loop import LoopArgs, Plan, pretrain_worker
 from pipeline.train.optim import scaled_lr
@@ -227,33 +225,11 @@ def _finish(cfg: PretrainConfig, result, run_dir: str, run) -> PretrainResult:
     return out
 
 
-def _raise_interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset name from configs/) and ``--set key=value`` overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="pretrain", description="VideoMAE pretraining on Ray Train. With no arguments: a tiny model on "
-        "the generated sample dataset, locally.")
-    parser.add_argument("--config", help="YAML preset: a path, or a name in configs/ (pretrain_vit_b_k400)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-    args = parser.parse_args(argv)
-    # `ray job stop` and schedulers send SIGTERM: unwind like Ctrl-C so the MLflow run is closed as KILLED.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    default = config_lib.CONFIG_DIR / "pretrain_tiny_demo.yaml"
-    path = args.config or (str(default) if default.exists() else None)
-    try:
-        cfg = config_lib.load(PretrainConfig, path, args.overrides)
-        result = run_pretrain(cfg)
-    except (ConfigError, storage.StorageError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0 if result.checkpoint_uri else 1
+    return run_job(
+        argv, prog="pretrain", default_preset="pretrain_tiny_demo", config_example="pretrain_vit_b_k400",
+        description="VideoMAE pretraining on Ray Train. With no arguments: a tiny model on the generated "
+        "sample dataset, locally.", set_example="train.max_steps=100",
+        load=lambda path, overrides: config_lib.load(PretrainConfig, path, overrides),
+        run=run_pretrain, succeeded=lambda result: bool(result.checkpoint_uri))
