@@ -92,7 +92,7 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
     """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, resources={"decode": 2}, include_dashboard=False)  # as decode nodes
     try:
         yield
     finally:

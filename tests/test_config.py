@@ -27,7 +27,8 @@ def test_defaults_are_the_tiny_demo_and_data_geometry_follows_the_model():
 def test_overrides_are_coerced_to_the_field_types():
     cfg = load("train.batch_size=4", "optim.lr=3e-4", "optim.betas=0.9,0.999", "train.grad_clip=null",
                "tracking.system_metrics=false", "scaling.use_gpu=true", "model.num_frames=8",
-               "model.norm_pix_loss=false", "data.pretrain_scales=[1.0, 0.5]", "train.precision=bf16")
+               "model.norm_pix_loss=false", "data.pretrain_scales=[1.0, 0.5]", "train.precision=bf16",
+               "data.decode_resources={decode: 1}")
     assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.optim.betas == (0.9, 0.999)
@@ -37,6 +38,7 @@ def test_overrides_are_coerced_to_the_field_types():
     assert cfg.data.num_frames == 8  # follows the model
     assert cfg.data.pretrain_scales == (1.0, 0.5)
     assert cfg.train.precision == "bf16"
+    assert cfg.data.decode_resources == {"decode": 1}
 
 
 def test_yaml_preset_then_overrides_win(tmp_path):
@@ -84,6 +86,7 @@ def test_presets_load_and_follow_the_paper(name):
     (["optim.betas=0.9"], "optim.betas: expected 2 values"),
     (["nodot"], "not of the form section.key=value"),
     (["optim=3"], "optim: expected a section"),
+    (["data.decode_resources={decode: 0}"], "data: decode_resources must map resource names to amounts > 0"),
 ])
 def test_bad_configs_fail_with_the_key_named(overrides, message):
     with pytest.raises(ConfigError) as err:

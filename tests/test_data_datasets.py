@@ -94,7 +94,8 @@ def test_time_window_limits_the_frames(tmp_path):
 
 @pytest.mark.integration
 def test_ray_builders_stream_the_row_contract(ray_session, sample_videos):
-    cfg = tiny(sample_videos, clips_per_video=2, decode_isolation="process", decode_concurrency=2)
+    cfg = tiny(sample_videos, clips_per_video=2, decode_isolation="process", decode_concurrency=2,
+               decode_resources={"decode": 1})  # the session's Ray advertises 2, as a decode node would
     ds = build_pretrain_dataset(cfg, run_name="test-builders")
     batches = list(ds.iter_torch_batches(batch_size=4))
     assert sum(len(b["pixel_values"]) for b in batches) == 2 * 8

@@ -32,7 +32,7 @@ import math
 import random
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,8 @@ class DataConfig:
     # decoding and robustness
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
     decode_concurrency: int | None = None  # max decode tasks at once (None = as many as CPUs allow)
+    decode_resources: dict[str, float] = field(default_factory=dict)  # custom resources per decode task,
+    # e.g. {decode: 1} pins decoding to nodes that advertise a `decode` resource (infra/, docs/cluster.md)
     videos_per_block: int = 4  # videos per Ray Data block (one decode task handles a block)
     decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
     decode_timeout_s: float = 60.0  # per-video read + decode limit
@@ -91,6 +93,11 @@ class DataConfig:
     # order
     shuffle: bool = True  # shuffle video order every epoch (training modes)
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
+
+    def validate(self) -> None:
+        bad = {k: v for k, v in self.decode_resources.items() if not isinstance(v, int | float) or v <= 0}
+        if bad:
+            raise ValueError(f"decode_resources must map resource names to amounts > 0, got {bad}")
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.decode_timeout_s, self.max_pixels, self.min_frames)
@@ -288,6 +295,7 @@ def build_dataset(
         batch_format="numpy",
         fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger},
         num_cpus=cfg.decode_num_cpus,
+        resources=cfg.decode_resources or None,
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
     )
 
