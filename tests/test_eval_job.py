@@ -1,6 +1,6 @@
 """The evaluation job end to end on real videos, real Ray (actors) and a real local MLflow store.
 
-Learning is asserted in test_finetune.py; here an untrained classifier checks the plumbing: every
+Learning is asserted in test_learning.py; here an untrained classifier checks the plumbing: every
 video scored on every view, report, predictions and picture consistent, bad input refused at start.
 """
 

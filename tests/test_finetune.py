@@ -1,4 +1,5 @@
-"""Finetuning: bad input fails at start (no Ray), and a small real run on Ray Train learns and resumes."""
+"""Finetuning: bad input fails at start (no Ray); runs on Ray Train are in test_pipeline_job.py (resume)
+and test_learning.py (it learns)."""
 
 import json
 import shutil
