@@ -14,7 +14,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `pipeline`
+JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
+# The repo first, and not jobs/ itself: Ray hands this path to its workers, where jobs/pipeline.py would
+# shadow the `pipeline` package.
+sys.path[:] = [os.path.dirname(JOBS_DIR)] + [p for p in sys.path if os.path.abspath(p or ".") != JOBS_DIR]
 
 from pipeline.compare import CompareError, compare  # noqa: E402
 

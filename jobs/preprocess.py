@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `pipeline` from the working dir
+JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
+# The repo first, and not jobs/ itself: Ray hands this path to its workers, where jobs/pipeline.py would
+# shadow the `pipeline` package.
+sys.path[:] = [os.path.dirname(JOBS_DIR)] + [p for p in sys.path if os.path.abspath(p or ".") != JOBS_DIR]
 
 from pipeline.data.annotations import FORMATS, AnnotationError  # noqa: E402
 from pipeline.data.preprocess import PreprocessConfig, run  # noqa: E402

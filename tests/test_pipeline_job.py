@@ -2,6 +2,9 @@
 the finished stages and redoes only the unfinished one."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -101,3 +104,18 @@ def test_dotted_overrides():
         'stages=["a"]',
         "x=true",
     ]
+
+
+def test_the_job_script_runs_from_any_folder(tmp_path, sample_videos):
+    """`python jobs/pipeline.py` shares its name with the package: Ray's workers, which get the driver's
+    sys.path, must still import the package (this failed when the script was started outside the repo)."""
+    script = Path(__file__).resolve().parent.parent / "jobs" / "pipeline.py"
+    sets = ["stages=[pretrain]", "run_name=any-folder", f"data_uri={sample_videos}", "storage_path=runs",
+            f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.train.max_steps=1",
+            "pretrain.train.batch_size=2", "pretrain.data.sampling_rate=2", "pretrain.scaling.num_workers=1",
+            "pretrain.tracking.system_metrics=false", "pretrain.tracking.recon_every_steps=0"]
+    args = [sys.executable, str(script), *(a for s in sets for a in ("--set", s))]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "runs" / "any-folder" / "stages.json").read_text())
+    assert record["pretrain"]["status"] == "done"
