@@ -4,7 +4,7 @@ held-out videos that only motion tells apart, scored by the real evaluation job 
 Small on purpose (4 direction classes, 32 px, from scratch, 2 workers, 840 steps): the bar is "well above
 chance", not a fixed figure; the default chain's own number is in docs/finetune_eval.md. From scratch,
 the loss sits at chance for a few hundred steps before motion is found (measured: it broke out after
-350-500 steps and ended at 82-88% val / 90% test), hence 560 training videos and 12 epochs: with 84
+350-500 steps and ended at 82-88% val, 90-92.5% test), hence 560 training videos and 12 epochs: with 84
 videos the model memorised their looks instead (val at chance while train loss fell).
 """
 
