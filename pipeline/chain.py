@@ -249,5 +249,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, prog="pipeline", default_preset="pipeline_tiny_demo", config_example="pipeline_tiny_demo",
         description="pretrain -> finetune -> evaluate in one command; rerun to resume. With no arguments: "
         "the tiny demo chain on a generated sample dataset, locally.", set_example="finetune.train.epochs=10",
-        load=lambda path, overrides: config_lib.load(PipelineConfig, path, overrides),
+        config_cls=PipelineConfig,
         run=run_pipeline, succeeded=lambda result: bool(result.outputs))

@@ -42,7 +42,7 @@ def run_job(
     default_preset: str | None,
     config_example: str,
     set_example: str,
-    load: Callable[[str | None, Sequence[str]], C],
+    config_cls: type[C],
     run: Callable[[C], R],
     succeeded: Callable[[R], bool],
 ) -> int:
@@ -57,7 +57,7 @@ def run_job(
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.time()
     try:
-        result = run(load(path, args.overrides))
+        result = run(config_lib.load(config_cls, path, args.overrides))
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

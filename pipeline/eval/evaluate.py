@@ -225,5 +225,5 @@ def main(argv: list[str] | None = None) -> int:
         argv, prog="evaluate", default_preset=None, config_example="eval_k400",
         description="Multi-view evaluation of a finetuned VideoMAE classifier with Ray Data. With no "
         "arguments: the demo finetune run's model on the sample dataset's test split.",
-        set_example="model_uri=runs/my-finetune", load=load_config, run=run_evaluate,
+        set_example="model_uri=runs/my-finetune", config_cls=EvalConfig, run=run_evaluate,
         succeeded=lambda result: True)

@@ -502,5 +502,5 @@ def main(argv: list[str] | None = None) -> int:
         argv, prog="finetune", default_preset="finetune_tiny_demo", config_example="finetune_vit_b_k400",
         description="Finetune a VideoMAE classifier on Ray Train. With no arguments: the pretraining "
         "demo's model on the sample dataset (configs/finetune_tiny_demo.yaml).",
-        set_example="init_from=runs/my-pretrain", load=load_config, run=run_finetune,
+        set_example="init_from=runs/my-pretrain", config_cls=FinetuneConfig, run=run_finetune,
         succeeded=lambda result: bool(result.export_uri))

@@ -231,5 +231,5 @@ def main(argv: list[str] | None = None) -> int:
         argv, prog="pretrain", default_preset="pretrain_tiny_demo", config_example="pretrain_vit_b_k400",
         description="VideoMAE pretraining on Ray Train. With no arguments: a tiny model on the generated "
         "sample dataset, locally.", set_example="train.max_steps=100",
-        load=lambda path, overrides: config_lib.load(PretrainConfig, path, overrides),
+        config_cls=PretrainConfig,
         run=run_pretrain, succeeded=lambda result: bool(result.checkpoint_uri))
