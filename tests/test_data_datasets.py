@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from fractions import Fraction
 
@@ -65,6 +66,25 @@ def test_finetune_and_eval_rows(sample_videos):
     assert set(ev["video"].tolist()) == {row["path"]} and (ev["labels"] == row["label"]).all()
     again = ClipMaker(cfg, "eval", ErrorLedger.local())(row)  # evaluation is deterministic
     np.testing.assert_array_equal(ev["pixel_values"], again["pixel_values"])
+    strong = dataclasses.replace(cfg, rand_augment="rand-m9-n4-p1.0")  # 4 operations, always applied
+    augmented = ClipMaker(strong, "finetune", ErrorLedger.local())(row)
+    assert augmented["pixel_values"].shape == ft["pixel_values"].shape
+    assert augmented["pixel_values"].dtype == np.uint8
+    assert not np.array_equal(augmented["pixel_values"], ft["pixel_values"])  # same seed, same crop
+
+
+def test_clips_sharing_frames_decode_one_clip_and_differ_in_crop_and_mask(sample_videos):
+    row = resolve_rows(tiny(sample_videos))[0]
+    for mode in ("pretrain", "finetune"):
+        maker = ClipMaker(tiny(sample_videos, clips_per_video=4, clips_share_frames=True), mode,
+                          ErrorLedger.local())  # fmt: skip
+        video = maker.decoder.decode(row["path"], maker.sampler, 0)
+        assert video.frames.shape[0] == 4  # the union of 4 clips' frames is one clip's 4 frames
+        pixels = maker(row)["pixel_values"]
+        assert pixels.shape[0] == 4 and len({p.tobytes() for p in pixels}) > 1  # own crop per clip
+    masks = ClipMaker(tiny(sample_videos, clips_per_video=4, clips_share_frames=True), "pretrain",
+                      ErrorLedger.local())(row)["bool_masked_pos"]  # fmt: skip
+    assert masks.shape[0] == 4 and len({m.tobytes() for m in masks}) > 1  # own mask per clip
 
 
 def test_labels_are_required_outside_pretraining(sample_videos):

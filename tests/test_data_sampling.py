@@ -29,6 +29,14 @@ def test_repeated_sampling_gives_independent_clips():
     assert len(clips) == 4 and len({int(c[0]) for c in clips}) == 4
 
 
+@pytest.mark.parametrize("sampler", [DenseSampler(8, 2, 4, shared=True), SegmentSampler(8, 4, shared=True)])
+def test_shared_repeated_sampling_reuses_one_set_of_frames(sampler):
+    clips = sampler(500, np.random.default_rng(1))
+    assert len(clips) == 4 and all(np.array_equal(c, clips[0]) for c in clips)
+    others = sampler(500, np.random.default_rng(2))
+    assert not np.array_equal(others[0], clips[0])  # still a random draw per video
+
+
 def test_segment_sampling_takes_one_frame_per_segment():
     clips = SegmentSampler(8, clips=2)(80, np.random.default_rng(0))
     for clip in clips:

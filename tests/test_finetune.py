@@ -139,3 +139,22 @@ def test_weights_are_found_in_s3_run_folders(s3_bucket, tmp_path, monkeypatch):
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
     with pytest.raises(CheckpointError, match="not found"):
         weights.locate(f"{s3_bucket}/runs/missing")
+
+
+@pytest.mark.parametrize("name", ["finetune_vit_b_k400", "finetune_vit_b_ssv2"])
+def test_vit_b_presets_follow_the_paper_recipe(name):
+    cfg = load_config(name)
+    model = cfg.model.build()
+    assert cfg.model.preset == "vit-b" and model.hidden_size == 768
+    assert model.drop_path_rate == 0.1 and model.use_mean_pooling
+    assert cfg.optim.layer_decay == 0.75 and cfg.optim.betas == (0.9, 0.999)
+    assert cfg.optim.weight_decay == 0.05
+    assert cfg.optim.base_lr == pytest.approx(1e-3) and cfg.optim.warmup_epochs == 5
+    assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha, cfg.mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    assert cfg.data.rand_augment == "rand-m7-n4-mstd0.5-inc1" and cfg.data.random_erasing == 0.25
+    assert cfg.data.clips_per_video == 2 and cfg.data.clips_share_frames  # num_sample 2
+    ssv2 = "ssv2" in name
+    assert cfg.train.epochs == (40 if ssv2 else 75)
+    assert (cfg.data.sampling_rate, cfg.data.finetune_sampling, cfg.data.hflip) == (
+        (2, "segment", False) if ssv2 else (4, "dense", True)
+    )

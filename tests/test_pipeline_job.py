@@ -33,6 +33,8 @@ def _cfg(tmp_path, data, *more):
         "finetune.train.batch_size=4",
         "finetune.data.sampling_rate=2",
         "finetune.data.clips_per_video=2",
+        "finetune.data.rand_augment=rand-m7-n4-mstd0.5-inc1",  # the ViT-B recipe's regularisers run too
+        "finetune.data.random_erasing=0.25",
         "finetune.optim.warmup_epochs=1",
         "finetune.train.log_every_steps=2",
         "finetune.tracking.system_metrics=false",

@@ -41,6 +41,7 @@ import torch
 from pipeline.data import manifest, transforms
 from pipeline.data.decode import DecodeLimits, Decoder
 from pipeline.data.errors import ErrorLedger, VideoError
+from pipeline.data.randaugment import RandAugment, parse_spec
 from pipeline.data.sampling import MultiViewSampler, make_sampler
 from pipeline.models.videomae.masking import make_mask, token_grid
 
@@ -62,11 +63,16 @@ class DataConfig:
     num_frames: int = 16  # frames per clip
     sampling_rate: int = 4  # stride between sampled frames (4 Kinetics-like, 2 SSv2-like)
     image_size: int = 224  # square output side
-    clips_per_video: int = 1  # repeated sampling: clips cut from one decoded video (VideoMAE V2 num_sample)
+    clips_per_video: int = 1  # repeated sampling: clips cut from one decoded video (num_sample)
+    clips_share_frames: bool = False  # True: those clips share one set of frames and differ in crop, flip and
+    # mask, as the original's num_sample (decode cost of one clip); False: each its own random start
     finetune_sampling: str = "dense"  # dense (random start, fixed stride) | segment (TSN, for SSv2-like)
     pretrain_scales: tuple[float, ...] = transforms.PRETRAIN_SCALES  # multi-scale crop, short-side fractions
     finetune_crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area fraction
     hflip: bool = True  # finetune: random horizontal flip; off when left/right matters (SSv2, sample data)
+    rand_augment: str = ""  # finetune: timm-style RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
+    random_erasing: float = 0.0  # finetune: chance each frame gets a noise box (VideoMAE's reprob 0.25);
+    # applied on the trainer after normalisation (transforms.random_erasing)
     eval_num_clips: int = 1  # evaluation: temporal views per video (K400 protocol: 5 or 7)
     eval_num_crops: int = 1  # evaluation: spatial views per clip, 1 (centre) or 3
     eval_short_side: int | None = None  # evaluation: short side before cropping (None = image_size)
@@ -95,6 +101,10 @@ class DataConfig:
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
 
     def validate(self) -> None:
+        if self.rand_augment:
+            parse_spec(self.rand_augment)  # raises naming the spec
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
         bad = {k: v for k, v in self.decode_resources.items() if not isinstance(v, int | float) or v <= 0}
         if bad:
             raise ValueError(f"decode_resources must map resource names to amounts > 0, got {bad}")
@@ -142,8 +152,11 @@ class ClipMaker:
             )
         else:
             sampling = cfg.finetune_sampling if mode == "finetune" else "dense"
-            self.sampler = make_sampler(sampling, cfg.num_frames, cfg.sampling_rate, cfg.clips_per_video)
+            self.sampler = make_sampler(
+                sampling, cfg.num_frames, cfg.sampling_rate, cfg.clips_per_video, cfg.clips_share_frames
+            )
         self.grid = token_grid(cfg.num_frames, cfg.image_size, cfg.patch_size, cfg.tubelet_size)
+        self.rand_augment = RandAugment(parse_spec(cfg.rand_augment)) if cfg.rand_augment else None
         self._ok = 0  # decoded videos not yet reported to the ledger
 
     def _rng(self, path: str) -> np.random.Generator:
@@ -200,6 +213,8 @@ class ClipMaker:
                 clip = transforms.resize(frames[index, top : top + ch, left : left + cw], size)
                 if self.cfg.hflip and rng.random() < 0.5:
                     clip = transforms.hflip(clip).contiguous()
+                if self.rand_augment is not None:
+                    clip = self.rand_augment(clip, rng)
                 out["pixel_values"].append(clip)
                 out.setdefault("labels", []).append(row["label"])
             else:

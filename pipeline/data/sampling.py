@@ -5,8 +5,9 @@ int64 index array of length ``num_frames`` per clip. They run where the video le
 decode step), so the decoder fetches exactly the union of the returned frames.
 
 - ``DenseSampler``: ``num_frames`` frames ``sampling_rate`` apart from a random start (pretraining, and
-  dense finetuning on Kinetics-like data). ``clips`` > 1 is repeated sampling (VideoMAE V2's
-  ``num_sample``): several clips from one decoded video.
+  dense finetuning on Kinetics-like data). ``clips`` > 1 is repeated sampling: several clips from one
+  decoded video, each from its own start, or with ``shared`` all from the same frames (the original's
+  ``num_sample``: the clips then differ only in crop, flip and mask, for the decode cost of one).
 - ``SegmentSampler``: TSN sampling for Something-Something-like data: the video is cut into
   ``num_frames`` equal segments and one frame is taken from each (random in training, centre in eval).
 - ``MultiViewSampler``: evaluation's ``num_clips`` temporal views, evenly spread, deterministic.
@@ -39,22 +40,25 @@ class DenseSampler:
     num_frames: int = 16
     sampling_rate: int = 4
     clips: int = 1
+    shared: bool = False  # every clip from the same frames (one start) rather than its own start
 
     def __call__(self, length: int, rng: np.random.Generator) -> list[np.ndarray]:
         span = (self.num_frames - 1) * self.sampling_rate + 1
-        starts = rng.integers(0, max(length - span, 0) + 1, size=self.clips)
-        return [dense_indices(length, self.num_frames, self.sampling_rate, int(s)) for s in starts]
+        starts = rng.integers(0, max(length - span, 0) + 1, size=1 if self.shared else self.clips)
+        clips = [dense_indices(length, self.num_frames, self.sampling_rate, int(s)) for s in starts]
+        return clips * self.clips if self.shared else clips
 
 
 @dataclass(frozen=True)
 class SegmentSampler:
     num_frames: int = 16
     clips: int = 1
+    shared: bool = False  # every clip from the same frames rather than its own draw
 
     def __call__(self, length: int, rng: np.random.Generator) -> list[np.ndarray]:
-        return [
-            segment_indices(length, self.num_frames, rng.random(self.num_frames)) for _ in range(self.clips)
-        ]
+        draws = 1 if self.shared else self.clips
+        clips = [segment_indices(length, self.num_frames, rng.random(self.num_frames)) for _ in range(draws)]
+        return clips * self.clips if self.shared else clips
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,12 @@ class MultiViewSampler:
         return [dense_indices(length, self.num_frames, self.sampling_rate, s) for s in starts]
 
 
-def make_sampler(mode: str, num_frames: int, sampling_rate: int, clips: int) -> DenseSampler | SegmentSampler:
+def make_sampler(
+    mode: str, num_frames: int, sampling_rate: int, clips: int, shared: bool = False
+) -> DenseSampler | SegmentSampler:
     """Training sampler by name: ``dense`` (random start, fixed stride) or ``segment`` (TSN)."""
     if mode == "dense":
-        return DenseSampler(num_frames, sampling_rate, clips)
+        return DenseSampler(num_frames, sampling_rate, clips, shared)
     if mode == "segment":
-        return SegmentSampler(num_frames, clips)
+        return SegmentSampler(num_frames, clips, shared)
     raise ValueError(f"unknown sampling mode {mode!r}; choose 'dense' or 'segment'")

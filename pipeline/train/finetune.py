@@ -41,7 +41,7 @@ from pipeline.config import (
 from pipeline.data import storage
 from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
 from pipeline.data.manifest import ManifestError
-from pipeline.data.transforms import to_model_input
+from pipeline.data.transforms import random_erasing, to_model_input
 from pipeline.eval import labels as label_lib
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
 from pipeline.train import checkpointing
@@ -147,8 +147,10 @@ class FinetuneObjective:
         val_batch_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        random_erasing: float = 0.0,
     ):
         self.model_config, self.init_from = model_config, init_from
+        self.random_erasing = random_erasing
         self.mixup_cfg, self.seed, self.validate = mixup, seed, validate
         self.best_uri, self.val_batch_size = best_uri, val_batch_size
         self.mean, self.std = tuple(mean), tuple(std)
@@ -193,6 +195,8 @@ class FinetuneObjective:
             )
         labels = batch["labels"].to(pixel_values.device, non_blocking=True)
         rng = np.random.default_rng([self.seed, step, self._rank, micro])  # the same mix after a resume
+        if self.random_erasing > 0:  # the recipe's order: erase each clip, then mix the batch
+            pixel_values = random_erasing(pixel_values, self.random_erasing, rng)
         mixed, targets = self._mixer(pixel_values, labels, rng)
         return soft_target_cross_entropy(model(mixed).logits, targets), None
 
@@ -430,6 +434,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             cfg.train.batch_size,
             cfg.data.mean,
             cfg.data.std,
+            cfg.data.random_erasing,
         )
         args = LoopArgs(cfg, config_yaml, plan, run, cfg.run_name, objective=objective)
 
