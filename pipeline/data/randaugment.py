@@ -108,7 +108,7 @@ def apply_op(
     if name == "Brightness":
         return blend(torch.zeros_like(clip), clip, enhance)
     if name == "Sharpness":
-        return blend(smooth(clip), clip, enhance)
+        return sharpness(clip, enhance)
     _, h, w, _ = clip.shape
     if name == "Rotate":
         angle = math.radians(sign * 30.0 * strength)
@@ -138,27 +138,29 @@ def blend(degenerate: torch.Tensor, clip: torch.Tensor, factor: float) -> torch.
     return (base + factor * (clip.float() - base)).trunc_().clamp_(0, 255).to(torch.uint8)
 
 
-def smooth(clip: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH filter (3x3, centre weight 5, the rest 1, /13); the one-pixel border is kept."""
-    t, h, w, c = clip.shape
-    kernel = torch.ones(3, 3)
-    kernel[1, 1] = 5.0
-    planes = clip.permute(0, 3, 1, 2).reshape(t * c, 1, h, w).float()
-    inner = F.conv2d(planes, (kernel / 13).view(1, 1, 3, 3)).round_().clamp_(0, 255)
-    out = planes.clone()
-    out[..., 1:-1, 1:-1] = inner
-    return out.to(torch.uint8).view(t, c, h, w).permute(0, 2, 3, 1).contiguous()
+def sharpness(clip: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (3x3, centre weight 5, the rest 1, /13),
+    whose one-pixel border is the image itself. Separable shifted sums: 3x faster than avg_pool2d here."""
+    x = clip.float()
+    rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]  # (T, H-2, W, C)
+    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]  # the 3x3 sums, (T, H-2, W-2, C)
+    centre = x[:, 1:-1, 1:-1]
+    smoothed = box.add_(centre, alpha=4).div_(13).round_().clamp_(0, 255)
+    out = x.clone()
+    out[:, 1:-1, 1:-1] = smoothed.add_(centre.sub(smoothed).mul_(factor))
+    return out.trunc_().clamp_(0, 255).to(torch.uint8)
 
 
 def autocontrast(clip: torch.Tensor) -> torch.Tensor:
     """Stretch each channel of each frame to 0..255 (PIL ImageOps.autocontrast, no cutoff)."""
-    x = clip.float()
-    low = x.amin(dim=(1, 2), keepdim=True)
-    high = x.amax(dim=(1, 2), keepdim=True)
-    span = high - low
-    scale = torch.where(span > 0, 255.0 / span.clamp(min=1), torch.ones_like(span))
-    stretched = ((x - low) * scale).floor_().clamp_(0, 255)
-    return torch.where(span > 0, stretched, x).to(torch.uint8)
+    t, _, _, c = clip.shape
+    flat = clip.reshape(t, -1, c)
+    low, high = flat.amin(dim=1).float(), flat.amax(dim=1).float()  # (T, C), reduced on uint8
+    flat_span = high <= low  # a single value: PIL leaves the channel as it is
+    scale = torch.where(flat_span, 1.0, 255.0 / (high - low).clamp(min=1))
+    low = torch.where(flat_span, 0.0, low)
+    x = clip.float().sub_(low[:, None, None]).mul_(scale[:, None, None])
+    return x.floor_().clamp_(0, 255).to(torch.uint8)
 
 
 def equalize(clip: torch.Tensor) -> torch.Tensor:
