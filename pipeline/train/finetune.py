@@ -147,10 +147,10 @@ class FinetuneObjective:
         val_batch_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        random_erasing: float = 0.0,
+        erasing_prob: float = 0.0,
     ):
         self.model_config, self.init_from = model_config, init_from
-        self.random_erasing = random_erasing
+        self.erasing_prob = erasing_prob
         self.mixup_cfg, self.seed, self.validate = mixup, seed, validate
         self.best_uri, self.val_batch_size = best_uri, val_batch_size
         self.mean, self.std = tuple(mean), tuple(std)
@@ -195,8 +195,8 @@ class FinetuneObjective:
             )
         labels = batch["labels"].to(pixel_values.device, non_blocking=True)
         rng = np.random.default_rng([self.seed, step, self._rank, micro])  # the same mix after a resume
-        if self.random_erasing > 0:  # the recipe's order: erase each clip, then mix the batch
-            pixel_values = random_erasing(pixel_values, self.random_erasing, rng)
+        if self.erasing_prob > 0:  # the recipe's order: erase each clip, then mix the batch
+            pixel_values = random_erasing(pixel_values, self.erasing_prob, rng)
         mixed, targets = self._mixer(pixel_values, labels, rng)
         return soft_target_cross_entropy(model(mixed).logits, targets), None
 
