@@ -8,10 +8,12 @@ so MLflow runs close as KILLED; exit 130) or finishes without a result (exit 1).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import config as config_lib
@@ -28,6 +30,26 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pipeline.models.videomae import CheckpointError
 
     return config_lib.ConfigError, StorageError, ManifestError, CheckpointError, LabelError
+
+
+def in_ray_job_copy(cwd: Path) -> bool:
+    """True inside the temporary copy of the working dir that ``ray job submit --working-dir`` runs in
+    (``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``), which Ray deletes later."""
+    parts = cwd.parts
+    pairs = zip(parts, parts[1:], strict=False)  # each folder with its child
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in pairs)
+
+
+def check_outputs_outlive_job(storage_path: str, cwd: Path | None = None) -> None:
+    """Refuse a relative ``storage_path`` in a Ray job: its checkpoints would vanish with the job's copy."""
+    cwd = cwd or Path.cwd()
+    relative = bool(storage_path) and "://" not in storage_path and not os.path.isabs(storage_path)
+    if relative and in_ray_job_copy(cwd):
+        raise config_lib.ConfigError(
+            f"storage_path {storage_path!r} is relative, and this job runs in Ray's temporary copy of the "
+            f"working dir ({cwd}), which Ray deletes: give s3://bucket/prefix or an absolute path that "
+            "every node shares, e.g. --set storage_path=s3://my-bucket/runs"
+        )
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -57,7 +79,9 @@ def run_job(
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.time()
     try:
-        result = run(config_lib.load(config_cls, path, args.overrides))
+        cfg = config_lib.load(config_cls, path, args.overrides)
+        check_outputs_outlive_job(getattr(cfg, "storage_path", ""))
+        result = run(cfg)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
