@@ -9,7 +9,7 @@ scratch, with the same labeled budget, measured in the same run with the real jo
 4. evaluate both on the held-out test split (multi-view) and print a table with the difference.
 
     python benchmarks/sample_efficiency.py            # about 10 minutes on a quiet 2-core machine
-    python benchmarks/sample_efficiency.py --quick    # smaller, about 6 minutes
+    python benchmarks/sample_efficiency.py --quick    # smaller and shorter (both arms stay at chance)
 """
 
 from __future__ import annotations
