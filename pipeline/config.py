@@ -539,3 +539,8 @@ class PretrainConfig:
             raise ConfigError(f"data.mask_type must be 'tube' or 'random', got {self.data.mask_type!r}")
         if self.data.clips_per_video < 1:
             raise ConfigError(f"data.clips_per_video must be >= 1, got {self.data.clips_per_video}")
+        if self.data.rand_augment or self.data.random_erasing:  # set here, they would be ignored
+            raise ConfigError(
+                "data.rand_augment and data.random_erasing are finetuning augmentations; VideoMAE "
+                "pretraining uses multi-scale crops and masking only (data.pretrain_scales, data.mask_*)"
+            )
