@@ -46,6 +46,7 @@ from pipeline.models.videomae.masking import make_mask, token_grid
 
 NUM_FRAMES, RATE, SIZE = 16, 4, 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RAY_VIDEOS_PER_RUN = 36  # a Ray row streams at least this many videos per dataset run (an epoch is one run)
 
 
 def write_video(path: str, height: int, width: int, frames: int, seed: int) -> None:
@@ -189,7 +190,6 @@ def ray_our_path(paths: list[str], workers: int, clips_per_video: int) -> int:
 
 
 RAY_INFRA = ("gcs_server", "raylet", "log_monitor", "monitor.py", "dashboard", "agent", "runtime_env")
-RAY_VIDEOS_PER_RUN = 36  # a Ray row streams at least this many videos per dataset run (an epoch is one run)
 
 
 def tree_cpu_seconds() -> tuple[float, float, float]:
