@@ -401,12 +401,14 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
-    """AdamW and the per-step LR schedule; the peak LR is ``base_lr x global_batch / 256`` unless ``lr``."""
+    """AdamW and the per-step LR schedule. Unless ``lr`` is set, the peak, the end and the start of the
+    schedule are ``base_lr``, ``min_lr`` and ``warmup_lr`` x videos per step / 256 (the original's linear
+    scaling rule, which counts videos: a step of B clips at ``data.clips_per_video`` N holds B / N)."""
 
-    base_lr: float = 1.5e-4  # peak LR per 256 clips of global batch
-    lr: float | None = None  # absolute peak LR (overrides base_lr scaling)
-    min_lr: float = 1e-5  # end of the cosine
-    warmup_lr: float = 1e-6  # start of the linear warmup
+    base_lr: float = 1.5e-4  # peak LR per 256 videos of global batch
+    lr: float | None = None  # absolute peak LR (overrides base_lr scaling; min_lr / warmup_lr then absolute)
+    min_lr: float = 1e-5  # end of the cosine (per 256 videos, unless lr is set)
+    warmup_lr: float = 0.0  # start of the linear warmup; the original's schedule starts at 0
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs
     weight_decay: float = 0.05
@@ -513,7 +515,9 @@ class PretrainConfig:
     run_name: str = "pretrain-tiny-demo"  # rerunning with the same name resumes the run
     seed: int = 0
     storage_path: str = "runs"  # local folder or s3://bucket/prefix; the run is <storage_path>/<run_name>
-    model: ModelSection = field(default_factory=ModelSection)
+    # The original's pretraining encoder ends in a LayerNorm before encoder_to_decoder; in transformers'
+    # config that is use_mean_pooling: false (finetuning then pools and uses its own fc_norm).
+    model: ModelSection = field(default_factory=lambda: build(ModelSection, {"use_mean_pooling": False}))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)

@@ -34,7 +34,7 @@ def test_overrides_are_coerced_to_the_field_types():
     assert cfg.optim.betas == (0.9, 0.999)
     assert cfg.train.grad_clip is None
     assert cfg.tracking.system_metrics is False and cfg.scaling.use_gpu is True
-    assert cfg.model.overrides == {"num_frames": 8, "norm_pix_loss": False}
+    assert cfg.model.overrides == {"use_mean_pooling": False, "num_frames": 8, "norm_pix_loss": False}
     assert cfg.data.num_frames == 8  # follows the model
     assert cfg.data.pretrain_scales == (1.0, 0.5)
     assert cfg.train.precision == "bf16"
@@ -65,9 +65,11 @@ def test_presets_load_and_follow_the_paper(name):
     assert cfg.data.sampling_rate == (4 if "k400" in name else 2)
     assert cfg.optim.base_lr == pytest.approx(1.5e-4) and cfg.optim.betas == (0.9, 0.95)
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_epochs == 40
-    assert cfg.train.epochs == (800 if "k400" in name else 2400)
+    assert cfg.optim.warmup_lr == 0.0 and not model.use_mean_pooling  # the original's final encoder norm
+    vit_s = "vit_s" in name
+    assert cfg.train.epochs == (2400 if "ssv2" in name else 1600 if vit_s else 800)
     global_batch = cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps
-    assert global_batch == 2048
+    assert global_batch == (1024 if vit_s else 2048)  # 32 videos x 32 (ViT-S) or 64 (ViT-B) GPUs
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -115,7 +117,8 @@ def test_round_trip_through_yaml_and_flatten_scrubs_secrets():
     text = C.to_yaml(cfg)
     assert "s3cret" not in text and "***@mlflow.example" in text
     again = C.from_yaml_text(PretrainConfig, text)
-    assert again.model.overrides == {"num_frames": 8} and again.data.num_frames == 8
+    assert again.model.overrides == {"use_mean_pooling": False, "num_frames": 8}
+    assert again.data.num_frames == 8
     assert again.optim == cfg.optim and again.train == cfg.train
     flat = C.flatten(cfg)
     assert flat["optim.betas"] == [0.9, 0.95] and flat["model.overrides.num_frames"] == 8

@@ -149,12 +149,15 @@ def test_vit_b_presets_follow_the_paper_recipe(name):
     assert model.drop_path_rate == 0.1 and model.use_mean_pooling
     assert cfg.optim.layer_decay == 0.75 and cfg.optim.betas == (0.9, 0.999)
     assert cfg.optim.weight_decay == 0.05
-    assert cfg.optim.base_lr == pytest.approx(1e-3) and cfg.optim.warmup_epochs == 5
+    assert cfg.optim.base_lr == pytest.approx(5e-4) and cfg.optim.warmup_epochs == 5
+    assert cfg.optim.warmup_lr == 0.0 and model.head_init_scale == pytest.approx(1e-3)
+    videos_per_step = cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps // 2
+    assert videos_per_step == 384  # 64 GPUs x 6 videos of the original scripts
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha, cfg.mixup.label_smoothing) == (0.8, 1.0, 0.1)
     assert cfg.data.rand_augment == "rand-m7-n4-mstd0.5-inc1" and cfg.data.random_erasing == 0.25
     assert cfg.data.clips_per_video == 2 and cfg.data.clips_share_frames  # num_sample 2
     ssv2 = "ssv2" in name
-    assert cfg.train.epochs == (40 if ssv2 else 75)
+    assert cfg.train.epochs == (30 if ssv2 else 75)
     assert (cfg.data.sampling_rate, cfg.data.finetune_sampling, cfg.data.hflip) == (
         (2, "segment", False) if ssv2 else (4, "dense", True)
     )

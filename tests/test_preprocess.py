@@ -26,8 +26,8 @@ def broken_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 @pytest.fixture(scope="module")
 def slow_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Takes seconds to transcode at preset "medium": long enough to kill mid-way."""
-    return write_video(tmp_path_factory.mktemp("slow") / "slow.mp4", frames=120, size=(480, 640))
+    """About 2 s to transcode at preset "medium" here (120 frames took 0.2 s): long enough to kill mid-way."""
+    return write_video(tmp_path_factory.mktemp("slow") / "slow.mp4", frames=1500, size=(480, 640))
 
 
 def leftovers(folder: Path) -> list[str]:

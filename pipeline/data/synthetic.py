@@ -1,9 +1,16 @@
-"""A generated, labeled sample dataset: real H.264 mp4 files of moving shapes, class = motion only.
+"""A generated, labeled sample dataset: real H.264 mp4 files of a drifting scene, class = motion only.
 
-Each video shows one textured shape gliding over a random gradient background (plus a static distractor
-shape). Shape, colours, sizes, start position and background are random; only the motion (direction,
-and with 8 classes also speed) decides the label, so a model must look at time to classify it. Shapes
-wrap around the frame edges, so motion is visible for any clip length.
+Each video is a camera pan over a random scene: a smooth colour texture with a few solid shapes painted
+on it, tiled (it wraps around), moving as a whole in one of four directions (and with 8 classes, at one
+of two speeds). Texture, shapes, colours and start position are random; only the motion decides the
+label, so a model must look at time to classify it.
+
+Why the whole scene moves (sample version 2): masked video modelling learns what reconstruction needs.
+With one small shape gliding over a static background (version 1), most masked tubes are static and the
+reconstruction loss is won on the background, so a VideoMAE encoder pretrained on it carried appearance
+only (frozen-feature kNN at chance, docs/finetune_eval.md). When the content of every tube moves, filling
+in a masked tube means carrying visible content along the motion, and the encoder's features come to
+encode the motion: the pretraining then pays, measurably (benchmarks/sample_efficiency.py).
 
 Interface (used by the demo jobs and tests)::
 
@@ -34,7 +41,7 @@ import numpy as np
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 SPEEDS = {"slow": 0.022, "fast": 0.06}  # fraction of the frame side moved per frame
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 SAMPLE_DEFAULTS = {"videos_per_class": 40, "num_frames": 48, "size": (64, 64), "num_classes": 8, "seed": 0}
 
 
@@ -69,28 +76,41 @@ def _shape_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return (yy <= r * 0.8) & (yy >= -r) & (np.abs(xx) <= (yy + r) * 0.6)
 
 
+def _smooth_texture(h: int, w: int, cell: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) float colour noise, bilinear between random colours on a grid of ``cell``-pixel cells;
+    periodic, so the scene tiles seamlessly when it wraps."""
+    gh, gw = max(2, h // cell), max(2, w // cell)
+    grid = rng.uniform(0, 255, (gh, gw, 3)).astype(np.float32)
+    ys, xs = np.arange(h) * gh / h, np.arange(w) * gw / w
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    y1, x1 = (y0 + 1) % gh, (x0 + 1) % gw
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+    bottom = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def render_scene(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """One random scene (H, W, 3) float: smooth texture (cells of a fifth to a third of the short side)
+    with 3-6 solid shapes on it."""
+    scene = _smooth_texture(h, w, int(rng.integers(min(h, w) // 5, min(h, w) // 3 + 1)), rng)
+    for _ in range(int(rng.integers(3, 7))):
+        mask = np.roll(_shape_mask(h, w, rng), (rng.integers(h), rng.integers(w)), (0, 1))
+        scene = np.where(mask[..., None], rng.integers(0, 256, 3).astype(np.float32), scene)
+    return scene
+
+
 def render_video(name: str, num_frames: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of one video of class ``name``."""
+    """(T, H, W, 3) uint8 frames of one video of class ``name``: the scene pans the class's way."""
     h, w = size
     (dy, dx), speed = _motion(name)
     speed *= rng.uniform(0.85, 1.15)
-    c0, c1 = rng.integers(0, 256, (2, 3))
-    ramp = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
-    ramp = ramp[None, :, None] if ramp.size == w else ramp[:, None, None]
-    background = np.broadcast_to(c0 + (c1 - c0) * ramp, (h, w, 3)).astype(np.float32)
-    distractor = np.roll(_shape_mask(h, w, rng), (rng.integers(h), rng.integers(w)), (0, 1))
-    background = np.where(distractor[..., None], rng.integers(0, 256, 3), background)
-    mask = _shape_mask(h, w, rng)
-    colour = rng.integers(0, 256, 3).astype(np.float32)
-    stripes = 0.75 + 0.25 * np.sign(np.sin(np.arange(w, dtype=np.float32) * rng.uniform(0.3, 0.9)))
-    texture = colour * stripes[None, :, None]  # texture moves with the shape, so motion is unambiguous
+    scene = np.clip(render_scene(h, w, rng), 0, 255).astype(np.uint8)
     y0, x0 = rng.uniform(0, h), rng.uniform(0, w)
     frames = np.empty((num_frames, h, w, 3), np.uint8)
     for t in range(num_frames):
         oy, ox = int(round(y0 + dy * speed * h * t)), int(round(x0 + dx * speed * w * t))
-        m = np.roll(mask, (oy, ox), (0, 1))[..., None]
-        tex = np.roll(np.broadcast_to(texture, (h, w, 3)), ox, 1)
-        frames[t] = np.clip(np.where(m, tex, background), 0, 255).astype(np.uint8)
+        frames[t] = np.roll(scene, (oy, ox), (0, 1))
     return frames
 
 

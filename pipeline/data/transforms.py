@@ -165,16 +165,18 @@ def random_erasing(
     area: tuple[float, float] = (0.02, 1 / 3),
     log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
 ) -> torch.Tensor:
-    """VideoMAE's random erasing (``--reprob``, pixel mode) on normalised ``(B, T, C, H, W)`` clips.
+    """VideoMAE's random erasing (``--reprob``, pixel mode, its default ``cube=True``) on normalised
+    ``(B, T, C, H, W)`` clips.
 
-    As in the original, each frame independently, with probability ``prob``, gets one box of ``area`` of
-    the frame (aspect ratio log-uniform in ``log_ratio``) filled with N(0, 1) noise in normalised units.
-    Runs on the trainer, after ``to_model_input``, so the noise is made on the training device.
+    As in the original, each clip, with probability ``prob``, gets one box of ``area`` of the frame (aspect
+    ratio log-uniform in ``log_ratio``, up to 100 tries) at the same place in every frame, filled with
+    N(0, 1) noise in normalised units. Runs on the trainer, after ``to_model_input``, so the noise is made
+    on the training device.
     """
     b, t, _, h, w = clips.shape
-    boxes = torch.zeros(b * t, 4, dtype=torch.long)  # top, bottom, left, right; empty = no erasing
-    for i in np.flatnonzero(rng.random(b * t) < prob):
-        for _ in range(10):
+    boxes = torch.zeros(b, 4, dtype=torch.long)  # top, bottom, left, right; empty = no erasing
+    for i in np.flatnonzero(rng.random(b) < prob):
+        for _ in range(100):
             target = rng.uniform(*area) * h * w
             aspect = math.exp(rng.uniform(*log_ratio))
             eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
@@ -184,11 +186,11 @@ def random_erasing(
                 break
     if not boxes.any():
         return clips
-    boxes = boxes.to(clips.device).view(b, t, 1, 4, 1, 1)
+    boxes = boxes.to(clips.device).view(b, 1, 1, 4, 1, 1)
     ys = torch.arange(h, device=clips.device).view(h, 1)
     xs = torch.arange(w, device=clips.device).view(1, w)
     inside = (ys >= boxes[..., 0, :, :]) & (ys < boxes[..., 1, :, :])
-    inside = inside & (xs >= boxes[..., 2, :, :]) & (xs < boxes[..., 3, :, :])  # (B, T, 1, H, W)
+    inside = inside & (xs >= boxes[..., 2, :, :]) & (xs < boxes[..., 3, :, :])  # (B, 1, 1, H, W)
     generator = torch.Generator(device=clips.device).manual_seed(int(rng.integers(2**63)))
     noise = torch.randn(clips.shape, generator=generator, device=clips.device, dtype=clips.dtype)
     return torch.where(inside, noise, clips)

@@ -54,12 +54,12 @@ BEST_DIR, EXPORT_DIR, BEST_RECORD = "best", "export", "best.json"
 # The finetuning recipe where it differs from the shared sections' defaults (a partial section in YAML or
 # --set keeps them).
 DEFAULTS: dict[str, Any] = {
-    "model": {"drop_path_rate": 0.1, "use_mean_pooling": True},
+    "model": {"drop_path_rate": 0.1, "use_mean_pooling": True, "head_init_scale": 1e-3},
     "data": {"split": "train", "eval_num_clips": 1, "eval_num_crops": 1},
     "optim": {
         "base_lr": 1e-3,
         "min_lr": 1e-6,
-        "warmup_lr": 1e-6,
+        "warmup_lr": 0.0,
         "warmup_epochs": 5.0,
         "weight_decay": 0.05,
         "betas": [0.9, 0.999],
@@ -413,7 +413,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 "plan.total_steps": plan.total_steps,
                 "plan.steps_per_epoch": plan.steps_per_epoch,
                 "plan.warmup_steps": plan.warmup_steps,
-                "plan.peak_lr": plan.peak_lr,
+                "plan.peak_lr": plan.peak_lr, "plan.min_lr": plan.min_lr, "plan.warmup_lr": plan.warmup_lr,
                 "plan.global_batch": plan.global_batch,
                 "data.num_videos": len(p.train_rows),
                 "data.num_val_videos": len(p.val_rows),

@@ -45,7 +45,9 @@ class Plan:
     steps_per_epoch: int
     warmup_steps: int
     peak_lr: float
-    global_batch: int
+    global_batch: int  # clips per optimizer step, over all workers
+    min_lr: float = 0.0  # end of the cosine
+    warmup_lr: float = 0.0  # start of the warmup
 
 
 @dataclass
@@ -166,8 +168,8 @@ def pretrain_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(objective.build_model(cfg))
     core = ckpt.unwrap(model)
     optimizer = objective.build_optimizer(core, plan, cfg)
-    scheduler = WarmupCosine(optimizer, plan.total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.min_lr,
-                             cfg.optim.warmup_lr)
+    scheduler = WarmupCosine(optimizer, plan.total_steps, plan.warmup_steps, plan.peak_lr, plan.min_lr,
+                             plan.warmup_lr)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 

@@ -59,7 +59,13 @@ def absolute_storage(uri: str) -> str:
 
 def make_plan(cfg: PretrainConfig, num_clips: int) -> Plan:
     """Steps per epoch (a full batch on every rank, as Ray's equal split delivers), total and warmup steps,
-    and the peak LR by the linear scaling rule."""
+    and the LRs by the linear scaling rule.
+
+    As in the original scripts, the rule counts *videos* per step, not clips: with ``clips_per_video`` N
+    (the original's ``num_sample``) a step of B clips holds B / N videos, and ``base_lr``, ``min_lr`` and
+    ``warmup_lr`` are all scaled by that / 256. An absolute ``optim.lr`` is used as given, with the
+    configured ``min_lr`` and ``warmup_lr``.
+    """
     t, world = cfg.train, cfg.scaling.num_workers
     global_batch = t.batch_size * world * t.grad_accum_steps
     per_epoch = t.steps_per_epoch or (num_clips // world) // t.batch_size // t.grad_accum_steps
@@ -71,9 +77,14 @@ def make_plan(cfg: PretrainConfig, num_clips: int) -> Plan:
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None \
         else round(cfg.optim.warmup_epochs * per_epoch)
-    peak = cfg.optim.lr or scaled_lr(cfg.optim.base_lr, global_batch)
+    o = cfg.optim
+    videos_per_step = global_batch / cfg.data.clips_per_video
+    if o.lr:
+        peak, floor, start = o.lr, o.min_lr, o.warmup_lr
+    else:
+        peak, floor, start = (scaled_lr(v, videos_per_step) for v in (o.base_lr, o.min_lr, o.warmup_lr))
     return Plan(total_steps=total, steps_per_epoch=per_epoch, warmup_steps=min(warmup, total), peak_lr=peak,
-                global_batch=global_batch)
+                global_batch=global_batch, min_lr=floor, warmup_lr=start)
 
 
 def preflight(cfg: PretrainConfig) -> tuple[str, list[dict]]:
@@ -136,6 +147,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         run.log_params(config_lib.flatten(cfg))
         run.log_params({"plan.total_steps": plan.total_steps, "plan.steps_per_epoch": plan.steps_per_epoch,
                         "plan.warmup_steps": plan.warmup_steps, "plan.peak_lr": plan.peak_lr,
+                        "plan.min_lr": plan.min_lr, "plan.warmup_lr": plan.warmup_lr,
                         "plan.global_batch": plan.global_batch, "data.num_videos": len(rows)})
         run.log_text(config_yaml, "config/resolved_config.yaml")
         result = _fit(cfg, plan, rows, storage_path, LoopArgs(cfg, config_yaml, plan, run, cfg.run_name))

@@ -71,6 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_intermediate_size=64,
     ),
 }
+for _preset in PRESETS.values():
+    _preset["layer_norm_eps"] = 1e-6  # the original's norm_layer; transformers' config default is 1e-12
 
 
 @dataclass(init=False)
@@ -110,6 +112,7 @@ class VideoMAEConfig:
     # Not in transformers; the defaults reproduce its behaviour.
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value over the encoder layers
     decoder_mask_ratio: float = 0.0  # VideoMAE V2 running-cell decoder masking; 0 = reconstruct all masked
+    head_init_scale: float = 1.0  # a new classifier's initial weights x this (the original: 0.001)
     gradient_checkpointing: bool = False
     # Image size the position table was trained at. When set and unlike image_size, the fixed table is built
     # for that size and resized bicubically per time slice (the original's finetuning recipe), so each
@@ -214,6 +217,8 @@ class VideoMAEConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not self.head_init_scale > 0:
+            problems.append(f"head_init_scale must be > 0, got {self.head_init_scale}")
         if not 0.0 <= self.decoder_mask_ratio < 1.0:
             problems.append(f"decoder_mask_ratio must lie in [0, 1), got {self.decoder_mask_ratio}")
         elif self.decoder_mask_ratio > 0 and (self.image_size // self.patch_size) % 2:

@@ -432,20 +432,21 @@ class VideoMAEPreTrainedModel(nn.Module):
         self.config = config
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The original VideoMAE init: xavier-uniform linear layers, zero biases, unit norms."""
+        """The original pretraining init: xavier-uniform linear layers, zero biases, unit norms. The tubelet
+        Conv3d keeps PyTorch's default, as the original never initialises it."""
         if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
+            self._init_linear(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv3d):
-            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, VideoMAESelfAttention) and module.q_bias is not None:
             nn.init.zeros_(module.q_bias)
             nn.init.zeros_(module.v_bias)
+
+    def _init_linear(self, weight: Tensor) -> None:
+        nn.init.xavier_uniform_(weight)
 
     def post_init(self) -> None:
         self.apply(self._init_weights)
@@ -672,7 +673,7 @@ class VideoMAEDecoder(nn.Module):
             )
             for _ in range(config.decoder_num_hidden_layers)
         )
-        self.norm = nn.LayerNorm(config.decoder_hidden_size)  # eps 1e-5, as transformers and the original
+        self.norm = nn.LayerNorm(config.decoder_hidden_size)  # eps 1e-5 as transformers (the original: 1e-6)
         self.head = Linear(
             config.decoder_hidden_size, config.num_channels * config.tubelet_size * config.patch_size**2
         )
@@ -704,6 +705,7 @@ class VideoMAEForPreTraining(VideoMAEPreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        self.encoder_to_decoder.reset_parameters()  # PyTorch's default, as in the original
 
     def decoder_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """Running-cell decoder mask (True = not reconstructed), seeded from torch's RNG."""
@@ -764,7 +766,12 @@ class VideoMAEForPreTraining(VideoMAEPreTrainedModel):
         logits = self.decoder(x, masked.shape[1], self._use_checkpoint())  # (B, M, K)
         with torch.no_grad():
             target = self.reconstruction_target(gather_tokens(patches, masked))
-        loss = F.mse_loss(logits.float(), target)
+        if decoder_bool_masked_pos is None:
+            loss = F.mse_loss(logits.float(), target)
+        else:  # VideoMAE V2: only tokens hidden from the encoder count, not those it saw
+            weight = torch.gather(bool_masked_pos.bool(), 1, masked).float()  # (B, M)
+            per_token = (logits.float() - target).pow(2).mean(-1)
+            loss = (per_token * weight).sum() / weight.sum().clamp(min=1.0)
         out = VideoMAEForPreTrainingOutput(
             loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions
         )
@@ -787,10 +794,16 @@ class VideoMAEForVideoClassification(VideoMAEPreTrainedModel):
         )
         self.post_init()
 
+    def _init_linear(self, weight: Tensor) -> None:
+        """The original finetuning model's init (timm's ViT): truncated normal, std ``initializer_range``."""
+        nn.init.trunc_normal_(weight, std=self.config.initializer_range)
+
     def post_init(self) -> None:
         super().post_init()
-        if isinstance(self.classifier, nn.Linear):
-            nn.init.trunc_normal_(self.classifier.weight, std=self.config.initializer_range)
+        if isinstance(self.classifier, nn.Linear):  # the original's init_scale: a new head starts near zero
+            with torch.no_grad():
+                self.classifier.weight.mul_(self.config.head_init_scale)
+                self.classifier.bias.mul_(self.config.head_init_scale)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """As transformers: regression for one label, cross entropy for int labels, else multi-label."""
