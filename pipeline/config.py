@@ -35,6 +35,7 @@ import yaml
 
 from pipeline.data.datasets import DataConfig
 from pipeline.data.storage import redact
+from pipeline.train.probe_monitor import ProbeSection
 
 T = TypeVar("T")
 
@@ -506,6 +507,8 @@ class ScalingSection:
 
 # Clip geometry lives in the model config; the data pipeline is given the same values (one source of truth).
 GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
+# The probe's clips are cut and normalised as the training clips.
+PROBE_FROM_DATA = ("sampling_rate", "mean", "std")
 
 
 @dataclass
@@ -524,12 +527,22 @@ class PretrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)  # frozen-feature kNN during training
 
-    __derived_keys__ = {f"data.{name}": f"model.{name}" for name in GEOMETRY}
+    __derived_keys__ = {
+        **{f"data.{name}": f"model.{name}" for name in GEOMETRY},
+        **{f"probe.data.{name}": f"model.{name}" for name in GEOMETRY},
+        **{f"probe.data.{name}": f"data.{name}" for name in PROBE_FROM_DATA},
+    }
 
     def __post_init__(self) -> None:
         model = self.model.build()
-        self.data = dataclasses.replace(self.data, **{name: getattr(model, name) for name in GEOMETRY})
+        geometry = {name: getattr(model, name) for name in GEOMETRY}
+        self.data = dataclasses.replace(self.data, **geometry)
+        like_training = {name: getattr(self.data, name) for name in PROBE_FROM_DATA}
+        self.probe = dataclasses.replace(
+            self.probe, data=dataclasses.replace(self.probe.data, **geometry, **like_training)
+        )
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_name):

@@ -32,8 +32,9 @@ def test_pretraining_encoder_ends_in_the_originals_layernorm():
     model = VideoMAEForPreTraining(cfg.model.build())
     assert isinstance(model.videomae.layernorm, torch.nn.LayerNorm)
     x = torch.randn(2, *_shape(model.config))
-    mask = torch.from_numpy(np.stack([tube_mask(model.config.grid, 0.75, np.random.default_rng(i))
-                                      for i in range(2)]))
+    mask = torch.from_numpy(
+        np.stack([tube_mask(model.config.grid, 0.75, np.random.default_rng(i)) for i in range(2)])
+    )
     hidden = []
     model.encoder_to_decoder.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
     model(x, mask)
@@ -50,8 +51,9 @@ def test_a_new_classifier_head_starts_at_the_originals_init_scale():
     cfg = config_lib.load(FinetuneConfig)
     assert cfg.model.build().head_init_scale == pytest.approx(1e-3)
     torch.manual_seed(0)
-    scaled = VideoMAEForVideoClassification(VideoMAEConfig.from_preset("vit-s", num_labels=400,
-                                                                       head_init_scale=1e-3))
+    scaled = VideoMAEForVideoClassification(
+        VideoMAEConfig.from_preset("vit-s", num_labels=400, head_init_scale=1e-3)
+    )
     torch.manual_seed(0)
     plain = VideoMAEForVideoClassification(VideoMAEConfig.from_preset("vit-s", num_labels=400))
     assert plain.classifier.weight.std().item() == pytest.approx(0.02, rel=0.05)

@@ -42,7 +42,7 @@ DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 SPEEDS = {"slow": 0.022, "fast": 0.06}  # fraction of the frame side moved per frame
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 SAMPLE_VERSION = 2
-SAMPLE_DEFAULTS = {"videos_per_class": 40, "num_frames": 48, "size": (64, 64), "num_classes": 8, "seed": 0}
+SAMPLE_DEFAULTS = {"videos_per_class": 100, "num_frames": 48, "size": (64, 64), "num_classes": 8, "seed": 0}
 
 
 def class_names(num_classes: int) -> list[str]:

@@ -1,7 +1,8 @@
 """The per-worker training loop, run by Ray Train on every rank. Reads top to bottom:
 
 restore (or start) -> for each optimizer step: wait for a batch, forward/backward (with accumulation and
-autocast), clip, step, schedule -> every N steps: log (rank 0), picture (rank 0), checkpoint (all ranks).
+autocast), clip, step, schedule -> every N steps: log (rank 0), picture (rank 0), checkpoint (all ranks),
+frozen-feature kNN probe (all ranks embed, rank 0 scores; also at step 0: pipeline/train/probe_monitor.py).
 
 Data position: training is counted in optimizer steps. An epoch is one pass over the worker's shard,
 capped at ``steps_per_epoch``; ``Progress`` stores the epoch and the step inside it. A run resumed in the
@@ -35,6 +36,7 @@ from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line
 from pipeline.train.optim import WarmupCosine, build_adamw
+from pipeline.train.probe_monitor import ProbeMonitor
 
 
 @dataclass
@@ -60,6 +62,7 @@ class LoopArgs:
     run: Run | None = None  # the MLflow run rank 0 logs into
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
     objective: Any = None  # None: PretrainObjective; see finetune.FinetuneObjective
+    probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
 
 
 class PretrainObjective:
@@ -190,6 +193,12 @@ def pretrain_worker(loop_config: dict) -> None:
               f"global batch {plan.global_batch}, peak lr {plan.peak_lr:.3g}, {world} worker(s) on {device}, "
               f"precision {amp_dtype or torch.float32}", flush=True)
 
+    monitor = ProbeMonitor(cfg.probe, args.probe_classes, plan.total_steps) if args.probe_classes else None
+    if monitor and start_step == 0:  # the random init's score: the baseline of the curve
+        probed = monitor.run(core.videomae, device, rank)
+        if side:
+            side.log_eval(0, probed)
+
     shard = ray.train.get_dataset_shard("train")
     meter = StepMeter(plan.total_steps, start_step, world)
     accum, batch_size = cfg.train.grad_accum_steps, cfg.train.batch_size
@@ -250,6 +259,8 @@ def pretrain_worker(loop_config: dict) -> None:
                 step = progress.step
                 done = step == plan.total_steps
                 evaluated = objective.after_step(core, progress, plan, device, rank)
+                if monitor and monitor.should_probe(step):
+                    evaluated.update(monitor.run(core.videomae, device, rank))
                 if side and evaluated:
                     side.log_eval(step, evaluated)
                 if step % cfg.train.log_every_steps == 0 or done:

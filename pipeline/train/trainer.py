@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from pipeline.cli import run_job
 from pipeline.config import ConfigError, PretrainConfig
 from pipeline.data import storage
 from pipeline.data.datasets import build_dataset, resolve_rows
-from pipeline.train import checkpointing
+from pipeline.data.errors import ErrorLedger
+from pipeline.train import checkpointing, probe_monitor
 from pipeline.train.loop import LoopArgs, Plan, pretrain_worker
 from pipeline.train.optim import scaled_lr
 
@@ -40,12 +41,18 @@ class PretrainResult:
     final_step: int
     start_step: int  # the step the last training attempt started from (0 unless it resumed)
     metrics: dict
+    probe_knn_top1: list[tuple[int, float]] = field(default_factory=list)  # (step, kNN top-1) of the monitor
+    probe_chance: float | None = None
 
     def summary(self) -> str:
         lines = [f"run {self.run_name}: finished at step {self.final_step}",
                  f"  checkpoint     {self.checkpoint_uri}",
                  f"  exported model {self.export_uri}  (transformers format: from_pretrained)",
                  f"  error report   {self.error_report_uri}"]
+        if self.probe_knn_top1:
+            (first_step, first), (last_step, last) = self.probe_knn_top1[0], self.probe_knn_top1[-1]
+            lines.append(f"  probe          frozen-feature kNN top-1 {100 * first:.1f}% at step {first_step}"
+                         f" -> {100 * last:.1f}% at step {last_step} (chance {100 * self.probe_chance:.1f}%)")
         if self.mlflow_run_id:
             uri = storage.redact(self.tracking_uri or "")
             lines.append(f"  MLflow         {uri}  run {self.mlflow_run_id}")
@@ -131,6 +138,11 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     storage_path, rows = preflight(cfg)
     run_dir = storage.join(storage_path, cfg.run_name)
     plan = make_plan(cfg, len(rows) * cfg.data.clips_per_video)
+    probe_rows, probe_classes = probe_monitor.probe_rows(cfg.probe) if cfg.probe.enabled else ({}, 0)
+    if probe_classes:
+        print(f"probe: kNN top-1 every {cfg.probe.every_steps} steps, {len(probe_rows['probe_bank'])} "
+              f"{cfg.probe.data.split} videos as the bank, {len(probe_rows['probe_query'])} "
+              f"{cfg.probe.query_split} videos scored, {probe_classes} classes", flush=True)
     print(f"data: {len(rows)} videos x {cfg.data.clips_per_video} clip(s); plan: {plan.total_steps} steps "
           f"({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, global batch {plan.global_batch}, "
           f"peak lr {plan.peak_lr:.3g}", flush=True)
@@ -150,8 +162,17 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                         "plan.min_lr": plan.min_lr, "plan.warmup_lr": plan.warmup_lr,
                         "plan.global_batch": plan.global_batch, "data.num_videos": len(rows)})
         run.log_text(config_yaml, "config/resolved_config.yaml")
-        result = _fit(cfg, plan, rows, storage_path, LoopArgs(cfg, config_yaml, plan, run, cfg.run_name))
-        out = _finish(cfg, result, run_dir, run)
+        args = LoopArgs(cfg, config_yaml, plan, run, cfg.run_name, probe_classes=probe_classes)
+
+        def datasets(ledger) -> dict:
+            out = {"train": build_dataset(cfg.data, "pretrain", ledger, rows=rows)}
+            if probe_classes:
+                probe_ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-probe")
+                out.update(probe_monitor.probe_datasets(cfg.probe, probe_rows, probe_ledger))
+            return out
+
+        result = _fit(cfg, plan, rows, storage_path, args, make_datasets=datasets)
+        out = _finish(cfg, result, run_dir, run, probe_classes)
         status = "FINISHED"
         return out
     except KeyboardInterrupt:
@@ -169,8 +190,6 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
     the default is the pretraining clips of ``rows``."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.data.errors import ErrorLedger
 
     init_ray(cfg)
     ledger = ErrorLedger.get_or_create(cfg.run_name)
@@ -197,9 +216,7 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
     return result
 
 
-def _finish(cfg: PretrainConfig, result, run_dir: str, run) -> PretrainResult:
-    from pipeline.data.errors import ErrorLedger
-
+def _finish(cfg: PretrainConfig, result, run_dir: str, run, probe_classes: int = 0) -> PretrainResult:
     report_uri = storage.join(run_dir, "data_errors.jsonl")
     ledger = ErrorLedger.get_or_create(cfg.run_name)
     num_errors = ledger.write_report(report_uri)
@@ -229,10 +246,15 @@ def _finish(cfg: PretrainConfig, result, run_dir: str, run) -> PretrainResult:
     else:
         final_step = 0
     metrics = dict(result.metrics or {})
+    probe = []
+    if probe_classes:  # the whole curve, resumed attempts included, as MLflow holds it
+        history = run.client.get_metric_history(run.run_id, "probe/knn_top1")
+        probe = sorted({m.step: m.value for m in history}.items())
     out = PretrainResult(
         run_name=cfg.run_name, run_dir=run_dir, checkpoint_uri=checkpoint_uri, export_uri=export_uri,
         error_report_uri=report_uri, tracking_uri=run.tracking_uri, mlflow_run_id=run.run_id,
-        final_step=final_step, start_step=int(metrics.get("start_step", final_step)), metrics=metrics)
+        final_step=final_step, start_step=int(metrics.get("start_step", final_step)), metrics=metrics,
+        probe_knn_top1=probe, probe_chance=1 / probe_classes if probe_classes else None)
     print(out.summary(), flush=True)
     return out
 

@@ -70,6 +70,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_num_attention_heads=2,
         decoder_intermediate_size=64,
     ),
+    # The demo and the learning benchmark: tiny enough for a CPU, large enough in time and tokens for masked
+    # video modelling to pay (4 time slices of 8x8 tokens; docs/finetune_eval.md has the figures).
+    "demo": dict(
+        image_size=32,
+        patch_size=4,
+        num_frames=8,
+        tubelet_size=2,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+    ),
 }
 for _preset in PRESETS.values():
     _preset["layer_norm_eps"] = 1e-6  # the original's norm_layer; transformers' config default is 1e-12
@@ -300,7 +316,8 @@ class VideoMAEConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VideoMAEConfig:
-        """A named size: "vit-s", "vit-b", "vit-l", "vit-h" (224 px, 16 frames) or "tiny" (tests)."""
+        """A named size: "vit-s", "vit-b", "vit-l", "vit-h" (224 px, 16 frames), "demo" (32 px, 8 frames: the
+        demo and the learning benchmark) or "tiny" (32 px, 4 frames: tests)."""
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
             raise ValueError(f"unknown VideoMAE preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -1,0 +1,267 @@
+"""The probe job: frozen-feature kNN and linear-probe top-1 of any encoder on a labeled train / test split.
+
+It answers "did the pretraining teach the encoder anything the labels need?" without finetuning: embed
+the ``data.split`` videos (the kNN bank and the linear probe's training set) and the ``test_split``
+videos with the frozen encoder, then score (pipeline/eval/frozen.py). ``model_uri`` takes anything
+``init_from`` takes (a run folder, checkpoint or export of ours, a transformers directory, an original
+``.pth``); ``model_uri: ""`` probes a random init of ``model.*`` (seeded by ``seed``), the baseline a
+pretrained encoder has to beat.
+
+Checked before Ray starts, with errors naming the input: the model, both splits non-empty and labeled,
+labels within the label map. Unreadable videos are skipped and counted as in evaluation. Results go to
+``<storage_path>/<run_name>/probe.json`` and to an MLflow run (``probe/knn_top1``,
+``probe/linear_top1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import config as config_lib
+from pipeline.cli import run_job
+from pipeline.config import ConfigError, ModelSection, TrackingSection
+from pipeline.data import storage
+from pipeline.data.datasets import DataConfig, build_dataset
+from pipeline.eval import frozen
+from pipeline.eval import labels as label_lib
+from pipeline.eval.evaluate import InferenceSection, _ray_init
+from pipeline.models.videomae import CheckpointError, VideoMAEModel
+
+GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
+RESULT_FILE = "probe.json"
+
+
+@dataclass
+class KnnSection:
+    k: int = frozen.KNN_K
+    temperature: float = frozen.KNN_TEMPERATURE
+
+    def validate(self) -> None:
+        if self.k < 1 or self.temperature <= 0:
+            raise ConfigError(f"knn.k must be >= 1 and knn.temperature > 0, got {self.k}, {self.temperature}")
+
+
+@dataclass
+class ProbeConfig:
+    """A probe run; the clip geometry (frames, size, patch, tubelet) is the model's."""
+
+    run_name: str = "probe-demo"
+    # The encoder: a run folder / checkpoint / export of ours, a transformers dir, an original .pth (local
+    # or s3://); "" = a random init of `model` (the baseline).
+    model_uri: str = "runs/pretrain-tiny-demo"
+    seed: int = 0  # the random init's seed (model_uri "")
+    # the random init's architecture (model_uri ""); as pretraining's, with the encoder's final LayerNorm
+    model: ModelSection = field(
+        default_factory=lambda: config_lib.build(ModelSection, {"use_mean_pooling": False}, prefix="model")
+    )
+    storage_path: str = "runs"
+    ray_address: str | None = None  # None: RAY_ADDRESS (under `ray job submit`), else a local Ray
+    # the kNN bank and the linear probe's training videos: data.split; scored: test_split
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(
+            split="train", sampling_rate=2, eval_num_clips=1, eval_num_crops=1, shuffle=False, hflip=False
+        )  # sampling_rate 2: the pretraining demo's
+    )
+    test_split: str = "test"
+    knn: KnnSection = field(default_factory=KnnSection)
+    linear: bool = True  # also fit the linear probe
+    inference: InferenceSection = field(default_factory=lambda: InferenceSection(batch_size=32))
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="videomae-probe"))
+
+    __derived_keys__ = {
+        f"data.{name}": "the model (model_uri, or model.* when it is empty)" for name in GEOMETRY
+    }
+
+    def validate(self) -> None:
+        if not self.test_split or self.test_split == self.data.split:
+            raise ConfigError(
+                f"test_split {self.test_split!r} must name another split than data.split {self.data.split!r}"
+            )
+        if self.data.eval_num_crops not in (1, 3) or self.data.eval_num_clips < 1:
+            raise ConfigError("data.eval_num_clips must be >= 1 and data.eval_num_crops 1 or 3")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ProbeConfig:
+    return config_lib.load(ProbeConfig, path, overrides)
+
+
+@dataclass
+class ProbeResult:
+    knn_top1: float
+    linear_top1: float | None
+    linear_weight_decay: float | None
+    num_train: int
+    num_test: int
+    num_classes: int
+    model: str
+    output_uri: str
+    mlflow_run_id: str | None
+    seconds: float
+
+    def summary(self) -> str:
+        linear = "n/a" if self.linear_top1 is None else f"{100 * self.linear_top1:.2f}%"
+        return (
+            f"probe of {self.model}: kNN top-1 {100 * self.knn_top1:.2f}%, linear probe top-1 {linear} "
+            f"({self.num_train} train / {self.num_test} test videos, {self.num_classes} classes, chance "
+            f"{100 / self.num_classes:.1f}%); results in {self.output_uri}"
+        )
+
+
+def _encoder_uri(cfg: ProbeConfig, output: str) -> tuple[str, str, dict, dict]:
+    """(URI the actors load, what to call it, the model config, conversion settings for an original .pth)
+    for ``cfg.model_uri`` or a random init."""
+    from pipeline.train.weights import CONVERT_FIELDS, locate, read_config
+
+    if cfg.model_uri:
+        try:
+            located = locate(cfg.model_uri)
+        except CheckpointError as e:
+            raise CheckpointError(f"model_uri: {e}") from e
+        convert = {k: v for k, v in cfg.model.overrides.items() if k in CONVERT_FIELDS}
+        return located, storage.redact(located), read_config(located, convert).to_dict(), convert
+    torch.manual_seed(cfg.seed)
+    encoder = VideoMAEModel(cfg.model.build())
+    target = storage.join(output, "random_init")
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder.save_pretrained(tmp)
+        for name in ("config.json", "model.safetensors"):
+            storage.write_bytes(storage.join(target, name), (Path(tmp) / name).read_bytes())
+    return target, f"random init (seed {cfg.seed})", encoder.config.to_dict(), {}
+
+
+def run_probe(cfg: ProbeConfig) -> ProbeResult:
+    """Embed both splits with the frozen encoder, score kNN and the linear probe, write the results."""
+    import ray
+
+    from pipeline import tracking
+    from pipeline.data.errors import ErrorLedger
+
+    started = time.time()
+    print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
+    output = storage.join(_absolute(cfg.storage_path), cfg.run_name)
+    model_uri, model_name, model_config, convert = _encoder_uri(cfg, output)
+    data = dataclasses.replace(cfg.data, **{k: model_config[k] for k in GEOMETRY})
+    test_data = dataclasses.replace(data, split=cfg.test_split)
+    train_rows, test_rows = label_lib.read_rows(data), label_lib.read_rows(test_data)
+    names = label_lib.dataset_label_names(data)
+    if names is None:
+        names = label_lib.default_names(1 + max(r["label"] for r in train_rows + test_rows))
+    label_lib.check_labels(train_rows, names, data.split)
+    label_lib.check_labels(test_rows, names, cfg.test_split)
+    print(
+        f"probe: {model_name} ({model_config['num_hidden_layers']} layers x {model_config['hidden_size']}, "
+        f"{model_config['num_frames']} frames at {model_config['image_size']} px) on {len(train_rows)} "
+        f"{data.split} / {len(test_rows)} {cfg.test_split} videos, {len(names)} classes",
+        flush=True,
+    )
+
+    local_root = cfg.storage_path if not storage.is_s3(cfg.storage_path) else "runs"
+    tracking_uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(local_root)
+    run = tracking.start_run(
+        cfg.run_name,
+        cfg.tracking.experiment,
+        tracking_uri,
+        job="probe",
+        parent_run_id=cfg.tracking.parent_run_id,
+    )
+    ok = False
+    try:
+        run.log_params(
+            {
+                **config_lib.flatten(cfg),
+                "model.located_uri": model_name,
+                "data.num_videos": len(train_rows),
+                "data.num_test_videos": len(test_rows),
+            }
+        )
+        _ray_init(cfg.ray_address)
+        gpus = cfg.inference.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-{int(started)}")
+        features = {}
+        for split, split_data, rows in (
+            (data.split, data, train_rows),
+            (cfg.test_split, test_data, test_rows),
+        ):
+            dataset = build_dataset(split_data, "eval", ledger, rows=rows)
+            features[split] = frozen.embed_views(
+                dataset,
+                model_uri,
+                model_config["hidden_size"],
+                data.mean,
+                data.std,
+                cfg.inference.batch_size,
+                cfg.inference.num_actors,
+                cfg.inference.cpus_per_actor,
+                gpus,
+                convert,
+            )
+            print(f"probe: embedded {len(features[split][1])} {split} videos", flush=True)
+        (train_x, train_y, _), (test_x, test_y, _) = features[data.split], features[cfg.test_split]
+        if len(train_y) == 0 or len(test_y) == 0:
+            raise RuntimeError("no readable video in one of the splits: see the data error report")
+        knn = frozen.knn_top1(train_x, train_y, test_x, test_y, len(names), cfg.knn.k, cfg.knn.temperature)
+        linear, decay = (None, None)
+        if cfg.linear:
+            linear, decay = frozen.linear_probe_top1(
+                train_x, train_y, test_x, test_y, len(names), seed=cfg.seed
+            )
+        result = ProbeResult(
+            knn,
+            linear,
+            decay,
+            len(train_y),
+            len(test_y),
+            len(names),
+            model_name,
+            output,
+            run.run_id,
+            time.time() - started,
+        )
+        num_errors = ledger.write_report(storage.join(output, "data_errors.jsonl"))
+        record = {k: v for k, v in dataclasses.asdict(result).items() if k != "mlflow_run_id"}
+        record.update(unreadable_videos=num_errors, k=cfg.knn.k, temperature=cfg.knn.temperature)
+        storage.write_text(storage.join(output, RESULT_FILE), json.dumps(record, indent=1))
+        run.log_metrics(
+            {
+                "probe/knn_top1": knn,
+                "probe/linear_top1": linear,
+                "probe/train_videos": len(train_y),
+                "probe/test_videos": len(test_y),
+            },
+            step=0,
+        )
+        ok = True
+    finally:
+        run.end("FINISHED" if ok else "FAILED")
+    print(result.summary(), flush=True)
+    return result
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_s3(uri) else str(Path(storage.resolve(uri)[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
+    return run_job(
+        argv,
+        prog="probe",
+        default_preset=None,
+        config_example="probe_tiny_demo",
+        description="Frozen-feature kNN and linear-probe top-1 of a VideoMAE encoder (Ray Data batch "
+        "inference). With no arguments: the pretraining demo's encoder on the sample dataset.",
+        set_example="model_uri=runs/my-pretrain",
+        config_cls=ProbeConfig,
+        run=run_probe,
+        succeeded=lambda result: True,
+    )
