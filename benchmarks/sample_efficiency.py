@@ -1,23 +1,35 @@
-"""VideoMAE's data-efficiency claim at small scale: finetuning from self-supervised pretraining vs from
-scratch, with the same labeled budget, measured in the same run with the real jobs (Ray Train, Ray Data).
+"""Does the pretraining pay? VideoMAE-pretrained vs random init at the same label budget, over seeds.
 
-1. generate the sample dataset (motion classes) and a labeled subset: ``--labeled-per-class`` train videos
-   per class (validation and test splits unchanged);
-2. pretrain on *all* train videos, labels unused;
-3. finetune twice on the labeled subset with identical settings: from the pretrained encoder, and from a
-   random init (the baseline);
-4. evaluate both on the held-out test split (multi-view) and print a table with the difference.
+With the real jobs (Ray Train, Ray Data, MLflow) on generated videos whose class is their motion alone
+(4 directions of a panning scene, pipeline/data/synthetic.py), for each seed:
 
-    python benchmarks/sample_efficiency.py            # about 10 minutes on a quiet 2-core machine
-    python benchmarks/sample_efficiency.py --quick    # smaller and shorter (both arms stay at chance)
+1. pretrain the demo model on every train video of the dataset, labels unused;
+2. frozen features: kNN and linear-probe top-1 on the test split, with ``--probe-per-class`` labeled
+   train videos per class as the bank / the probe's training set: the pretrained encoder vs a random init
+   of the same seed (jobs/probe.py);
+3. finetuning on ``--labeled-per-class`` labeled videos per class, from the pretrained encoder and from
+   scratch, each at every LR of ``--lrs``; each arm keeps the LR with the best *validation* top-1 (the
+   test split is never used to choose), whose best-validation model is scored on the test split
+   (jobs/evaluate.py, 2 clips per video).
+
+The seeds draw the labeled subsets, the inits and the data order; within a seed the arms share all of
+them. The table gives each arm's mean ± std over the seeds and a paired two-sided t-test of the
+difference (df = seeds - 1). Targets (issue 12): kNN top-1 at least 15 points above random init and
+finetuning at least 5 points above scratch, both with p < 0.05.
+
+    python benchmarks/sample_efficiency.py             # the default run: 3 seeds, under 30 min on 2 cores
+    python benchmarks/sample_efficiency.py --quick     # 2 seeds, shorter: checks the wiring (~12 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,28 +38,174 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
 from pipeline.config import PretrainConfig  # noqa: E402
-from pipeline.data.synthetic import ensure_sample_dataset  # noqa: E402
+from pipeline.data.synthetic import class_names, make_dataset  # noqa: E402
 from pipeline.eval.evaluate import load_config as load_eval  # noqa: E402
 from pipeline.eval.evaluate import run_evaluate  # noqa: E402
+from pipeline.eval.probing import load_config as load_probe  # noqa: E402
+from pipeline.eval.probing import run_probe  # noqa: E402
 from pipeline.train.finetune import load_config as load_finetune  # noqa: E402
 from pipeline.train.finetune import run_finetune  # noqa: E402
 from pipeline.train.trainer import run_pretrain  # noqa: E402
 
+NUM_CLASSES = 4
 
-def labeled_subset(root: str, out: Path, per_class: int) -> Path:
-    """A dataset folder whose train.csv keeps ``per_class`` videos of each class (paths stay relative to
-    ``root``: pass ``data.data_root=root``); val/test/labels are the full ones."""
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes' betacf)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * f / a
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_t_test(treated: list[float], baseline: list[float]) -> tuple[float, float]:
+    """(mean difference, two-sided p) of a paired t-test; p = 0 when every difference is equal and > 0."""
+    diffs = [t - b for t, b in zip(treated, baseline, strict=True)]
+    n, mean = len(diffs), statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    if sd == 0.0:
+        return mean, (0.0 if mean != 0 else 1.0)
+    t = mean / (sd / math.sqrt(n))
+    df = n - 1
+    return mean, _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def labeled_subset(root: Path, out: Path, per_class: int, seed: int) -> Path:
+    """A dataset folder whose train.csv holds ``per_class`` random train videos of each class (paths stay
+    relative to ``root``: pass ``data.data_root=root``); val / test / labels are the full ones."""
+    by_class: dict[str, list[str]] = {}
+    for line in (root / "train.csv").read_text().splitlines():
+        by_class.setdefault(line.rsplit(" ", 1)[1], []).append(line)
+    rng = random.Random(seed)
+    kept = [line for label in sorted(by_class) for line in rng.sample(by_class[label], per_class)]
     out.mkdir(parents=True, exist_ok=True)
-    kept: dict[str, int] = {}
-    lines = []
-    for line in Path(root, "train.csv").read_text().splitlines():
-        label = line.rsplit(" ", 1)[1]
-        if kept.get(label, 0) < per_class:
-            kept[label] = kept.get(label, 0) + 1
-            lines.append(line)
-    (out / "train.csv").write_text("\n".join(lines) + "\n")
+    (out / "train.csv").write_text("\n".join(kept) + "\n")
     for name in ("val.csv", "test.csv", "labels.json"):
-        shutil.copy(Path(root, name), out / name)
+        shutil.copy(root / name, out / name)
+    return out
+
+
+# --- one seed ----------------------------------------------------------------------------------------------
+
+
+def run_seed(seed: int, args: argparse.Namespace, root: Path, work: Path) -> dict[str, float]:
+    """Every arm of one seed; returns their test top-1 (and what was chosen on validation)."""
+    tracking = [f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.system_metrics=false"]
+    here = work / f"seed{seed}"
+    common = [f"storage_path={here}", f"data.data_root={root}", *tracking]
+    pre = run_pretrain(
+        config_lib.load(
+            PretrainConfig,
+            "pretrain_tiny_demo",
+            [
+                "run_name=pretrain",
+                f"seed={seed}",
+                f"storage_path={here}",
+                f"data.uri={root}",
+                f"train.max_steps={args.pretrain_steps}",
+                f"optim.warmup_steps={args.pretrain_steps // 10}",
+                "probe.every_steps=0",
+                "tracking.recon_every_steps=0",
+                f"checkpoint.every_steps={args.pretrain_steps}",
+                *tracking,
+            ],
+        )
+    )
+    out: dict[str, float] = {}
+
+    probe_data = labeled_subset(root, here / "probe-labels", args.probe_per_class, seed)
+    for arm, uri in (("pretrained", pre.export_uri), ("random", "")):
+        probe = run_probe(
+            load_probe(
+                None,
+                [
+                    f"run_name=probe-{arm}",
+                    f"model_uri={uri}",
+                    f"seed={seed}",
+                    "model.preset=demo",
+                    f"data.uri={probe_data}",
+                    "data.decode_isolation=inline",
+                    *common,
+                ],
+            )
+        )
+        out[f"knn/{arm}"], out[f"linear/{arm}"] = probe.knn_top1, probe.linear_top1
+
+    ft_data = labeled_subset(root, here / "finetune-labels", args.labeled_per_class, seed)
+    for arm, init in (("pretrained", pre.export_uri), ("scratch", "")):
+        tried = []
+        for lr in args.lrs:
+            ft = run_finetune(
+                load_finetune(
+                    "finetune_tiny_demo",
+                    [
+                        f"run_name=finetune-{arm}-lr{lr:g}",
+                        f"init_from={init}",
+                        f"seed={seed}",
+                        f"data.uri={ft_data}",
+                        f"optim.lr={lr}",
+                        f"train.max_steps={args.finetune_steps}",
+                        f"train.steps_per_epoch={args.finetune_steps // 5}",
+                        f"optim.warmup_steps={args.finetune_steps // 10}",
+                        "train.log_every_steps=100",
+                        f"checkpoint.every_steps={args.finetune_steps}",
+                        *common,
+                    ],
+                )
+            )
+            tried.append((ft.best_val_top1 or 0.0, -lr, ft))  # ties: the smaller LR
+        val, neg_lr, best = max(tried, key=lambda t: t[:2])
+        ev = run_evaluate(
+            load_eval(
+                None,
+                [
+                    f"run_name=evaluate-{arm}",
+                    f"model_uri={best.export_uri}",
+                    f"data.uri={ft_data}",
+                    "data.split=test",
+                    "data.sampling_rate=2",
+                    "data.eval_num_clips=2",
+                    "data.eval_num_crops=1",
+                    "data.decode_isolation=inline",
+                    *common,
+                ],
+            )
+        )
+        out[f"finetune/{arm}"], out[f"finetune_val/{arm}"], out[f"finetune_lr/{arm}"] = (
+            ev.report.top1,
+            val,
+            -neg_lr,
+        )
+    print(f"seed {seed}: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -55,93 +213,77 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer videos and steps")
-    parser.add_argument("--videos-per-class", type=int, default=150)
-    parser.add_argument("--labeled-per-class", type=int, default=30)
-    parser.add_argument("--pretrain-epochs", type=float, default=8)
-    parser.add_argument("--finetune-steps", type=int, default=1500)
+    parser.add_argument("--quick", action="store_true", help="2 seeds, shorter pretraining and finetuning")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--videos-per-class", type=int, default=200, help="70/15/15% train/val/test")
+    parser.add_argument("--probe-per-class", type=int, default=25, help="labeled videos per class, probes")
+    parser.add_argument(
+        "--labeled-per-class", type=int, default=5, help="labeled videos per class, finetuning"
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=1500, help="of 32 clips")
+    parser.add_argument("--finetune-steps", type=int, default=300, help="of 16 clips, per LR")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="finetuning LR grid")
     parser.add_argument("--workdir", default="runs/bench-sample-efficiency")
     args = parser.parse_args()
     if args.quick:
-        args.videos_per_class, args.labeled_per_class = 80, 20
-        args.pretrain_epochs, args.finetune_steps = 4, 600
+        args.seeds, args.pretrain_steps, args.finetune_steps = 2, 1000, 150
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    tracking = [f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.system_metrics=false"]
-    root = ensure_sample_dataset(".cache/sample-data", videos_per_class=args.videos_per_class)
-    subset = labeled_subset(root, work / "labeled", args.labeled_per_class)
     started = time.time()
-
-    pre = run_pretrain(
-        config_lib.load(
-            PretrainConfig,
-            "pretrain_tiny_demo",
-            [
-                "run_name=pretrain",
-                f"storage_path={work}",
-                f"data.uri={root}",
-                f"train.epochs={args.pretrain_epochs}",
-                "tracking.recon_every_steps=0",
-                *tracking,
-            ],
+    root = Path(
+        make_dataset(
+            str(work / "data"),
+            videos_per_class=args.videos_per_class,
+            num_frames=48,
+            size=(64, 64),
+            seed=1234,
+            num_classes=NUM_CLASSES,
         )
     )
-    pretrain_s = time.time() - started
+    counts = {s: len((root / f"{s}.csv").read_text().splitlines()) for s in ("train", "val", "test")}
+    results = [run_seed(seed, args, root, work) for seed in range(args.seeds)]
+    minutes = (time.time() - started) / 60
 
-    rows = []
-    for name, init in (("VideoMAE pretrained", pre.export_uri), ("scratch", "")):
-        t0 = time.time()
-        ft = run_finetune(
-            load_finetune(
-                "finetune_tiny_demo",
-                [
-                    f"run_name=finetune-{'pre' if init else 'scratch'}",
-                    f"storage_path={work}",
-                    f"init_from={init}",
-                    f"data.uri={subset}",
-                    f"data.data_root={root}",
-                    f"train.max_steps={args.finetune_steps}",
-                    "train.epochs=1000",
-                    "optim.warmup_steps=" + str(args.finetune_steps // 10),
-                    *tracking,
-                ],
-            )
-        )
-        ev = run_evaluate(
-            load_eval(
-                None,
-                [
-                    f"run_name=evaluate-{'pre' if init else 'scratch'}",
-                    f"storage_path={work}",
-                    f"model_uri={ft.export_uri}",
-                    f"data.uri={subset}",
-                    f"data.data_root={root}",
-                    "data.sampling_rate=4",
-                    "data.decode_isolation=inline",
-                    *tracking,
-                ],
-            )
-        )
-        rows.append((name, ft.best_val_top1 or 0.0, ev.report.top1, ev.report.top5, time.time() - t0))
-
-    labeled = args.labeled_per_class * 8
-    unlabeled = len(Path(root, "train.csv").read_text().splitlines())  # the train split, labels unused
+    chance = 100 / NUM_CLASSES
     print(
-        f"\nsample efficiency: {labeled} labeled train videos ({args.labeled_per_class}/class, 8 classes), "
-        f"pretraining on {unlabeled} unlabeled videos ({args.pretrain_epochs} epochs, "
-        f"{pretrain_s:.0f} s), {args.finetune_steps} finetuning steps each; test = held-out split, "
-        f"2 clips x 3 crops. Chance = 12.5%."
+        f"\nsample efficiency: {NUM_CLASSES} classes ({', '.join(class_names(NUM_CLASSES))}; "
+        f"chance {chance:.0f}%), "
+        f"{counts['train']} unlabeled train videos pretrained for {args.pretrain_steps} steps of 32 clips; "
+        f"probes with {args.probe_per_class} labeled videos per class, finetuning with "
+        f"{args.labeled_per_class} per class ({args.finetune_steps} steps of 16 clips per LR of {args.lrs}, "
+        f"LR chosen on {counts['val']} val videos); test = {counts['test']} held-out videos; "
+        f"{args.seeds} seeds; {minutes:.1f} min."
     )
-    print(f"{'init':<22}{'best val top-1':>16}{'test top-1':>12}{'test top-5':>12}{'time (s)':>10}")
-    for name, val, top1, top5, secs in rows:
-        print(f"{name:<22}{100 * val:>15.1f}%{100 * top1:>11.1f}%{100 * top5:>11.1f}%{secs:>10.0f}")
-    (pre_top1, scratch_top1) = rows[0][2], rows[1][2]
-    ratio = pre_top1 / scratch_top1 if scratch_top1 else float("inf")
-    print(
-        f"pretrained - scratch: {100 * (pre_top1 - scratch_top1):+.1f} points of test top-1 "
-        f"(ratio {ratio:.2f}x)"
+    header = (
+        f"{'comparison':<34}{'VideoMAE pretrained':>22}{'baseline':>18}{'difference':>14}{'p (paired t)':>14}"
     )
-    (work / "result.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+    print(header)
+    print("-" * len(header))
+    verdicts = []
+    for metric, baseline, name, target in (
+        ("knn", "random", "kNN top-1 vs random init", 15.0),
+        ("linear", "random", "linear probe vs random init", None),
+        ("finetune", "scratch", "finetuning vs scratch", 5.0),
+    ):
+        pre = [100 * r[f"{metric}/pretrained"] for r in results]
+        base = [100 * r[f"{metric}/{baseline}"] for r in results]
+        diff, p = paired_t_test(pre, base)
+        print(
+            f"{name:<34}{statistics.fmean(pre):>14.1f} ± {_std(pre):<5.1f}{statistics.fmean(base):>10.1f} ± "
+            f"{_std(base):<5.1f}{diff:>+12.1f}  {p:>12.4f}"
+        )
+        if target is not None:
+            verdicts.append(
+                f"{name}: {diff:+.1f} points (target >= +{target:.0f}), p = {p:.4f} (target < 0.05): "
+                + ("met" if diff >= target and p < 0.05 else "NOT met")
+            )
+    lrs = {arm: [r[f"finetune_lr/{arm}"] for r in results] for arm in ("pretrained", "scratch")}
+    print(f"LRs chosen on validation, per seed: pretrained {lrs['pretrained']}, scratch {lrs['scratch']}")
+    for line in verdicts:
+        print(line)
+    (work / "result.json").write_text(
+        json.dumps({"args": vars(args), "seeds": results, "minutes": minutes}, indent=1)
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import config as C
 from pipeline.config import ConfigError, PretrainConfig
 from pipeline.data.storage import StorageError
+from pipeline.eval.labels import LabelError
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.train import checkpointing
 from pipeline.train.trainer import main, run_pretrain
@@ -80,7 +81,9 @@ def train_worker_pids() -> list[int]:
 
 def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample_videos, tmp_path):
     data = data_with_broken_videos(sample_videos, tmp_path)
-    cfg = tiny_config(tmp_path, str(data))
+    probe = {"probe.every_steps": "6", "probe.data.uri": str(sample_videos),
+             "probe.data.decode_isolation": "inline"}
+    cfg = tiny_config(tmp_path, str(data), **probe)
     outcome: dict = {}
 
     def fit() -> None:
@@ -143,8 +146,16 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     assert {"config/resolved_config.yaml", "data/data_errors.jsonl", "model/model.safetensors"} <= artifacts
     assert any(a.startswith("reconstructions/") and a.endswith(".png") for a in artifacts)
 
+    # the kNN monitor: the random init at step 0, every 6 steps and at the end, in MLflow and the summary
+    probe_steps = {m.step for m in client.get_metric_history(run.info.run_id, "probe/knn_top1")}
+    assert probe_steps == {0, 6, 12}
+    assert [step for step, _ in result.probe_knn_top1] == [0, 6, 12]
+    assert all(0.0 <= top1 <= 1.0 for _, top1 in result.probe_knn_top1) and result.probe_chance == 1 / 8
+    assert run.data.metrics["probe/bank_videos"] == 8 and run.data.metrics["probe/query_videos"] == 8
+    assert "frozen-feature kNN top-1" in result.summary()
 
-def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, capsys):
+
+def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, sample_videos, capsys):
     cfg = tiny_config(tmp_path, str(tmp_path))
     started = time.monotonic()
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
@@ -153,6 +164,12 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, capsys)
         run_pretrain(C.replace(cfg, storage_path="gs://bucket/runs"))
     with pytest.raises(StorageError, match="no-such-folder"):
         run_pretrain(C.replace(cfg, **{"data.uri": str(tmp_path / "no-such-folder")}))
+    (tmp_path / "unlabeled").mkdir()
+    (tmp_path / "unlabeled" / "a.mp4").write_bytes(b"a folder of videos has no labels")
+    unlabeled = {"data.uri": str(sample_videos), "probe.every_steps": 5,
+                 "probe.data.uri": str(tmp_path / "unlabeled")}
+    with pytest.raises(LabelError, match="probe train split have no label"):
+        run_pretrain(C.replace(cfg, **unlabeled))
     assert time.monotonic() - started < 60
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or recorded
 

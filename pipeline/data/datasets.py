@@ -293,9 +293,7 @@ def build_dataset(
         missing = next(r["path"] for r in rows if r["label"] < 0)
         raise manifest.ManifestError(f"{mode} needs labels, but e.g. {missing} has none (uri={cfg.uri!r})")
     if ledger is None:
-        import uuid
-
-        ledger = ErrorLedger.get_or_create(run_name or f"data-{uuid.uuid4().hex[:8]}")
+        ledger = ErrorLedger.get_or_create(run_name) if run_name else ErrorLedger.create("data")
     keys = ("path", "label", "start", "end")
     items = [{k: r.get(k, -1.0) for k in keys} for r in rows]
     shuffle = cfg.shuffle and mode != "eval"

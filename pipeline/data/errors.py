@@ -10,7 +10,8 @@ The ledger is a named Ray actor (``videomae-data-errors/<run_name>`` in namespac
 by the driver when it builds a dataset; decode tasks report to it, and the training loop (rank 0, in a
 Ray Train worker) reads live counts and writes the report::
 
-    ledger = ErrorLedger.get_or_create(run_name)   # driver; or ErrorLedger.get(run_name) in a worker
+    ledger = ErrorLedger.create(run_name)          # driver (a fresh actor); ErrorLedger.get(ledger.run_name)
+                                                   # finds it from a worker
     ledger.record(uri, reason, detail)             # decode tasks (returns the new snapshot)
     ledger.record_ok(n)                            # decode tasks, videos decoded (once per block)
     ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}}
@@ -42,6 +43,7 @@ REASONS = {
     "decoder_crash": "the decoder process died (e.g. a segfault in the C decoder)",
 }
 ACTOR_NAMESPACE = "videomae"
+ACTOR_PREFIX = "videomae-data-errors/"
 MAX_KEPT = 100_000  # errors kept for the report; counts stay exact beyond it
 
 
@@ -127,17 +129,31 @@ class ErrorLedger:
         """The run's ledger actor, created on first call; call it from the driver (the actor's owner)."""
         import ray
 
-        name = f"videomae-data-errors/{run_name}"
+        name = ACTOR_PREFIX + run_name
         actor_cls = ray.remote(num_cpus=0)(LedgerState)
         handle = actor_cls.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True).remote()
         return cls(handle, name)
+
+    @classmethod
+    def create(cls, label: str) -> ErrorLedger:
+        """A new ledger for one run of a job, named ``<label>-<random>``. A reused name could hand back the
+        actor of an earlier job in the same process that Ray is still tearing down (its handles gone), which
+        then dies under the new job. The caller holds the handle while the job runs; workers find it by
+        ``ledger.run_name`` (``get``)."""
+        import uuid
+
+        return cls.get_or_create(f"{label}-{uuid.uuid4().hex[:8]}")
+
+    @property
+    def run_name(self) -> str | None:
+        return self.name.removeprefix(ACTOR_PREFIX) if self.name else None
 
     @classmethod
     def get(cls, run_name: str) -> ErrorLedger:
         """An existing run's ledger (e.g. from the training loop); ValueError if there is none."""
         import ray
 
-        name = f"videomae-data-errors/{run_name}"
+        name = ACTOR_PREFIX + run_name
         return cls(ray.get_actor(name, namespace=ACTOR_NAMESPACE), name)
 
     def _call(self, method: str, *args, wait: bool = True):

@@ -166,7 +166,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         gpus = cfg.inference.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-{int(started)}")
+        ledger = ErrorLedger.create(cfg.run_name)
         dataset = build_dataset(data, "eval", ledger, rows=rows)
         scores = predict_views(
             dataset,

@@ -115,18 +115,23 @@ class ProbeResult:
         )
 
 
-def _encoder_uri(cfg: ProbeConfig, output: str) -> tuple[str, str, dict, dict]:
-    """(URI the actors load, what to call it, the model config, conversion settings for an original .pth)
-    for ``cfg.model_uri`` or a random init."""
+def _locate(cfg: ProbeConfig) -> tuple[str, dict, dict]:
+    """(located model URI or "" for a random init, its model config, conversion settings for an original
+    .pth); errors name ``model_uri``."""
     from pipeline.train.weights import CONVERT_FIELDS, locate, read_config
 
-    if cfg.model_uri:
-        try:
-            located = locate(cfg.model_uri)
-        except CheckpointError as e:
-            raise CheckpointError(f"model_uri: {e}") from e
-        convert = {k: v for k, v in cfg.model.overrides.items() if k in CONVERT_FIELDS}
-        return located, storage.redact(located), read_config(located, convert).to_dict(), convert
+    if not cfg.model_uri:
+        return "", cfg.model.build().to_dict(), {}
+    try:
+        located = locate(cfg.model_uri)
+    except CheckpointError as e:
+        raise CheckpointError(f"model_uri: {e}") from e
+    convert = {k: v for k, v in cfg.model.overrides.items() if k in CONVERT_FIELDS}
+    return located, read_config(located, convert).to_dict(), convert
+
+
+def _save_random_init(cfg: ProbeConfig, output: str) -> str:
+    """A seeded random init of ``cfg.model`` under the run folder, where every actor can load it."""
     torch.manual_seed(cfg.seed)
     encoder = VideoMAEModel(cfg.model.build())
     target = storage.join(output, "random_init")
@@ -134,7 +139,7 @@ def _encoder_uri(cfg: ProbeConfig, output: str) -> tuple[str, str, dict, dict]:
         encoder.save_pretrained(tmp)
         for name in ("config.json", "model.safetensors"):
             storage.write_bytes(storage.join(target, name), (Path(tmp) / name).read_bytes())
-    return target, f"random init (seed {cfg.seed})", encoder.config.to_dict(), {}
+    return target
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
@@ -147,7 +152,8 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     output = storage.join(_absolute(cfg.storage_path), cfg.run_name)
-    model_uri, model_name, model_config, convert = _encoder_uri(cfg, output)
+    model_uri, model_config, convert = _locate(cfg)
+    model_name = storage.redact(model_uri) if model_uri else f"random init (seed {cfg.seed})"
     data = dataclasses.replace(cfg.data, **{k: model_config[k] for k in GEOMETRY})
     test_data = dataclasses.replace(data, split=cfg.test_split)
     train_rows, test_rows = label_lib.read_rows(data), label_lib.read_rows(test_data)
@@ -182,11 +188,12 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
                 "data.num_test_videos": len(test_rows),
             }
         )
+        model_uri = model_uri or _save_random_init(cfg, output)
         _ray_init(cfg.ray_address)
         gpus = cfg.inference.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-{int(started)}")
+        ledger = ErrorLedger.create(cfg.run_name)
         features = {}
         for split, split_data, rows in (
             (data.split, data, train_rows),

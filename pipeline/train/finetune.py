@@ -371,8 +371,9 @@ def val_data(cfg: FinetuneConfig) -> DataConfig:
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) the finetuning described by ``cfg``; export the best model with its labels."""
     from pipeline import tracking
+    from pipeline.data.errors import ErrorLedger
     from pipeline.train.loop import LoopArgs
-    from pipeline.train.trainer import _fit, make_plan
+    from pipeline.train.trainer import _fit, init_ray, make_plan
 
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     p = prepare(cfg)
@@ -436,16 +437,14 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             cfg.data.std,
             cfg.data.random_erasing,
         )
-        args = LoopArgs(cfg, config_yaml, plan, run, cfg.run_name, objective=objective)
-
-        def datasets(ledger) -> dict:
-            out = {"train": build_dataset(cfg.data, "finetune", ledger, rows=p.train_rows)}
-            if p.val_rows:
-                out["val"] = build_dataset(val_data(cfg), "eval", ledger, rows=p.val_rows)
-            return out
-
-        result = _fit(cfg, plan, p.train_rows, p.storage_path, args, make_datasets=datasets)
-        out = _finish(cfg, result, run_dir, best_uri if p.val_rows else None, run)
+        init_ray(cfg)
+        ledger = ErrorLedger.create(cfg.run_name)
+        datasets = {"train": build_dataset(cfg.data, "finetune", ledger, rows=p.train_rows)}
+        if p.val_rows:
+            datasets["val"] = build_dataset(val_data(cfg), "eval", ledger, rows=p.val_rows)
+        args = LoopArgs(cfg, config_yaml, plan, run, ledger.run_name, objective=objective)
+        result = _fit(cfg, p.storage_path, args, datasets)
+        out = _finish(cfg, result, run_dir, best_uri if p.val_rows else None, run, ledger)
         status = "FINISHED"
         return out
     except KeyboardInterrupt:
@@ -458,11 +457,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         run.end(status)
 
 
-def _finish(cfg: FinetuneConfig, result, run_dir: str, best_uri: str | None, run) -> FinetuneResult:
-    from pipeline.data.errors import ErrorLedger
-
+def _finish(cfg: FinetuneConfig, result, run_dir: str, best_uri: str | None, run, ledger) -> FinetuneResult:
     report_uri = storage.join(run_dir, "data_errors.jsonl")
-    num_errors = ErrorLedger.get_or_create(cfg.run_name).write_report(report_uri)
+    num_errors = ledger.write_report(report_uri)
     if num_errors:
         print(f"data: {num_errors} videos could not be used: see {report_uri}", flush=True)
     checkpoint, export_uri, checkpoint_uri, final_step = result.checkpoint, None, None, 0

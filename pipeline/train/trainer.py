@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,17 +161,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                         "plan.min_lr": plan.min_lr, "plan.warmup_lr": plan.warmup_lr,
                         "plan.global_batch": plan.global_batch, "data.num_videos": len(rows)})
         run.log_text(config_yaml, "config/resolved_config.yaml")
-        args = LoopArgs(cfg, config_yaml, plan, run, cfg.run_name, probe_classes=probe_classes)
-
-        def datasets(ledger) -> dict:
-            out = {"train": build_dataset(cfg.data, "pretrain", ledger, rows=rows)}
-            if probe_classes:
-                probe_ledger = ErrorLedger.get_or_create(f"{cfg.run_name}-probe")
-                out.update(probe_monitor.probe_datasets(cfg.probe, probe_rows, probe_ledger))
-            return out
-
-        result = _fit(cfg, plan, rows, storage_path, args, make_datasets=datasets)
-        out = _finish(cfg, result, run_dir, run, probe_classes)
+        init_ray(cfg)
+        ledger = ErrorLedger.create(cfg.run_name)
+        probe_ledger = ErrorLedger.create(f"{cfg.run_name}-probe") if probe_classes else None
+        datasets = {"train": build_dataset(cfg.data, "pretrain", ledger, rows=rows)}
+        if probe_classes:
+            datasets.update(probe_monitor.probe_datasets(cfg.probe, probe_rows, probe_ledger))
+        args = LoopArgs(cfg, config_yaml, plan, run, ledger.run_name, probe_classes=probe_classes)
+        result = _fit(cfg, storage_path, args, datasets)
+        out = _finish(cfg, result, run_dir, run, ledger, probe_classes)
         status = "FINISHED"
         return out
     except KeyboardInterrupt:
@@ -184,17 +181,12 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         run.end(status)
 
 
-def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, args: LoopArgs,
-         make_datasets: Callable[[Any], dict] | None = None):
-    """Run the TorchTrainer. ``make_datasets(ledger)`` gives other jobs (finetune) their own datasets;
-    the default is the pretraining clips of ``rows``."""
+def _fit(cfg: PretrainConfig, storage_path: str, args: LoopArgs, datasets: dict[str, Any]):
+    """Run the TorchTrainer of ``args`` on ``datasets`` (pretraining's clips, or finetuning's splits)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    ledger = ErrorLedger.get_or_create(cfg.run_name)
-    datasets = make_datasets(ledger) if make_datasets else \
-        {"train": build_dataset(cfg.data, "pretrain", ledger, rows=rows)}
     use_gpu = resolve_use_gpu(cfg)
     fs, path = (storage.s3_filesystem(), storage.resolve(storage_path)[1]) if storage.is_s3(storage_path) \
         else (None, storage_path)
@@ -216,9 +208,9 @@ def _fit(cfg: PretrainConfig, plan: Plan, rows: list[dict], storage_path: str, a
     return result
 
 
-def _finish(cfg: PretrainConfig, result, run_dir: str, run, probe_classes: int = 0) -> PretrainResult:
+def _finish(cfg: PretrainConfig, result, run_dir: str, run, ledger: ErrorLedger,
+            probe_classes: int = 0) -> PretrainResult:
     report_uri = storage.join(run_dir, "data_errors.jsonl")
-    ledger = ErrorLedger.get_or_create(cfg.run_name)
     num_errors = ledger.write_report(report_uri)
     snap = ledger.snapshot()
     run.log_metrics({"data/videos_total": snap["videos"], "data/errors_total": snap["errors"],
