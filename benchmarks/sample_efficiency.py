@@ -133,6 +133,7 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, work: Path) -> dic
                 f"data.uri={root}",
                 f"train.max_steps={args.pretrain_steps}",
                 f"optim.warmup_steps={args.pretrain_steps // 10}",
+                f"optim.lr={args.pretrain_lr}",
                 "probe.every_steps=0",
                 "tracking.recon_every_steps=0",
                 f"checkpoint.every_steps={args.pretrain_steps}",
@@ -216,17 +217,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, shorter pretraining and finetuning")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--videos-per-class", type=int, default=200, help="70/15/15% train/val/test")
-    parser.add_argument("--probe-per-class", type=int, default=25, help="labeled videos per class, probes")
+    parser.add_argument("--probe-per-class", type=int, default=50, help="labeled videos per class, probes")
     parser.add_argument(
         "--labeled-per-class", type=int, default=5, help="labeled videos per class, finetuning"
     )
-    parser.add_argument("--pretrain-steps", type=int, default=1500, help="of 32 clips")
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="of 32 clips")
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak LR of the pretraining")
     parser.add_argument("--finetune-steps", type=int, default=300, help="of 16 clips, per LR")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="finetuning LR grid")
     parser.add_argument("--workdir", default="runs/bench-sample-efficiency")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.pretrain_steps, args.finetune_steps = 2, 1000, 150
+        args.seeds, args.pretrain_steps, args.finetune_steps = 2, 1500, 150
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     started = time.time()

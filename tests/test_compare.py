@@ -31,6 +31,9 @@ def _make_runs(uri: str, experiment: str) -> list[str]:
             run.log_metrics({"train/loss": 2.0 - slope * step, "lr": lr}, step)
         if job == "finetune":
             run.log_metrics({"val/top1": 0.5 + slope}, 4)
+        else:  # the pretraining's frozen-feature kNN monitor
+            run.log_metrics({"probe/knn_top1": 0.25}, 0)
+            run.log_metrics({"probe/knn_top1": 0.5}, 4)
         run.end("FINISHED")
         ids.append(run.run_id)
     return ids
@@ -71,6 +74,14 @@ def test_compare_by_experiment_and_tag_skips_earlier_comparisons(local_store):
     )
     assert {r.info.run_id for r in finetunes.runs} == {a, b}
     assert everything.final_metrics["val/top1"][2] is None  # the pretrain run has no accuracy: shown as "-"
+
+
+def test_the_pretraining_probe_curve_is_drawn_beside_the_loss(local_store, tmp_path):
+    uri, (a, _, pre) = local_store
+    comparison, _ = compare([a, pre], tracking_uri=uri, out_png=str(tmp_path / "c.png"), log_experiment=None)
+    assert {"train/loss", "probe/knn_top1"} <= set(comparison.curves)
+    assert comparison.curves["probe/knn_top1"][1] == [(0, 0.25), (4, 0.5)]
+    assert comparison.final_metrics["probe/knn_top1"] == [None, 0.5]
 
 
 def test_compare_errors_name_what_was_asked(local_store):

@@ -114,7 +114,7 @@ def render_video(name: str, num_frames: int, size: tuple[int, int], rng: np.rand
     return frames
 
 
-def write_mp4(path: str, frames: np.ndarray, fps: int = 25) -> None:
+def write_mp4(path: str, frames: np.ndarray, fps: int = 25, crf: int = 20) -> None:
     """Encode (T, H, W, 3) uint8 frames as H.264 (yuv420p, even sizes) with PyAV."""
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
@@ -122,7 +122,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 25) -> None:
     with av.open(path, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "20"}
+        stream.options = {"preset": "ultrafast", "crf": str(crf)}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

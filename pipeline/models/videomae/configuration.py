@@ -131,7 +131,7 @@ class VideoMAEConfig:
     head_init_scale: float = 1.0  # a new classifier's initial weights x this (the original: 0.001)
     gradient_checkpointing: bool = False
     # Image size the position table was trained at. When set and unlike image_size, the fixed table is built
-    # for that size and resized bicubically per time slice (the original's finetuning recipe), so each
+    # for that size and resized bicubically per time slice (the original builds a new table), so each
     # token keeps its pretrained position code. None: the table of image_size (transformers' behaviour).
     position_embedding_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept as-is
