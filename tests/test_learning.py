@@ -2,9 +2,11 @@
 features tell held-out videos apart by their motion, far better than the same encoder at its random init,
 scored by the real probe job (Ray Data) on videos the pretraining never saw.
 
-The bar is not a fixed figure but a margin no broken pretraining reaches: 2.5 standard errors of the
-difference between two kNN top-1 scores on this test split if the pretraining had taught nothing (both at
-chance). The full comparison, over seeds and with finetuning, is benchmarks/sample_efficiency.py.
+The pretraining is the demo's (configs/pretrain_tiny_demo.yaml, 3000 steps, about 5 minutes here), on
+4 direction classes. The bar is not a fixed figure but a margin no broken pretraining reaches: 2.5
+standard errors of the difference between two kNN top-1 scores on this test split if the pretraining had
+taught nothing (both at chance). The full comparison, over seeds and with finetuning:
+benchmarks/sample_efficiency.py.
 """
 
 import json
@@ -35,9 +37,8 @@ def test_pretrained_features_beat_the_random_init_on_held_out_videos(ray_session
     tracking = [f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}", "tracking.system_metrics=false"]
     pre = run_pretrain(config_lib.load(PretrainConfig, "pretrain_tiny_demo", [
         "run_name=learns", f"storage_path={tmp_path / 'runs'}", f"data.uri={motion_data}", "seed=1",
-        "train.max_steps=1000", "probe.every_steps=0", "tracking.recon_every_steps=0",
-        "checkpoint.every_steps=1000", *tracking]))
-    assert pre.final_step == 1000
+        "probe.every_steps=0", "tracking.recon_every_steps=0", "checkpoint.every_steps=3000", *tracking]))
+    assert pre.final_step == 3000  # the demo's length: 1500 steps were measured too few (+7 points)
     scores = {}
     for arm, uri in (("pretrained", pre.export_uri), ("random init", "")):
         result = run_probe(probe_config(None, [

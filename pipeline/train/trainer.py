@@ -137,6 +137,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     storage_path, rows = preflight(cfg)
     run_dir = storage.join(storage_path, cfg.run_name)
     plan = make_plan(cfg, len(rows) * cfg.data.clips_per_video)
+    if cfg.data.clips_per_video > 1 and cfg.train.shuffle_buffer_batches < 4 * cfg.data.clips_per_video:
+        print(f"note: the {cfg.data.clips_per_video} clips of a video arrive together, so without a larger "
+              f"train.shuffle_buffer_batches (now {cfg.train.shuffle_buffer_batches}) a batch holds few "
+              "videos; measured here that slows learning several-fold (docs/training.md)", flush=True)
     probe_rows, probe_classes = probe_monitor.probe_rows(cfg.probe) if cfg.probe.enabled else ({}, 0)
     if probe_classes:
         print(f"probe: kNN top-1 every {cfg.probe.every_steps} steps, {len(probe_rows['probe_bank'])} "
