@@ -64,10 +64,9 @@ def bench(name: str, steps: int, workers: int, batch_size: int, root: str) -> di
     from mlflow.tracking import MlflowClient
 
     from pipeline import config as C
-    from pipeline.config import PretrainConfig
     from pipeline.data.datasets import build_dataset, resolve_rows
     from pipeline.data.errors import ErrorLedger
-    from pipeline.train.trainer import run_pretrain
+    from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
     sets = CONFIGS[name] + [
         f"run_name=bench-{name}-{int(time.time())}", f"storage_path={root}/runs",

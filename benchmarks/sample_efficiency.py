@@ -37,15 +37,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
-from pipeline.config import PretrainConfig  # noqa: E402
 from pipeline.data.synthetic import class_names, make_dataset  # noqa: E402
-from pipeline.eval.evaluate import load_config as load_eval  # noqa: E402
-from pipeline.eval.evaluate import run_evaluate  # noqa: E402
-from pipeline.eval.probing import load_config as load_probe  # noqa: E402
-from pipeline.eval.probing import run_probe  # noqa: E402
-from pipeline.train.finetune import load_config as load_finetune  # noqa: E402
-from pipeline.train.finetune import run_finetune  # noqa: E402
-from pipeline.train.trainer import run_pretrain  # noqa: E402
+from pipeline.eval.evaluate import EvalConfig, run_evaluate  # noqa: E402
+from pipeline.eval.probing import ProbeConfig, run_probe  # noqa: E402
+from pipeline.train.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from pipeline.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 NUM_CLASSES = 4
 
@@ -146,7 +142,8 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, work: Path) -> dic
     probe_data = labeled_subset(root, here / "probe-labels", args.probe_per_class, seed)
     for arm, uri in (("pretrained", pre.export_uri), ("random", "")):
         probe = run_probe(
-            load_probe(
+            config_lib.load(
+                ProbeConfig,
                 None,
                 [
                     f"run_name=probe-{arm}",
@@ -166,7 +163,8 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, work: Path) -> dic
         tried = []
         for lr in args.lrs:
             ft = run_finetune(
-                load_finetune(
+                config_lib.load(
+                    FinetuneConfig,
                     "finetune_tiny_demo",
                     [
                         f"run_name=finetune-{arm}-lr{lr:g}",
@@ -186,7 +184,8 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, work: Path) -> dic
             tried.append((ft.best_val_top1 or 0.0, -lr, ft))  # ties: the smaller LR
         val, neg_lr, best = max(tried, key=lambda t: t[:2])
         ev = run_evaluate(
-            load_eval(
+            config_lib.load(
+                EvalConfig,
                 None,
                 [
                     f"run_name=evaluate-{arm}",

@@ -11,15 +11,9 @@ The tracking store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
-# The repo first, and not jobs/ itself: Ray hands this path to its workers, where jobs/pipeline.py would
-# shadow the `pipeline` package.
-sys.path[:] = [os.path.dirname(JOBS_DIR)] + [p for p in sys.path if os.path.abspath(p or ".") != JOBS_DIR]
-
-from pipeline.compare import CompareError, compare  # noqa: E402
+from pipeline.compare import CompareError, compare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
-# The repo first, and not jobs/ itself: Ray hands this path to its workers, where jobs/pipeline.py would
-# shadow the `pipeline` package.
-sys.path[:] = [os.path.dirname(JOBS_DIR)] + [p for p in sys.path if os.path.abspath(p or ".") != JOBS_DIR]
-
-from pipeline.data.annotations import FORMATS, AnnotationError  # noqa: E402
-from pipeline.data.preprocess import PreprocessConfig, run  # noqa: E402
-from pipeline.data.storage import StorageError  # noqa: E402
+from pipeline.data.annotations import FORMATS, AnnotationError
+from pipeline.data.preprocess import PreprocessConfig, run
+from pipeline.data.storage import StorageError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

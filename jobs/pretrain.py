@@ -5,15 +5,9 @@ sample dataset, local Ray, local MLflow, checkpoints under ./runs. On a cluster:
 ``ray job submit --working-dir . -- python jobs/pretrain.py --config pretrain_vit_b_k400 --set ...``.
 """
 
-import os
 import sys
 
-JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
-# The repo first, and not jobs/ itself: Ray hands this path to its workers, where jobs/pipeline.py would
-# shadow the `pipeline` package.
-sys.path[:] = [os.path.dirname(JOBS_DIR)] + [p for p in sys.path if os.path.abspath(p or ".") != JOBS_DIR]
-
-from pipeline.train.trainer import main  # noqa: E402
+from pipeline.train.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

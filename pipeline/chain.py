@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import config as config_lib
+from pipeline import runtime
 from pipeline.cli import run_job
-from pipeline.config import ConfigError, PretrainConfig
+from pipeline.config import ConfigError
 from pipeline.data import storage
 
 STAGES = ("pretrain", "finetune", "evaluate")
@@ -56,13 +57,13 @@ class PipelineConfig:
             raise ConfigError(f"stages must keep the order {list(STAGES)}, got {self.stages}")
 
 
-def dotted(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+def as_overrides(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
     """``{"train": {"epochs": 3}}`` -> ``["train.epochs=3"]`` (the stage loaders' --set syntax)."""
     out = []
     for key, value in overrides.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out += dotted(value, name)
+            out += as_overrides(value, name)
         else:
             out.append(f"{name}={json.dumps(value) if isinstance(value, (list, bool)) else value}")
     return out
@@ -82,11 +83,8 @@ class StageRecord:
         return entry if entry and entry.get("status") == "done" else None
 
     def mark_done(self, stage: str, outputs: dict[str, Any]) -> None:
-        self.stages[stage] = {
-            "status": "done",
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **outputs,
-        }
+        self.stages[stage] = {"status": "done",
+                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **outputs}
         storage.write_text(self.uri, json.dumps(self.stages, indent=1))
 
 
@@ -112,23 +110,17 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else str(storage.resolve(uri)[1])
-
-
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Run the chain's unfinished stages in order; see the module docstring."""
     from pipeline import tracking
     from pipeline.data.synthetic import ensure_sample_dataset
-    from pipeline.eval.evaluate import load_config as load_eval
-    from pipeline.eval.evaluate import run_evaluate
-    from pipeline.train.finetune import load_config as load_finetune
-    from pipeline.train.finetune import run_finetune
-    from pipeline.train.trainer import run_pretrain
+    from pipeline.eval.evaluate import EvalConfig, run_evaluate
+    from pipeline.train.finetune import FinetuneConfig, run_finetune
+    from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
     started = time.time()
     print(f"pipeline config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    chain_dir = storage.join(_absolute(cfg.storage_path), cfg.run_name)
+    chain_dir = runtime.run_folder(cfg.storage_path, cfg.run_name)
     if storage.is_s3(chain_dir):
         storage.check_reachable(chain_dir)
     else:
@@ -138,18 +130,14 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     if not data_uri:
         data_uri = ensure_sample_dataset(cfg.sample_cache_dir, videos_per_class=cfg.sample_videos_per_class)
         print(f"sample dataset: {data_uri}", flush=True)
-    local_root = cfg.storage_path if not storage.is_s3(cfg.storage_path) else "runs"
-    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(local_root)
-    common = [
-        f"storage_path={chain_dir}",
-        f"data.uri={data_uri}",
-        f"tracking.tracking_uri={tracking_uri}",
-        f"tracking.experiment={cfg.experiment}",
-    ]
+    section = tracking.TrackingSection(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)
+    tracking_uri = section.resolved_uri(cfg.storage_path)
+    common = [f"storage_path={chain_dir}", f"data.uri={data_uri}", f"tracking.tracking_uri={tracking_uri}",
+              f"tracking.experiment={cfg.experiment}"]
 
     # Load every stage's config first: a typo in the last stage's overrides fails before hours of training.
     def stage_overrides(stage: str, extra: list[str], parent_id: str = "") -> list[str]:
-        own = dotted(getattr(cfg, stage))
+        own = as_overrides(getattr(cfg, stage))
         parent = [f"tracking.parent_run_id={parent_id}"] if parent_id else []
         return [f"run_name={cfg.run_name}-{stage}", *common, *parent, *extra, *own]
 
@@ -157,30 +145,24 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         "pretrain": lambda extra, pid="": config_lib.load(
             PretrainConfig, cfg.pretrain_config, stage_overrides("pretrain", extra, pid)
         ),
-        "finetune": lambda extra, pid="": load_finetune(
-            cfg.finetune_config, stage_overrides("finetune", extra, pid)
+        "finetune": lambda extra, pid="": config_lib.load(
+            FinetuneConfig, cfg.finetune_config, stage_overrides("finetune", extra, pid)
         ),
-        "evaluate": lambda extra, pid="": load_eval(
-            cfg.evaluate_config, stage_overrides("evaluate", extra, pid)
+        "evaluate": lambda extra, pid="": config_lib.load(
+            EvalConfig, cfg.evaluate_config, stage_overrides("evaluate", extra, pid)
         ),
     }
-    placeholder = {
-        "finetune": ["init_from=" + ("/placeholder" if "pretrain" in cfg.stages else "")],
-        "evaluate": ["model_uri=/placeholder"],
-    }
+    placeholder = {"finetune": ["init_from=" + ("/placeholder" if "pretrain" in cfg.stages else "")],
+                   "evaluate": ["model_uri=/placeholder"]}
     for stage in cfg.stages:
         loaders[stage](placeholder.get(stage, []))
 
-    parent = tracking.start_run(cfg.run_name, cfg.experiment, tracking_uri, job="pipeline")
-    print(
-        f"MLflow: {storage.redact(tracking_uri)} experiment {cfg.experiment!r} parent run {parent.run_id}"
-        f"{' (resumed)' if parent.resumed else ''}",
-        flush=True,
-    )
     outputs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
-    status = "FAILED"
-    try:
+    hint = f"rerun the same command to resume the chain {cfg.run_name}"
+    with tracking.job_run(
+        cfg.run_name, section, cfg.storage_path, "pipeline", interrupted_hint=hint
+    ) as parent:
         parent.log_params({**config_lib.flatten(cfg), "data.resolved_uri": data_uri})
         for stage in cfg.stages:
             finished = record.done(stage)
@@ -194,32 +176,20 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             t0 = time.time()
             if stage == "pretrain":
                 result = run_pretrain(loaders[stage]([], parent.run_id))
-                out = {
-                    "export_uri": result.export_uri,
-                    "checkpoint_uri": result.checkpoint_uri,
-                    "mlflow_run_id": result.mlflow_run_id,
-                    "final_step": result.final_step,
-                }
+                out = {"export_uri": result.export_uri, "checkpoint_uri": result.checkpoint_uri,
+                       "mlflow_run_id": result.mlflow_run_id, "final_step": result.final_step}
             elif stage == "finetune":
                 init = outputs["pretrain"]["export_uri"] if "pretrain" in outputs else ""
                 result = run_finetune(
                     loaders[stage]([f"init_from={init}"] if "pretrain" in cfg.stages else [], parent.run_id)
                 )
-                out = {
-                    "export_uri": result.export_uri,
-                    "checkpoint_uri": result.checkpoint_uri,
-                    "best_val_top1": result.best_val_top1,
-                    "mlflow_run_id": result.mlflow_run_id,
-                }
+                out = {"export_uri": result.export_uri, "checkpoint_uri": result.checkpoint_uri,
+                       "best_val_top1": result.best_val_top1, "mlflow_run_id": result.mlflow_run_id}
             else:
                 model = outputs["finetune"]["export_uri"] if "finetune" in outputs else None
                 result = run_evaluate(loaders[stage]([f"model_uri={model}"] if model else [], parent.run_id))
-                out = {
-                    "output_uri": result.output_uri,
-                    "top1": result.report.top1,
-                    "top5": result.report.top5,
-                    "mlflow_run_id": result.mlflow_run_id,
-                }
+                out = {"output_uri": result.output_uri, "top1": result.report.top1,
+                       "top5": result.report.top5, "mlflow_run_id": result.mlflow_run_id}
             out["seconds"] = round(time.time() - t0, 1)
             record.mark_done(stage, out)
             outputs[stage] = record.stages[stage]
@@ -229,13 +199,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         if top1 is not None:
             parent.log_metrics({"test/top1": top1, "test/top5": outputs["evaluate"]["top5"]}, step=0)
         parent.log_text(json.dumps(record.stages, indent=1), "pipeline/stages.json")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print(f"interrupted: rerun the same command to resume the chain {cfg.run_name}", flush=True)
-        raise
-    finally:
-        parent.end(status)
     out = PipelineResult(
         chain_dir, outputs, skipped, parent.run_id, tracking_uri, time.time() - started, top1
     )
@@ -246,8 +209,14 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``--config FILE`` and ``--set key=value`` (e.g. ``--set finetune.train.epochs=10``)."""
     return run_job(
-        argv, prog="pipeline", default_preset="pipeline_tiny_demo", config_example="pipeline_tiny_demo",
+        argv,
+        prog="pipeline",
+        default_preset="chain_tiny_demo",
+        config_example="chain_tiny_demo",
         description="pretrain -> finetune -> evaluate in one command; rerun to resume. With no arguments: "
-        "the tiny demo chain on a generated sample dataset, locally.", set_example="finetune.train.epochs=10",
+        "the tiny demo chain on a generated sample dataset, locally.",
+        set_example="finetune.train.epochs=10",
         config_cls=PipelineConfig,
-        run=run_pipeline, succeeded=lambda result: bool(result.outputs))
+        run=run_pipeline,
+        succeeded=lambda result: bool(result.outputs),
+    )

@@ -24,9 +24,9 @@ R = TypeVar("R")
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input (config, storage, manifest, checkpoint, labels), not a bug."""
+    from pipeline.data.labels import LabelError
     from pipeline.data.manifest import ManifestError
     from pipeline.data.storage import StorageError
-    from pipeline.eval.labels import LabelError
     from pipeline.models.videomae import CheckpointError
 
     return config_lib.ConfigError, StorageError, ManifestError, CheckpointError, LabelError

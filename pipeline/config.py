@@ -21,21 +21,18 @@ use and never enter a config, so a config can be printed, logged to MLflow and s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pipeline.data.datasets import DataConfig
 from pipeline.data.storage import redact
-from pipeline.train.probe_monitor import ProbeSection
 
 T = TypeVar("T")
 
@@ -80,7 +77,7 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return key.split("."), value.strip()
 
 
-class _Raw(str):
+class CliValue(str):
     """A value typed on the command line: coerced to the field's type, unlike a YAML value (already typed)."""
 
 
@@ -96,7 +93,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
             node = child
-        node[path[-1]] = _Raw(value)
+        node[path[-1]] = CliValue(value)
     return data
 
 
@@ -113,9 +110,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return yaml.safe_load(value) if isinstance(value, _Raw) else value
+        return yaml.safe_load(value) if isinstance(value, CliValue) else value
     if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, _Raw) and value.lower() in ("null", "none", "~"))
+        is_null = value is None or (isinstance(value, CliValue) and value.lower() in ("null", "none", "~"))
         if is_null and type(None) in args:
             return None
         errors = []
@@ -129,13 +126,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         for choice in args:
-            if value == choice or (isinstance(value, _Raw) and str(choice) == value):
+            if value == choice or (isinstance(value, CliValue) and str(choice) == value):
                 return choice
         raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if isinstance(value, _Raw):
+        if isinstance(value, CliValue):
             parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
-            value = [_Raw(v) if isinstance(v, str) else v for v in parsed]
+            value = [CliValue(v) if isinstance(v, str) else v for v in parsed]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -147,13 +144,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin or tp) is tuple else items
     if origin is dict or tp is dict:
-        if isinstance(value, _Raw):
+        if isinstance(value, CliValue):
             value = yaml.safe_load(value)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
-        if isinstance(value, _Raw):
+        if isinstance(value, CliValue):
             low = value.lower()
             if low in ("true", "yes", "on", "1"):
                 return True
@@ -163,7 +160,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, _Raw):
+        if isinstance(value, CliValue):
             try:
                 return int(value.replace("_", ""))
             except ValueError:
@@ -172,7 +169,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, _Raw):
+        if isinstance(value, CliValue):
             try:
                 return float(value)
             except ValueError:
@@ -281,7 +278,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         for part in head.split(".") if head else []:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node:
-            raise ConfigError(f"{derived} is taken from {source}; set {source} instead")
+            hint = f"; set {source} instead" if " " not in source else ""  # a key, or words (no key to set)
+            raise ConfigError(f"{derived} is taken from {source}{hint}")
     obj = build(cls, data)
     validate(obj)
     return obj
@@ -312,14 +310,6 @@ def to_yaml(obj: Any) -> str:
     return yaml.safe_dump(scrub(to_dict(obj)), sort_keys=False, default_flow_style=False)
 
 
-def from_yaml_text(cls: type[T], text: str) -> T:
-    """Rebuild a config stored with a checkpoint."""
-    data = yaml.safe_load(text) or {}
-    obj = build(cls, data)
-    validate(obj)
-    return obj
-
-
 def scrub(data: Any, key: str = "") -> Any:
     """Replace values under secret-looking keys and credentials inside URIs, recursively."""
     if isinstance(data, Mapping):
@@ -346,218 +336,3 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
     walk(data, prefix)
     return out
-
-
-def replace(obj: T, **changes: Any) -> T:
-    """dataclasses.replace that accepts dotted keys: ``replace(cfg, **{"optim.lr": 1e-3})``."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat: dict[str, Any] = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[key] = value
-    for head, sub in nested.items():
-        flat[head] = replace(getattr(obj, head), **sub)
-    return dataclasses.replace(obj, **flat)
-
-
-# --- sections shared by the training jobs ----------------------------------------------------------------
-
-
-def _videomae_fields() -> dict[str, Any]:
-    from pipeline.models.videomae import VideoMAEConfig
-
-    hints = typing.get_type_hints(VideoMAEConfig)
-    skip = {"extra", "id2label", "label2id", "architectures", "problem_type"}
-    return {f.name: hints[f.name] for f in fields(VideoMAEConfig) if f.name not in skip}
-
-
-@dataclass
-class ModelSection:
-    """A named size plus any VideoMAEConfig field as an override, written flat:
-    ``model: {preset: vit-b, decoder_num_hidden_layers: 4}`` or ``--set model.num_frames=8``."""
-
-    preset: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    __extra_keys__ = ("overrides", _videomae_fields)
-
-    def __post_init__(self) -> None:
-        from pipeline.models.videomae.configuration import PRESETS
-
-        if self.preset.lower().replace("_", "-") not in PRESETS:
-            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; "
-                              f"choose one of {sorted(PRESETS)}")
-
-    def build(self, **more: Any):
-        from pipeline.models.videomae import VideoMAEConfig
-
-        return VideoMAEConfig.from_preset(self.preset, **{**self.overrides, **more})
-
-    def validate(self) -> None:
-        self.build().validate()
-
-
-@dataclass
-class OptimSection:
-    """AdamW and the per-step LR schedule. Unless ``lr`` is set, the peak, the end and the start of the
-    schedule are ``base_lr``, ``min_lr`` and ``warmup_lr`` x videos per step / 256 (the original's linear
-    scaling rule, which counts videos: a step of B clips at ``data.clips_per_video`` N holds B / N)."""
-
-    base_lr: float = 1.5e-4  # peak LR per 256 videos of global batch
-    lr: float | None = None  # absolute peak LR (overrides base_lr scaling; min_lr / warmup_lr then absolute)
-    min_lr: float = 1e-5  # end of the cosine (per 256 videos, unless lr is set)
-    warmup_lr: float = 0.0  # start of the linear warmup; the original's schedule starts at 0
-    warmup_epochs: float = 40.0
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    layer_decay: float | None = None  # layer-wise LR decay (finetuning: 0.75)
-
-    def validate(self) -> None:
-        for name in ("base_lr", "min_lr", "warmup_lr", "eps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
-        if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
-            raise ConfigError("optim.warmup_epochs / optim.warmup_steps must be >= 0")
-
-
-@dataclass
-class TrainSection:
-    """Batch, length and numerics of the optimisation loop."""
-
-    batch_size: int = 8  # clips per worker per micro-step; global batch = this x workers x grad_accum_steps
-    grad_accum_steps: int = 1
-    epochs: float = 800.0
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    steps_per_epoch: int | None = None  # None = clips per epoch // global batch, from the manifest
-    grad_clip: float | None = None  # max global grad norm; None = no clipping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on GPU, fp32 on CPU
-    prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
-    shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
-    log_every_steps: int = 10  # progress line + MLflow metrics
-
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "log_every_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs <= 0 and self.max_steps is None:
-            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
-
-
-@dataclass
-class CheckpointSection:
-    every_steps: int = 1000  # also at the end of training
-    keep_last: int = 3  # Ray Train deletes older checkpoints
-
-    def validate(self) -> None:
-        if self.every_steps < 1 or self.keep_last < 1:
-            raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
-
-
-@dataclass
-class TrackingSection:
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the local runs folder
-    experiment: str = "videomae-pretrain"
-    parent_run_id: str | None = None  # make this job's run a child of another (the chained pipeline)
-    recon_every_steps: int = 0  # reconstruction PNG every N steps (0 = only at the end)
-    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) of rank 0's node
-    system_metrics_interval_s: float = 10.0
-
-    def validate(self) -> None:
-        if self.recon_every_steps < 0:
-            raise ConfigError(f"tracking.recon_every_steps must be >= 0, got {self.recon_every_steps}")
-
-
-@dataclass
-class ScalingSection:
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool | None = None  # None: GPUs if the cluster has at least num_workers of them
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3  # worker failures Ray Train recovers from (restart from the last checkpoint)
-    ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
-
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.max_failures < -1:
-            raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
-
-
-# --- the pretraining job ---------------------------------------------------------------------------------
-
-# Clip geometry lives in the model config; the data pipeline is given the same values (one source of truth).
-GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
-# The probe's clips are cut and normalised as the training clips.
-PROBE_FROM_DATA = ("sampling_rate", "mean", "std")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs; see configs/pretrain_*.yaml and docs/training.md."""
-
-    run_name: str = "pretrain-tiny-demo"  # rerunning with the same name resumes the run
-    seed: int = 0
-    storage_path: str = "runs"  # local folder or s3://bucket/prefix; the run is <storage_path>/<run_name>
-    # The original's pretraining encoder ends in a LayerNorm before encoder_to_decoder; in transformers'
-    # config that is use_mean_pooling: false (finetuning then pools and uses its own fc_norm).
-    model: ModelSection = field(default_factory=lambda: build(ModelSection, {"use_mean_pooling": False}))
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    probe: ProbeSection = field(default_factory=ProbeSection)  # frozen-feature kNN during training
-
-    __derived_keys__ = {
-        **{f"data.{name}": f"model.{name}" for name in GEOMETRY},
-        **{f"probe.data.{name}": f"model.{name}" for name in GEOMETRY},
-        **{f"probe.data.{name}": f"data.{name}" for name in PROBE_FROM_DATA},
-    }
-
-    def __post_init__(self) -> None:
-        model = self.model.build()
-        geometry = {name: getattr(model, name) for name in GEOMETRY}
-        self.data = dataclasses.replace(self.data, **geometry)
-        like_training = {name: getattr(self.data, name) for name in PROBE_FROM_DATA}
-        self.probe = dataclasses.replace(
-            self.probe, data=dataclasses.replace(self.probe.data, **geometry, **like_training)
-        )
-
-    def validate(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_name):
-            raise ConfigError(f"run_name {self.run_name!r} must be 1-128 letters, digits, '.', '_' or '-' "
-                              "(it names folders and MLflow runs)")
-        if not self.storage_path:
-            raise ConfigError("storage_path is empty: give a local folder or s3://bucket/prefix")
-        if not 0.0 < self.data.mask_ratio < 1.0:
-            raise ConfigError(f"data.mask_ratio must lie in (0, 1), got {self.data.mask_ratio}")
-        if self.data.mask_type not in ("tube", "random"):
-            raise ConfigError(f"data.mask_type must be 'tube' or 'random', got {self.data.mask_type!r}")
-        if self.data.clips_per_video < 1:
-            raise ConfigError(f"data.clips_per_video must be >= 1, got {self.data.clips_per_video}")
-        if self.data.rand_augment or self.data.random_erasing:  # set here, they would be ignored
-            raise ConfigError(
-                "data.rand_augment and data.random_erasing are finetuning augmentations; VideoMAE "
-                "pretraining uses multi-scale crops and masking only (data.pretrain_scales, data.mask_*)"
-            )

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import ConfigError
+from pipeline.data import storage
 from pipeline.data.storage import redact
 
 RUN_NAME_TAG = "pipeline.run_name"
@@ -37,6 +40,56 @@ JOB_TAG = "pipeline.job"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # mlflow's limit on a param value (older servers: 500)
 PARAMS_PER_BATCH = 100
+
+
+@dataclass
+class TrackingSection:
+    """Where a job's MLflow run goes; every job's ``tracking`` section."""
+
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the local storage folder
+    experiment: str = "videomae-pretrain"
+    parent_run_id: str | None = None  # make this job's run a child of another (the chained pipeline)
+    recon_every_steps: int = 0  # pretraining: reconstruction PNG every N steps (0 = only at the end)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) of rank 0's node
+    system_metrics_interval_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.recon_every_steps < 0:
+            raise ConfigError(f"tracking.recon_every_steps must be >= 0, got {self.recon_every_steps}")
+
+    def resolved_uri(self, storage_path: str) -> str:
+        """The tracking URI, defaulting to a SQLite store under ``storage_path`` (``runs/`` when that is
+        in S3: the store is a local file)."""
+        return self.tracking_uri or default_tracking_uri(
+            "runs" if storage.is_s3(storage_path) else storage_path
+        )
+
+
+@contextmanager
+def job_run(
+    run_name: str, section: TrackingSection, storage_path: str, job: str, interrupted_hint: str = ""
+) -> Iterator[Run]:
+    """The job's MLflow run, (re)opened by name: closed FINISHED when the block ends, KILLED on Ctrl-C or
+    SIGTERM (``ray job stop``; a rerun resumes it, as ``interrupted_hint`` tells the user), FAILED on any
+    other error."""
+    uri = section.resolved_uri(storage_path)
+    run = start_run(run_name, section.experiment, uri, job=job, parent_run_id=section.parent_run_id)
+    print(
+        f"MLflow: {redact(uri)} experiment {section.experiment!r} run {run.run_id}"
+        f"{' (resumed)' if run.resumed else ''}",
+        flush=True,
+    )
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        if interrupted_hint:
+            print(f"interrupted: {interrupted_hint}", flush=True)
+        raise
+    finally:
+        run.end(status)
 
 
 def default_tracking_uri(root: str | os.PathLike = "runs") -> str:
@@ -53,7 +106,7 @@ def default_tracking_uri(root: str | os.PathLike = "runs") -> str:
 def _artifact_location(tracking_uri: str) -> str | None:
     """Local stores put artifacts next to the database, not in the current directory."""
     if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return None
 
 
@@ -75,8 +128,9 @@ def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run
     query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
     if parent_run_id:
         query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return runs[0] if runs else None
 
 
@@ -101,7 +155,7 @@ class Run:
             if key not in existing:
                 items.append(Param(key, redact("" if value is None else str(value))[:MAX_PARAM_LENGTH]))
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
@@ -127,9 +181,15 @@ class Run:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def start_run(run_name: str, experiment: str, tracking_uri: str | None = None, job: str = "",
-              parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-              resume: bool = True) -> Run:
+def start_run(
+    run_name: str,
+    experiment: str,
+    tracking_uri: str | None = None,
+    job: str = "",
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    resume: bool = True,
+) -> Run:
     """Open the job's MLflow run: the existing run for ``run_name`` when ``resume``, else a new one; a
     child of ``parent_run_id`` when given (the chained pipeline's stages)."""
     uri = tracking_uri or default_tracking_uri()
@@ -144,8 +204,9 @@ def start_run(run_name: str, experiment: str, tracking_uri: str | None = None, j
         all_tags[JOB_TAG] = job
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
-    created = client.create_run(experiment_id, run_name=run_name,
-                                tags={k: redact(str(v)) for k, v in all_tags.items()})
+    created = client.create_run(
+        experiment_id, run_name=run_name, tags={k: redact(str(v)) for k, v in all_tags.items()}
+    )
     return Run(uri, experiment_id, created.info.run_id)
 
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pipeline.models.videomae.modeling import IMAGENET_MEAN, IMAGENET_STD, patchify  # noqa: E402
+from pipeline.models.videomae.modeling import patchify  # noqa: E402
 
 
 def unpatchify(tokens: Tensor, num_frames: int, image_size: int, tubelet_size: int, patch_size: int,
@@ -40,8 +40,8 @@ def reconstruct(model: torch.nn.Module, pixel_values: Tensor, bool_masked_pos: T
         out = model(pixel_values, bool_masked_pos, decoder_bool_masked_pos=~bool_masked_pos.bool())
     finally:
         model.train(was_training)
-    mean = pixel_values.new_tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
-    std = pixel_values.new_tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+    mean = pixel_values.new_tensor(c.image_mean).view(1, 1, -1, 1, 1)  # the model's normalisation
+    std = pixel_values.new_tensor(c.image_std).view(1, 1, -1, 1, 1)
     rgb = (pixel_values.float() * std + mean).clamp(0, 1)  # (B, T, C, H, W)
     patches = patchify(rgb, c.tubelet_size, c.patch_size).unflatten(-1, (-1, c.num_channels))  # (B, N, P, C)
     pred = out.logits.float().unflatten(-1, (-1, c.num_channels))  # (B, M, P, C)

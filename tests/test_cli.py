@@ -10,7 +10,7 @@ from pipeline.cli import check_outputs_outlive_job, in_ray_job_copy
 from pipeline.config import ConfigError
 from pipeline.eval.evaluate import main as evaluate_main
 from pipeline.train.finetune import main as finetune_main
-from pipeline.train.trainer import main as pretrain_main
+from pipeline.train.pretrain import main as pretrain_main
 
 
 @pytest.fixture

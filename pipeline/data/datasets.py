@@ -164,12 +164,6 @@ class ClipMaker:
             return np.random.default_rng()
         return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode())])
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        """The clip rows of one video as a batch of arrays, or None if the video was skipped."""
-        out = self.clips(row)
-        self.flush_ok()
-        return None if out is None else self.to_batch(out)
-
     def flush_ok(self) -> None:
         """Report the videos decoded since the last flush (one round trip per block, not per video)."""
         if self._ok:
@@ -317,18 +311,3 @@ def torch_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """``iter_torch_batches(collate_fn=torch_collate)``: tensors, but string columns (eval's ``video``)
     as lists of str, which Ray's default collation cannot convert."""
     return {k: v.tolist() if v.dtype.kind in "OUS" else torch.as_tensor(v) for k, v in batch.items()}
-
-
-def build_pretrain_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
-    """Clips with ``pixel_values`` and ``bool_masked_pos`` (labels are not needed)."""
-    return build_dataset(cfg, "pretrain", ledger, run_name)
-
-
-def build_finetune_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
-    """Clips with ``pixel_values`` and ``labels``: dense or TSN-segment sampling, random crop + flip."""
-    return build_dataset(cfg, "finetune", ledger, run_name)
-
-
-def build_eval_dataset(cfg: DataConfig, ledger: ErrorLedger | None = None, run_name: str | None = None):
-    """``eval_num_clips x eval_num_crops`` views per video, in order, with ``video`` and view indices."""
-    return build_dataset(cfg, "eval", ledger, run_name)

@@ -8,9 +8,10 @@ from ``errors.REASONS``; when decord cannot open a file, PyAV names what is wron
 
 The per-video time limit. decord can hang or crash inside C, and a Python thread cannot interrupt C
 code, so ``Decoder(isolation="process")`` (the default) runs ``read_and_decode`` in a long-lived helper
-process per decode worker: the parent waits at most ``timeout_s`` for the answer, and on expiry kills
-the helper (SIGKILL works on C code), records ``timeout`` and starts a new helper on the next video. A
-segfault in the helper becomes ``decoder_crash`` instead of killing the Ray worker. Frames come back
+process per decode worker (pipeline/data/child.py, the supervisor preprocessing uses too): the parent waits
+at most ``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
+``timeout`` and starts a new helper on the next video. A segfault in the helper becomes ``decoder_crash``
+instead of killing the Ray worker. Frames come back
 through a shared memory map (an unlinked file in /dev/shm whose descriptor the helper inherits), not a
 pipe, so the isolation costs one memcpy of the decoded frames (see benchmarks/data_throughput.py).
 ``isolation="inline"`` decodes in-process: no hard limit (an overrun is only detected after the fact).
@@ -23,21 +24,18 @@ import io
 import mmap
 import os
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 
 import numpy as np
 
 from pipeline.data import storage
+from pipeline.data.child import ChildDied, ChildProcess, ChildTimeout, parent_channel
 from pipeline.data.errors import VideoError
 
-HELPER_START_TIMEOUT_S = 120.0
 Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
@@ -56,10 +54,6 @@ class DecodedVideo:
     length: int  # frames in the video
     fps: float
 
-    def clip(self, i: int) -> np.ndarray:
-        """(T, H, W, C) uint8 copy of clip ``i`` (fancy indexing copies, so it outlives the buffer)."""
-        return self.frames[self.clips[i]]
-
 
 def read_video_bytes(uri: str) -> bytes:
     try:
@@ -72,7 +66,7 @@ def read_video_bytes(uri: str) -> bytes:
     return data
 
 
-def probe(uri: str, data: bytes, limits: DecodeLimits) -> None:
+def check_container(uri: str, data: bytes, limits: DecodeLimits) -> None:
     """Name what is wrong with a file from its headers before decord sees it."""
     import av
 
@@ -149,26 +143,20 @@ class _DLPack:
         return 1, 0  # kDLCPU, device 0
 
 
-def decode_bytes(
-    uri: str,
-    data: bytes,
-    sampler: Sampler,
-    seed: int,
-    limits: DecodeLimits,
-    window: tuple[float, float] = (-1, -1),
-) -> DecodedVideo:
+def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: DecodeLimits,
+                 window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
     import decord
 
     size = mp4_frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
     if size is None:
-        probe(uri, data, limits)  # other containers (or no video track): PyAV reads size and names problems
+        check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:
         raise VideoError(uri, "too_large", f"{size[0]}x{size[1]} > max_pixels {limits.max_pixels}")
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=limits.num_threads)
         length, fps = len(reader), float(reader.get_avg_fps())
     except Exception as e:  # noqa: BLE001 - decord raises RuntimeError / DECORDError / AssertionError
-        probe(uri, data, limits)  # a more specific reason (codec, no video stream) when PyAV finds one
+        check_container(uri, data, limits)  # a more specific reason (codec, no video stream) if PyAV has one
         raise VideoError(uri, "undecodable", f"{type(e).__name__}: {e}"[:300]) from None
     lo, hi = frame_window(length, fps, window)
     if hi - lo < limits.min_frames:
@@ -184,13 +172,8 @@ def decode_bytes(
     return DecodedVideo(frames, np.split(positions, sizes), length, fps)
 
 
-def read_and_decode(
-    uri: str,
-    sampler: Sampler,
-    seed: int,
-    limits: DecodeLimits = DecodeLimits(),
-    window: tuple[float, float] = (-1, -1),
-) -> DecodedVideo:
+def read_and_decode(uri: str, sampler: Sampler, seed: int, limits: DecodeLimits = DecodeLimits(),
+                    window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
     """One GET, then decode only the sampled frames (within ``window`` seconds); raises ``VideoError``."""
     return decode_bytes(uri, read_video_bytes(uri), sampler, seed, limits, window)
 
@@ -224,7 +207,7 @@ class Decoder:
         if isolation not in ("process", "inline"):
             raise ValueError(f"isolation must be 'process' or 'inline', got {isolation!r}")
         self.limits, self.isolation = limits, isolation
-        self._proc: subprocess.Popen | None = None
+        self._child: ChildProcess | None = None
         self._buffer: _FrameBuffer | None = None
         self._request = 0  # request ids pair every answer with its question
 
@@ -241,78 +224,38 @@ class Decoder:
             return video
         return self._decode_isolated(uri, sampler, seed, window)
 
-    def _start(self) -> None:
-        if self._buffer is None:
-            self._buffer = _FrameBuffer()
-        parent_r, child_w = os.pipe()
-        child_r, parent_w = os.pipe()
-        fds = (child_r, child_w, self._buffer.fd)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from pipeline.data.decode import serve; serve()", *map(str, fds)],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
-        os.close(child_r)
-        os.close(child_w)
-        self._recv, self._send = Connection(parent_r), Connection(parent_w, readable=False)
-        # the time limit is per video, so wait for the helper's imports separately
-        try:
-            ready = self._recv.poll(HELPER_START_TIMEOUT_S) and self._recv.recv() == ("ready",)
-        except EOFError:
-            ready = False
-        except BaseException:
-            self._kill()
-            raise
-        if not ready:
-            code = self._proc.poll()
-            self._kill()
-            raise RuntimeError(
-                f"the decode helper process did not start (exit code {code}, "
-                f"limit {HELPER_START_TIMEOUT_S}s); run `python -c 'import decord, av'` to check"
-            )
-
-    def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._recv.close()
-            self._send.close()
-            self._proc = None
-
     def _decode_isolated(
         self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float]
     ) -> DecodedVideo:
-        if self._proc is None or self._proc.poll() is not None:
-            self._kill()
-            self._start()
+        if self._child is None:
+            self._buffer = _FrameBuffer()  # the helper maps the same descriptor, inherited at its start
+            self._child = ChildProcess(
+                "pipeline.data.decode", [str(self._buffer.fd)], pass_fds=[self._buffer.fd]
+            )
         self._request += 1
-        deadline = time.monotonic() + self.limits.timeout_s
-        buf = self._buffer
+        buf, child = self._buffer, self._child
         try:
-            self._send.send((self._request, uri, sampler, seed, window, self.limits, buf.size))
+            child.send((self._request, uri, sampler, seed, window, self.limits, buf.size))
+            deadline = time.monotonic() + self.limits.timeout_s  # after a (re)start: imports do not count
             while True:
-                if not self._recv.poll(max(deadline - time.monotonic(), 0)):
-                    self._kill()
-                    raise VideoError(
-                        uri, "timeout", f"no result within decode_timeout_s={self.limits.timeout_s}"
-                    )
-                msg = self._recv.recv()
+                msg = child.receive(deadline)
                 if msg[0] != self._request:
                     raise RuntimeError(f"decode helper answered request {msg[0]}, expected {self._request}")
-                if msg[1] == "need":
+                if msg[1] == "need":  # the frames do not fit the shared buffer: grow it, the helper goes on
                     buf.ensure(msg[2])
-                    self._send.send(("buffer", buf.size))
+                    child.send(("buffer", buf.size))
                     continue
                 break
-        except (EOFError, OSError):
-            code = self._proc.wait() if self._proc else None
-            self._kill()
-            raise VideoError(uri, "decoder_crash", f"decode process exited with code {code}") from None
+        except ChildTimeout:
+            raise VideoError(
+                uri, "timeout", f"no result within decode_timeout_s={self.limits.timeout_s}"
+            ) from None
+        except ChildDied as e:
+            raise VideoError(uri, "decoder_crash", f"decode process exited with code {e.exit_code}") from None
         except BaseException:
             # interrupted mid-exchange (a cancelled Ray task, KeyboardInterrupt) or out of step: the
             # helper's state is unknown and a stale answer could be taken for the next video's
-            self._kill()
+            child.kill()
             raise
         if msg[1] == "error":
             raise VideoError(uri, msg[2], msg[3])
@@ -321,7 +264,9 @@ class Decoder:
         return DecodedVideo(frames, clips, length, fps)
 
     def close(self) -> None:
-        self._kill()
+        if self._child is not None:
+            self._child.close()
+            self._child = None
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
@@ -332,13 +277,13 @@ class Decoder:
 
 
 def serve() -> None:
-    """Helper process body: answer decode requests until the parent closes the pipe."""
+    """Helper process body (``python -m pipeline.data.decode``): answer decode requests until the parent
+    closes the pipe."""
     import av  # noqa: F401 - imported before "ready" so the first video's time limit excludes imports
     import decord  # noqa: F401
 
-    recv, send = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
-    buffer_fd = int(sys.argv[3])
-    send.send(("ready",))
+    recv, send, (buffer_fd,) = parent_channel()
+    buffer_fd = int(buffer_fd)
     mapped: tuple[int, mmap.mmap] | None = None
     while True:
         try:
@@ -362,3 +307,7 @@ def serve() -> None:
             mapped = (size, mmap.mmap(buffer_fd, size))
         np.frombuffer(mapped[1], np.uint8, count=nbytes)[:] = video.frames.reshape(-1)
         send.send((request, "ok", video.frames.shape, video.clips, video.length, video.fps))
+
+
+if __name__ == "__main__":
+    serve()

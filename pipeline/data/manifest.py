@@ -211,7 +211,3 @@ def read_manifest(
     for row in rows:
         row["path"] = resolve_path(row["path"], root, source, allow_absolute=data_root is None)
     return rows
-
-
-def num_classes(rows: list[dict[str, Any]]) -> int:
-    return max((r["label"] for r in rows), default=-1) + 1

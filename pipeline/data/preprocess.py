@@ -41,10 +41,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import runtime
 from pipeline.data import storage
 from pipeline.data.annotations import Matched, load_annotations, match
 from pipeline.data.decode import DecodeLimits
-from pipeline.data.probe import TRANSIENT_REASONS, VideoSettings
+from pipeline.data.transcode import TRANSIENT_REASONS, VideoSettings
 from pipeline.data.video_worker import IsolatedVideoWorker
 
 log = logging.getLogger(__name__)
@@ -279,20 +280,13 @@ def _plan(cfg: PreprocessConfig, input_root: str, output_root: str) -> _Plan:
     return _Plan(rows, tasks, matched, annotation_rows)
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local one
-
-
 def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) -> tuple[int, float]:
     """Run the tasks on Ray Data; rows land in ``plan.rows`` and in partial manifests as they come.
 
     Returns the number of workers and the seconds spent (for the throughput figures)."""
     import ray
 
-    _ensure_ray()
+    runtime.init_ray()
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = min(workers, len(plan.tasks))
     # Blocks are the unit in which results stream back: small enough for steady progress and partial

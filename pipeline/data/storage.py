@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -71,6 +72,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     elif "://" in uri:
         raise StorageError(f"unsupported URI scheme in {redact(uri)!r} (use a local path, file:// or s3://)")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def absolute(uri: str) -> str:
+    """``s3://`` URIs as they are, local paths made absolute: every Ray worker must read them the same."""
+    return uri if is_s3(uri) else str(Path(resolve(uri)[1]))
 
 
 def join(uri: str, *parts: str) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.models.videomae.configuration import IMAGENET_MEAN, IMAGENET_STD
+
 PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)
 
 Box = tuple[int, int, int, int]  # top, left, height, width
@@ -42,10 +42,6 @@ def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def crop(clip: torch.Tensor, box: Box) -> torch.Tensor:
     top, left, h, w = box
     return clip[:, top : top + h, left : left + w]
-
-
-def resized_crop(clip: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
-    return resize(crop(clip, box), size)
 
 
 def multi_scale_crop_box(

@@ -13,44 +13,29 @@ go to ``<storage_path>/<run_name>/`` and to an MLflow run:
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pipeline import config as config_lib
+from pipeline import runtime
 from pipeline.cli import run_job
-from pipeline.config import ConfigError, TrackingSection
+from pipeline.config import ConfigError
+from pipeline.data import labels as label_lib
 from pipeline.data import storage
 from pipeline.data.datasets import DataConfig, build_dataset
-from pipeline.eval import labels as label_lib
+from pipeline.eval.inference import InferenceSection
 from pipeline.eval.metrics import EvalReport, evaluate_scores
 from pipeline.eval.report import confusion_matrix_png, parquet_bytes, predictions_table, report_json
-
-GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
-
+from pipeline.models.section import derived_from_model
+from pipeline.tracking import TrackingSection, job_run
 
 # Defaults that differ from the shared sections' own (a partial section in YAML or --set keeps them).
 DEFAULTS: dict = {
     "data": {"split": "test", "eval_num_clips": 2, "eval_num_crops": 3, "shuffle": False, "hflip": False},
     "tracking": {"experiment": "videomae-evaluate"},
 }
-
-
-@dataclass
-class InferenceSection:
-    batch_size: int = 16  # views per forward pass of one actor
-    num_actors: int = 1  # model replicas (Ray actors) scoring views in parallel
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.num_actors < 1:
-            raise ConfigError("inference.batch_size and inference.num_actors must be >= 1")
 
 
 @dataclass
@@ -65,7 +50,10 @@ class EvalConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(**DEFAULTS["tracking"]))
 
+    __derived_keys__ = derived_from_model("data", source="the model at model_uri")
+
     def validate(self) -> None:
+        runtime.check_run_name(self.run_name)
         if not self.model_uri:
             raise ConfigError(
                 "model_uri is empty: give the finetuned model (run folder, checkpoint or "
@@ -73,11 +61,6 @@ class EvalConfig:
             )
         if self.data.eval_num_clips < 1 or self.data.eval_num_crops not in (1, 3):
             raise ConfigError("data.eval_num_clips must be >= 1 and data.eval_num_crops 1 or 3")
-
-
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
-    """EvalConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(EvalConfig, path, overrides)
 
 
 @dataclass
@@ -90,29 +73,19 @@ class EvalResult:
 
     def summary(self) -> str:
         return "\n".join(
-            [
-                self.report.summary(),
-                f"results: {self.output_uri}",
-                f"MLflow: {storage.redact(self.tracking_uri or '')} run {self.mlflow_run_id}",
-            ]
+            [self.report.summary(), f"results: {self.output_uri}",
+             f"MLflow: {storage.redact(self.tracking_uri or '')} run {self.mlflow_run_id}"]
         )
 
 
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-
-
-def prepare(cfg: EvalConfig):
-    """Driver-side checks and inputs: (classifier, data config with the model's geometry, rows, names)."""
-    from pipeline.train.weights import load_classifier, locate
+def check_inputs(cfg: EvalConfig):
+    """Driver-side checks and inputs: (classifier, data config in the model's clip format, rows, names)."""
+    from pipeline.models.weights import load_classifier, locate
 
     model_uri = locate(cfg.model_uri)
     model = load_classifier(model_uri)
     mc = model.config
-    data = dataclasses.replace(cfg.data, **{k: getattr(mc, k) for k in GEOMETRY})
+    data = dataclasses.replace(cfg.data, **mc.clip_format())
     rows = label_lib.read_rows(data)
     id2label = dict(mc.id2label)
     names = label_lib.dataset_label_names(data)
@@ -132,55 +105,30 @@ def prepare(cfg: EvalConfig):
 
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Score every video of ``cfg.data``'s split and write the report (see the module docstring)."""
-    import ray
-
-    from pipeline import tracking
     from pipeline.data.errors import ErrorLedger
     from pipeline.eval.inference import predict_views
 
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    model_uri, model, data, rows, class_names = prepare(cfg)
+    model_uri, model, data, rows, class_names = check_inputs(cfg)
     views = data.eval_num_clips * data.eval_num_crops
     print(
         f"evaluate: {storage.redact(model_uri)} ({len(class_names)} classes, {_geometry(model)}) on "
         f"{len(rows)} videos x {views} views ({data.eval_num_clips} clips x {data.eval_num_crops} crops)",
         flush=True,
     )
-    output = storage.join(_absolute(cfg.storage_path), cfg.run_name)
-    local_root = cfg.storage_path if not storage.is_s3(cfg.storage_path) else "runs"
-    tracking_uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(local_root)
-    run = tracking.start_run(
-        cfg.run_name,
-        cfg.tracking.experiment,
-        tracking_uri,
-        job="evaluate",
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
-    ok = False
-    try:
+    output = runtime.run_folder(cfg.storage_path, cfg.run_name)
+    with job_run(cfg.run_name, cfg.tracking, cfg.storage_path, "evaluate") as run:
         run.log_params(
             {**config_lib.flatten(cfg), "model.located_uri": model_uri, "data.num_videos": len(rows)}
         )
-        _ray_init(cfg.ray_address)
-        gpus = cfg.inference.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        runtime.init_ray(cfg.ray_address)
         ledger = ErrorLedger.create(cfg.run_name)
         dataset = build_dataset(data, "eval", ledger, rows=rows)
-        scores = predict_views(
-            dataset,
-            model_uri,
-            len(class_names),
-            data.mean,
-            data.std,
-            cfg.inference.batch_size,
-            cfg.inference.num_actors,
-            cfg.inference.cpus_per_actor,
-            gpus,
-            cfg.inference.precision,
-            expected_views=len(rows) * views,
-        )
+        scores = predict_views(dataset, model_uri, len(class_names), data.mean, data.std,
+                               cfg.inference.batch_size, cfg.inference.num_actors,
+                               cfg.inference.cpus_per_actor, cfg.inference.resolved_gpus(),
+                               cfg.inference.precision, expected_views=len(rows) * views)
         report = evaluate_scores(scores, class_names, views, expected_videos=len(rows))
         num_errors = ledger.write_report(storage.join(output, "data_errors.jsonl"))
         if num_errors:
@@ -189,10 +137,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
             )
         _write_outputs(report, scores, output, run)
         run.log_metrics({k: v for k, v in report.metrics().items() if v == v}, step=0)  # v == v: not NaN
-        ok = True
-    finally:
-        run.end("FINISHED" if ok else "FAILED")
-    result = EvalResult(report, output, run.run_id, tracking_uri, time.time() - started)
+    result = EvalResult(report, output, run.run_id, run.tracking_uri, time.time() - started)
     print(result.summary(), flush=True)
     return result
 
@@ -202,16 +147,10 @@ def _geometry(model) -> str:
     return f"{c.num_frames} frames at {c.image_size}px"
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else str(Path(storage.resolve(uri)[1]))
-
-
 def _write_outputs(report: EvalReport, scores, output: str, run) -> None:
-    files = {
-        "metrics.json": report_json(report).encode(),
-        "predictions.parquet": parquet_bytes(predictions_table(scores, report.class_names)),
-        "confusion_matrix.png": confusion_matrix_png(report.confusion, report.class_names),
-    }
+    files = {"metrics.json": report_json(report).encode(),
+             "predictions.parquet": parquet_bytes(predictions_table(scores, report.class_names)),
+             "confusion_matrix.png": confusion_matrix_png(report.confusion, report.class_names)}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             storage.write_bytes(storage.join(output, name), data)
@@ -222,8 +161,14 @@ def _write_outputs(report: EvalReport, scores, output: str, run) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
     return run_job(
-        argv, prog="evaluate", default_preset=None, config_example="eval_k400",
+        argv,
+        prog="evaluate",
+        default_preset=None,
+        config_example="eval_k400",
         description="Multi-view evaluation of a finetuned VideoMAE classifier with Ray Data. With no "
         "arguments: the demo finetune run's model on the sample dataset's test split.",
-        set_example="model_uri=runs/my-finetune", config_cls=EvalConfig, run=run_evaluate,
-        succeeded=lambda result: True)
+        set_example="model_uri=runs/my-finetune",
+        config_cls=EvalConfig,
+        run=run_evaluate,
+        succeeded=lambda result: True,
+    )

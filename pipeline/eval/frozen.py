@@ -18,12 +18,14 @@ the views of each video.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEModel
 
@@ -32,20 +34,23 @@ KNN_TEMPERATURE = 0.07
 LINEAR_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
+@dataclass
+class KnnSection:
+    k: int = KNN_K
+    temperature: float = KNN_TEMPERATURE
+
+    def validate(self) -> None:
+        if self.k < 1 or self.temperature <= 0:
+            raise ConfigError(f"knn.k must be >= 1 and knn.temperature > 0, got {self.k}, {self.temperature}")
+
+
 def pooled_features(encoder: VideoMAEModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, T, C, H, W) normalised clips -> (B, D): the mean over all tokens of the last hidden state."""
     return encoder(pixel_values).last_hidden_state.mean(1)
 
 
-def knn_top1(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    num_classes: int,
-    k: int = KNN_K,
-    temperature: float = KNN_TEMPERATURE,
-) -> float:
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
     """Top-1 of a weighted kNN vote: each query takes its ``k`` most cosine-similar bank features, each
     voting for its label with weight ``exp(similarity / temperature)``."""
     if len(bank) == 0 or len(queries) == 0:
@@ -120,15 +125,9 @@ class ViewEmbedder:
     """Ray Data callable class: the encoder at ``model_uri`` (anything ``weights.model_dir`` reads, local or
     s3://), loaded once per actor, turns batches of views into pooled features."""
 
-    def __init__(
-        self,
-        model_uri: str,
-        mean: Sequence[float],
-        std: Sequence[float],
-        use_gpu: bool = False,
-        convert: dict[str, Any] | None = None,
-    ):
-        from pipeline.train.weights import model_dir
+    def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
+                 convert: dict[str, Any] | None = None):
+        from pipeline.models.weights import model_dir
 
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.encoder = load_encoder(str(model_dir(model_uri, convert))).to(self.device)
@@ -163,13 +162,8 @@ def embed_views(
 
     embedded = dataset.map_batches(
         ViewEmbedder,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "mean": mean,
-            "std": std,
-            "use_gpu": gpus_per_actor > 0,
-            "convert": convert,
-        },
+        fn_constructor_kwargs={"model_uri": model_uri, "mean": mean, "std": std,
+                               "use_gpu": gpus_per_actor > 0, "convert": convert},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=num_actors,

@@ -10,13 +10,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
 from pipeline.eval.metrics import VideoScores, ViewAccumulator
+
+
+@dataclass
+class InferenceSection:
+    batch_size: int = 16  # views per forward pass of one actor
+    num_actors: int = 1  # model replicas (Ray actors) scoring views in parallel
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ConfigError("inference.batch_size and inference.num_actors must be >= 1")
+
+    def resolved_gpus(self) -> float:
+        """GPUs per actor: as configured, else 1 when the cluster has GPUs (call after Ray started)."""
+        if self.gpus_per_actor is not None:
+            return self.gpus_per_actor
+        import ray
+
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -26,15 +49,9 @@ def pick_device(use_gpu: bool) -> torch.device:
 class ViewClassifier:
     """Ray Data callable class: loads the classifier at ``model_uri`` once per actor."""
 
-    def __init__(
-        self,
-        model_uri: str,
-        mean: Sequence[float],
-        std: Sequence[float],
-        use_gpu: bool = False,
-        precision: str = "fp32",
-    ):
-        from pipeline.train.weights import load_classifier
+    def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
+                 precision: str = "fp32"):
+        from pipeline.models.weights import load_classifier
 
         self.device = pick_device(use_gpu)
         self.model = load_classifier(model_uri).to(self.device)
@@ -50,39 +67,19 @@ class ViewClassifier:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(x).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return {
-            "video": batch["video"],
-            "labels": batch["labels"],
-            "clip_index": batch["clip_index"],
-            "crop_index": batch["crop_index"],
-            "probs": probs,
-        }
+        return {"video": batch["video"], "labels": batch["labels"], "clip_index": batch["clip_index"],
+                "crop_index": batch["crop_index"], "probs": probs}
 
 
-def predict_views(
-    dataset: Any,
-    model_uri: str,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int = 16,
-    num_actors: int = 1,
-    cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
-    precision: str = "fp32",
-    expected_views: int | None = None,
-    progress_every_s: float = 10.0,
-) -> VideoScores:
+def predict_views(dataset: Any, model_uri: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                  batch_size: int = 16, num_actors: int = 1, cpus_per_actor: float = 1.0,
+                  gpus_per_actor: float = 0.0, precision: str = "fp32", expected_views: int | None = None,
+                  progress_every_s: float = 10.0) -> VideoScores:
     """Run the actor pool over ``dataset`` (eval rows) and average the views of each video."""
     predictions = dataset.map_batches(
         ViewClassifier,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "mean": mean,
-            "std": std,
-            "use_gpu": gpus_per_actor > 0,
-            "precision": precision,
-        },
+        fn_constructor_kwargs={"model_uri": model_uri, "mean": mean, "std": std,
+                               "use_gpu": gpus_per_actor > 0, "precision": precision},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=num_actors,

@@ -19,34 +19,26 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline import config as config_lib
+from pipeline import runtime
 from pipeline.cli import run_job
-from pipeline.config import ConfigError, ModelSection, TrackingSection
+from pipeline.config import ConfigError
+from pipeline.data import labels as label_lib
 from pipeline.data import storage
 from pipeline.data.datasets import DataConfig, build_dataset
 from pipeline.eval import frozen
-from pipeline.eval import labels as label_lib
-from pipeline.eval.evaluate import InferenceSection, _ray_init
-from pipeline.models.videomae import CheckpointError, VideoMAEModel
+from pipeline.eval.frozen import KnnSection
+from pipeline.eval.inference import InferenceSection
+from pipeline.models.section import ModelSection, derived_from_model
+from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEModel
+from pipeline.tracking import TrackingSection, job_run
 
-GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
 RESULT_FILE = "probe.json"
-
-
-@dataclass
-class KnnSection:
-    k: int = frozen.KNN_K
-    temperature: float = frozen.KNN_TEMPERATURE
-
-    def validate(self) -> None:
-        if self.k < 1 or self.temperature <= 0:
-            raise ConfigError(f"knn.k must be >= 1 and knn.temperature > 0, got {self.k}, {self.temperature}")
 
 
 @dataclass
@@ -76,21 +68,16 @@ class ProbeConfig:
     inference: InferenceSection = field(default_factory=lambda: InferenceSection(batch_size=32))
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="videomae-probe"))
 
-    __derived_keys__ = {
-        f"data.{name}": "the model (model_uri, or model.* when it is empty)" for name in GEOMETRY
-    }
+    __derived_keys__ = derived_from_model("data", source="the model (model_uri, or model.* when it is empty)")
 
     def validate(self) -> None:
+        runtime.check_run_name(self.run_name)
         if not self.test_split or self.test_split == self.data.split:
             raise ConfigError(
                 f"test_split {self.test_split!r} must name another split than data.split {self.data.split!r}"
             )
         if self.data.eval_num_crops not in (1, 3) or self.data.eval_num_clips < 1:
             raise ConfigError("data.eval_num_clips must be >= 1 and data.eval_num_crops 1 or 3")
-
-
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ProbeConfig:
-    return config_lib.load(ProbeConfig, path, overrides)
 
 
 @dataclass
@@ -115,19 +102,19 @@ class ProbeResult:
         )
 
 
-def _locate(cfg: ProbeConfig) -> tuple[str, dict, dict]:
+def _locate(cfg: ProbeConfig) -> tuple[str, VideoMAEConfig, dict]:
     """(located model URI or "" for a random init, its model config, conversion settings for an original
     .pth); errors name ``model_uri``."""
-    from pipeline.train.weights import CONVERT_FIELDS, locate, read_config
+    from pipeline.models.weights import CONVERT_FIELDS, locate, read_config
 
     if not cfg.model_uri:
-        return "", cfg.model.build().to_dict(), {}
+        return "", cfg.model.build(), {}
     try:
         located = locate(cfg.model_uri)
     except CheckpointError as e:
         raise CheckpointError(f"model_uri: {e}") from e
     convert = {k: v for k, v in cfg.model.overrides.items() if k in CONVERT_FIELDS}
-    return located, read_config(located, convert).to_dict(), convert
+    return located, read_config(located, convert), convert
 
 
 def _save_random_init(cfg: ProbeConfig, output: str) -> str:
@@ -144,75 +131,41 @@ def _save_random_init(cfg: ProbeConfig, output: str) -> str:
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Embed both splits with the frozen encoder, score kNN and the linear probe, write the results."""
-    import ray
-
-    from pipeline import tracking
     from pipeline.data.errors import ErrorLedger
 
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    output = storage.join(_absolute(cfg.storage_path), cfg.run_name)
+    output = runtime.run_folder(cfg.storage_path, cfg.run_name)
     model_uri, model_config, convert = _locate(cfg)
     model_name = storage.redact(model_uri) if model_uri else f"random init (seed {cfg.seed})"
-    data = dataclasses.replace(cfg.data, **{k: model_config[k] for k in GEOMETRY})
+    data = dataclasses.replace(cfg.data, **model_config.clip_format())
     test_data = dataclasses.replace(data, split=cfg.test_split)
-    train_rows, test_rows = label_lib.read_rows(data), label_lib.read_rows(test_data)
-    names = label_lib.dataset_label_names(data)
-    if names is None:
-        names = label_lib.default_names(1 + max(r["label"] for r in train_rows + test_rows))
-    label_lib.check_labels(train_rows, names, data.split)
-    label_lib.check_labels(test_rows, names, cfg.test_split)
+    (train_rows, test_rows), names = label_lib.labeled_splits(data, (data.split, cfg.test_split))
     print(
-        f"probe: {model_name} ({model_config['num_hidden_layers']} layers x {model_config['hidden_size']}, "
-        f"{model_config['num_frames']} frames at {model_config['image_size']} px) on {len(train_rows)} "
+        f"probe: {model_name} ({model_config.num_hidden_layers} layers x {model_config.hidden_size}, "
+        f"{model_config.num_frames} frames at {model_config.image_size} px) on {len(train_rows)} "
         f"{data.split} / {len(test_rows)} {cfg.test_split} videos, {len(names)} classes",
         flush=True,
     )
-
-    local_root = cfg.storage_path if not storage.is_s3(cfg.storage_path) else "runs"
-    tracking_uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(local_root)
-    run = tracking.start_run(
-        cfg.run_name,
-        cfg.tracking.experiment,
-        tracking_uri,
-        job="probe",
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
-    ok = False
-    try:
+    with job_run(cfg.run_name, cfg.tracking, cfg.storage_path, "probe") as run:
         run.log_params(
-            {
-                **config_lib.flatten(cfg),
-                "model.located_uri": model_name,
-                "data.num_videos": len(train_rows),
-                "data.num_test_videos": len(test_rows),
-            }
+            {**config_lib.flatten(cfg), "model.located_uri": model_name, "data.num_videos": len(train_rows),
+             "data.num_test_videos": len(test_rows)}
         )
         model_uri = model_uri or _save_random_init(cfg, output)
-        _ray_init(cfg.ray_address)
-        gpus = cfg.inference.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        runtime.init_ray(cfg.ray_address)
         ledger = ErrorLedger.create(cfg.run_name)
         features = {}
-        for split, split_data, rows in (
-            (data.split, data, train_rows),
-            (cfg.test_split, test_data, test_rows),
-        ):
+        for split_data, rows in ((data, train_rows), (test_data, test_rows)):
             dataset = build_dataset(split_data, "eval", ledger, rows=rows)
-            features[split] = frozen.embed_views(
-                dataset,
-                model_uri,
-                model_config["hidden_size"],
-                data.mean,
-                data.std,
-                cfg.inference.batch_size,
-                cfg.inference.num_actors,
-                cfg.inference.cpus_per_actor,
-                gpus,
-                convert,
+            features[split_data.split] = frozen.embed_views(dataset, model_uri, model_config.hidden_size,
+                                                            data.mean, data.std, cfg.inference.batch_size,
+                                                            cfg.inference.num_actors,
+                                                            cfg.inference.cpus_per_actor,
+                                                            cfg.inference.resolved_gpus(), convert)
+            print(
+                f"probe: embedded {len(features[split_data.split][1])} {split_data.split} videos", flush=True
             )
-            print(f"probe: embedded {len(features[split][1])} {split} videos", flush=True)
         (train_x, train_y, _), (test_x, test_y, _) = features[data.split], features[cfg.test_split]
         if len(train_y) == 0 or len(test_y) == 0:
             raise RuntimeError("no readable video in one of the splits: see the data error report")
@@ -222,49 +175,28 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
             linear, decay = frozen.linear_probe_top1(
                 train_x, train_y, test_x, test_y, len(names), seed=cfg.seed
             )
-        result = ProbeResult(
-            knn,
-            linear,
-            decay,
-            len(train_y),
-            len(test_y),
-            len(names),
-            model_name,
-            output,
-            run.run_id,
-            time.time() - started,
-        )
+        result = ProbeResult(knn, linear, decay, len(train_y), len(test_y), len(names), model_name, output,
+                             run.run_id, time.time() - started)
         num_errors = ledger.write_report(storage.join(output, "data_errors.jsonl"))
         record = {k: v for k, v in dataclasses.asdict(result).items() if k != "mlflow_run_id"}
         record.update(unreadable_videos=num_errors, k=cfg.knn.k, temperature=cfg.knn.temperature)
         storage.write_text(storage.join(output, RESULT_FILE), json.dumps(record, indent=1))
         run.log_metrics(
-            {
-                "probe/knn_top1": knn,
-                "probe/linear_top1": linear,
-                "probe/train_videos": len(train_y),
-                "probe/test_videos": len(test_y),
-            },
+            {"probe/knn_top1": knn, "probe/linear_top1": linear, "probe/train_videos": len(train_y),
+             "probe/test_videos": len(test_y)},
             step=0,
         )
-        ok = True
-    finally:
-        run.end("FINISHED" if ok else "FAILED")
     print(result.summary(), flush=True)
     return result
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else str(Path(storage.resolve(uri)[1]))
-
-
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
+    """CLI: ``--config FILE`` and ``--set key=value`` overrides."""
     return run_job(
         argv,
         prog="probe",
         default_preset=None,
-        config_example="probe_tiny_demo",
+        config_example="my_probe.yaml",
         description="Frozen-feature kNN and linear-probe top-1 of a VideoMAE encoder (Ray Data batch "
         "inference). With no arguments: the pretraining demo's encoder on the sample dataset.",
         set_example="model_uri=runs/my-pretrain",

@@ -27,12 +27,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pipeline.config import ConfigError
 from pipeline.data import storage
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"
 JOB_CONFIG = "job_config.yaml"
 FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000  # also at the end of training
+    keep_last: int = 3  # Ray Train deletes older checkpoints
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,67 +27,37 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import config as config_lib
+from pipeline import runtime
 from pipeline.cli import run_job
-from pipeline.config import (
-    CheckpointSection,
-    ConfigError,
-    ModelSection,
-    OptimSection,
-    ScalingSection,
-    TrackingSection,
-    TrainSection,
-)
+from pipeline.config import ConfigError
+from pipeline.data import labels as label_lib
 from pipeline.data import storage
-from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
+from pipeline.data.datasets import DataConfig, build_dataset, resolve_rows, torch_collate
 from pipeline.data.manifest import ManifestError
 from pipeline.data.transforms import random_erasing, to_model_input
-from pipeline.eval import labels as label_lib
+from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
-from pipeline.train import checkpointing
-from pipeline.train.mixup import Mixup, soft_target_cross_entropy
-from pipeline.train.optim import build_adamw
+from pipeline.tracking import TrackingSection
+from pipeline.train import checkpointing, driver
+from pipeline.train.checkpointing import CheckpointSection
+from pipeline.train.driver import ScalingSection
+from pipeline.train.loop import Plan, TrainSection, across_ranks
+from pipeline.train.mixup import Mixup, MixupSection, soft_target_cross_entropy
+from pipeline.train.optim import OptimSection, build_adamw
 
-GEOMETRY = ("num_frames", "image_size", "patch_size", "tubelet_size")
-BEST_DIR, EXPORT_DIR, BEST_RECORD = "best", "export", "best.json"
+BEST_DIR, BEST_RECORD = "best", "best.json"
 
 # The finetuning recipe where it differs from the shared sections' defaults (a partial section in YAML or
 # --set keeps them).
 DEFAULTS: dict[str, Any] = {
     "model": {"drop_path_rate": 0.1, "use_mean_pooling": True, "head_init_scale": 1e-3},
     "data": {"split": "train", "eval_num_clips": 1, "eval_num_crops": 1},
-    "optim": {
-        "base_lr": 1e-3,
-        "min_lr": 1e-6,
-        "warmup_lr": 0.0,
-        "warmup_epochs": 5.0,
-        "weight_decay": 0.05,
-        "betas": [0.9, 0.999],
-        "layer_decay": 0.75,
-    },
+    "optim": {"base_lr": 1e-3, "min_lr": 1e-6, "warmup_lr": 0.0, "warmup_epochs": 5.0, "weight_decay": 0.05,
+              "betas": [0.9, 0.999], "layer_decay": 0.75},
     # several clips per decoded video arrive together: shuffle locally so a batch mixes videos and classes
     "train": {"epochs": 50.0, "shuffle_buffer_batches": 8},
     "tracking": {"experiment": "videomae-finetune"},
 }
-
-
-@dataclass
-class MixupSection:
-    """Batch mixing and label smoothing; ``mixup_alpha = cutmix_alpha = 0`` turns mixing off."""
-
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0  # chance a batch is mixed
-    switch_prob: float = 0.5  # chance of CutMix rather than Mixup when both are on
-    label_smoothing: float = 0.1
-
-    def validate(self) -> None:
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ConfigError("mixup.mixup_alpha and mixup.cutmix_alpha must be >= 0")
-        for name in ("prob", "switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"mixup.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"mixup.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -113,18 +82,15 @@ class FinetuneConfig:
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(**DEFAULTS["tracking"]))
     scaling: ScalingSection = field(default_factory=ScalingSection)
 
+    # the clips' geometry and normalisation are the model's: the checkpoint's, with model.* on top
+    __derived_keys__ = derived_from_model("data")
+
     def validate(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_name):
-            raise ConfigError(f"run_name {self.run_name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        runtime.check_run_name(self.run_name)
         if not self.storage_path:
             raise ConfigError("storage_path is empty: give a local folder or s3://bucket/prefix")
         if self.data.clips_per_video < 1:
             raise ConfigError(f"data.clips_per_video must be >= 1, got {self.data.clips_per_video}")
-
-
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """FinetuneConfig <- DEFAULTS <- YAML preset at ``path`` <- ``overrides`` (``section.key=value``)."""
-    return config_lib.load(FinetuneConfig, path, overrides)
 
 
 # --- the objective the shared training loop runs -----------------------------------------------------------
@@ -136,22 +102,12 @@ class FinetuneObjective:
     Picklable (plain fields); the model, the mixer and the best score are made on each worker.
     """
 
-    def __init__(
-        self,
-        model_config: dict[str, Any],
-        init_from: str,
-        mixup: MixupSection,
-        seed: int,
-        validate: bool,
-        best_uri: str,
-        val_batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        erasing_prob: float = 0.0,
-    ):
+    def __init__(self, model_config: dict[str, Any], init_from: str, mixup: MixupSection, seed: int,
+                 has_validation: bool, best_uri: str, val_batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], erasing_prob: float = 0.0):
         self.model_config, self.init_from = model_config, init_from
         self.erasing_prob = erasing_prob
-        self.mixup_cfg, self.seed, self.validate = mixup, seed, validate
+        self.mixup_cfg, self.seed, self.has_validation = mixup, seed, has_validation
         self.best_uri, self.val_batch_size = best_uri, val_batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self._mixer: Mixup | None = None
@@ -162,37 +118,26 @@ class FinetuneObjective:
         config = VideoMAEConfig.from_dict(self.model_config)
         if not self.init_from:
             return VideoMAEForVideoClassification(config)
-        from pipeline.train.weights import load_for_finetuning
+        from pipeline.models.weights import load_for_finetuning
 
         overrides = {k: v for k, v in self.model_config.items() if k not in ("id2label", "label2id")}
         return load_for_finetuning(self.init_from, config.id2label, **overrides).train()
 
-    def build_optimizer(self, core: torch.nn.Module, plan, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    def build_optimizer(
+        self, module: torch.nn.Module, plan: Plan, cfg: FinetuneConfig
+    ) -> torch.optim.Optimizer:
         import ray.train
 
         self._rank = ray.train.get_context().get_world_rank()
         o = cfg.optim
-        return build_adamw(
-            core,
-            plan.peak_lr,
-            o.weight_decay,
-            o.betas,
-            o.eps,
-            layer_decay=o.layer_decay,
-            num_layers=core.config.num_hidden_layers,
-        )
+        return build_adamw(module, plan.peak_lr, o.weight_decay, o.betas, o.eps, layer_decay=o.layer_decay,
+                           num_layers=module.config.num_hidden_layers)
 
     def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, step: int, micro: int):
         if self._mixer is None:
             m = self.mixup_cfg
-            self._mixer = Mixup(
-                len(self.model_config["id2label"]),
-                m.mixup_alpha,
-                m.cutmix_alpha,
-                m.prob,
-                m.switch_prob,
-                m.label_smoothing,
-            )
+            self._mixer = Mixup(len(self.model_config["id2label"]), m.mixup_alpha, m.cutmix_alpha, m.prob,
+                                m.switch_prob, m.label_smoothing)
         labels = batch["labels"].to(pixel_values.device, non_blocking=True)
         rng = np.random.default_rng([self.seed, step, self._rank, micro])  # the same mix after a resume
         if self.erasing_prob > 0:  # the recipe's order: erase each clip, then mix the batch
@@ -200,17 +145,17 @@ class FinetuneObjective:
         mixed, targets = self._mixer(pixel_values, labels, rng)
         return soft_target_cross_entropy(model(mixed).logits, targets), None
 
-    def after_step(
-        self, core: torch.nn.Module, progress: checkpointing.Progress, plan, device: torch.device, rank: int
-    ) -> dict[str, float]:
-        """At each epoch's end: top-1 on the validation split (all ranks), best model kept (rank 0)."""
+    def should_validate(self, progress: checkpointing.Progress, plan: Plan) -> bool:
+        """At each epoch's end (and the last step), when there is a validation split."""
         epoch_end = progress.step_in_epoch == plan.steps_per_epoch or progress.step == plan.total_steps
-        if not (self.validate and epoch_end):
-            return {}
-        from pipeline.train.loop import _across_ranks
+        return self.has_validation and epoch_end
 
-        correct, total, loss_sum = validate_shard(core, device, self.val_batch_size, self.mean, self.std)
-        correct, total, loss_sum = _across_ranks(
+    def validate(
+        self, module: torch.nn.Module, device: torch.device, rank: int, progress: checkpointing.Progress
+    ) -> dict[str, float]:
+        """Top-1 on the validation split (all ranks), the best model kept (rank 0)."""
+        correct, total, loss_sum = validate_shard(module, device, self.val_batch_size, self.mean, self.std)
+        correct, total, loss_sum = across_ranks(
             [correct, total, loss_sum], device, torch.distributed.ReduceOp.SUM
         )
         if total == 0:
@@ -222,14 +167,10 @@ class FinetuneObjective:
             self._best = top1
             if rank == 0:
                 save_best(
-                    core, self.best_uri, {"val_top1": top1, "step": progress.step, "epoch": progress.epoch}
+                    module, self.best_uri, {"val_top1": top1, "step": progress.step, "epoch": progress.epoch}
                 )
-        return {
-            "val/top1": top1,
-            "val/loss": loss_sum / total,
-            "val/best_top1": self._best,
-            "val/videos": total,
-        }
+        return {"val/top1": top1, "val/loss": loss_sum / total, "val/best_top1": self._best,
+                "val/videos": total}
 
 
 def validate_shard(
@@ -284,20 +225,18 @@ class FinetuneResult:
     def summary(self) -> str:
         best = "n/a" if self.best_val_top1 is None else f"{100 * self.best_val_top1:.2f}%"
         return "\n".join(
-            [
-                f"run {self.run_name}: finished at step {self.final_step}; best validation top-1 {best}",
-                f"  exported model {self.export_uri}  (transformers format with id2label)",
-                f"  last checkpoint {self.checkpoint_uri}",
-                f"  MLflow         {storage.redact(self.tracking_uri or '')}  run {self.mlflow_run_id}",
-            ]
+            [f"run {self.run_name}: finished at step {self.final_step}; best validation top-1 {best}",
+             f"  exported model {self.export_uri}  (transformers format with id2label)",
+             f"  last checkpoint {self.checkpoint_uri}",
+             f"  MLflow         {storage.redact(self.tracking_uri or '')}  run {self.mlflow_run_id}"]
         )
 
 
 @dataclass
-class Prepared:
+class FinetuneInputs:
     """What the driver established before starting Ray."""
 
-    cfg: FinetuneConfig  # with the data geometry of the model
+    cfg: FinetuneConfig  # with the data geometry and normalisation of the model
     storage_path: str
     train_rows: list[dict]
     val_rows: list[dict]
@@ -314,15 +253,17 @@ def class_names(cfg: FinetuneConfig, rows: list[dict]) -> dict[int, str]:
     return label_lib.default_names(max(labeled, default=-1) + 1)
 
 
-def prepare(cfg: FinetuneConfig) -> Prepared:
-    """Checks without Ray: storage, splits, labels, weights; the model config and the clip geometry."""
-    from pipeline.train.trainer import preflight
-    from pipeline.train.weights import load_for_finetuning, locate
+def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
+    """Checks without Ray: storage, splits, labels, weights; the model config and its clip format."""
+    from pipeline.models.weights import load_for_finetuning, locate
 
+    storage_path = driver.checked_storage(cfg.storage_path)
     try:
-        storage_path, train_rows = preflight(cfg)
+        train_rows = resolve_rows(cfg.data)
     except ManifestError as e:
         raise label_lib.LabelError(f"{cfg.data.split} split: {e}") from e
+    if not train_rows:
+        raise ConfigError(f"data.uri {storage.redact(cfg.data.uri)!r} holds no videos")
     id2label = class_names(cfg, train_rows)
     counts = label_lib.check_labels(train_rows, id2label, cfg.data.split)
     empty = label_lib.missing_classes(counts, id2label)
@@ -347,18 +288,17 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         try:
             init_from = locate(cfg.init_from)
         except CheckpointError as e:
-            raise CheckpointError(f"init_from: {e} (pretrain first: python jobs/pretrain.py, or set "
-                                  "init_from='' to train from scratch)") from e
-        model = load_for_finetuning(init_from, id2label, **overrides)  # fails here on a bad checkpoint
-        model_config = model.config.to_dict()
-        del model
+            raise CheckpointError(
+                f"init_from: {e} (pretrain first: python jobs/pretrain.py, or set "
+                "init_from='' to train from scratch)"
+            ) from e
+        model_config = load_for_finetuning(init_from, id2label, **overrides).config  # fails on a bad one
     else:
         init_from = ""
-        model_config = cfg.model.build(id2label=id2label, label2id=None).to_dict()
-    model_config["architectures"] = None
-    data = dataclasses.replace(cfg.data, **{k: model_config[k] for k in GEOMETRY})
-    cfg = dataclasses.replace(cfg, data=data)
-    return Prepared(cfg, storage_path, train_rows, val_rows, id2label, model_config, init_from)
+        model_config = cfg.model.build(id2label=id2label, label2id=None)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **model_config.clip_format()))
+    model_config = model_config.to_dict() | {"architectures": None}
+    return FinetuneInputs(cfg, storage_path, train_rows, val_rows, id2label, model_config, init_from)
 
 
 def val_data(cfg: FinetuneConfig) -> DataConfig:
@@ -370,130 +310,51 @@ def val_data(cfg: FinetuneConfig) -> DataConfig:
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) the finetuning described by ``cfg``; export the best model with its labels."""
-    from pipeline import tracking
-    from pipeline.data.errors import ErrorLedger
-    from pipeline.train.loop import LoopArgs
-    from pipeline.train.trainer import _fit, init_ray, make_plan
-
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    p = prepare(cfg)
-    cfg = p.cfg
-    run_dir = storage.join(p.storage_path, cfg.run_name)
-    plan = make_plan(cfg, len(p.train_rows) * cfg.data.clips_per_video)
-    source = storage.redact(p.init_from) if p.init_from else "scratch (random init)"
-    mc = p.model_config
+    inputs = check_inputs(cfg)
+    cfg = inputs.cfg
+    plan = driver.plan_run(cfg, len(inputs.train_rows) * cfg.data.clips_per_video)
+    source = storage.redact(inputs.init_from) if inputs.init_from else "scratch (random init)"
+    mc = inputs.model_config
     print(
-        f"finetune from {source}: {len(p.id2label)} classes, {mc['num_hidden_layers']} layers x "
+        f"finetune from {source}: {len(inputs.id2label)} classes, {mc['num_hidden_layers']} layers x "
         f"{mc['hidden_size']}, {mc['num_frames']} frames at {mc['image_size']} px; "
-        f"{len(p.train_rows)} train videos x {cfg.data.clips_per_video} clip(s), "
-        f"{len(p.val_rows)} val videos; "
+        f"{len(inputs.train_rows)} train videos x {cfg.data.clips_per_video} clip(s), "
+        f"{len(inputs.val_rows)} val videos; "
         f"plan: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, "
         f"global batch {plan.global_batch}, peak lr {plan.peak_lr:.3g}",
         flush=True,
     )
-    local_root = p.storage_path if not storage.is_s3(p.storage_path) else "runs"
-    tracking_uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(local_root)
-    run = tracking.start_run(
-        cfg.run_name,
-        cfg.tracking.experiment,
-        tracking_uri,
-        job="finetune",
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
-    print(
-        f"MLflow: {storage.redact(tracking_uri)} experiment {cfg.tracking.experiment!r} run {run.run_id}"
-        f"{' (resumed)' if run.resumed else ''}",
-        flush=True,
-    )
-    status = "FAILED"
-    try:
-        config_yaml = config_lib.to_yaml(cfg)
-        run.log_params(config_lib.flatten(cfg))
-        run.log_params(
-            {
-                "plan.total_steps": plan.total_steps,
-                "plan.steps_per_epoch": plan.steps_per_epoch,
-                "plan.warmup_steps": plan.warmup_steps,
-                "plan.peak_lr": plan.peak_lr, "plan.min_lr": plan.min_lr, "plan.warmup_lr": plan.warmup_lr,
-                "plan.global_batch": plan.global_batch,
-                "data.num_videos": len(p.train_rows),
-                "data.num_val_videos": len(p.val_rows),
-                "model.num_labels": len(p.id2label),
-                "init_from.located": p.init_from or "scratch",
-            }
+    params = {"data.num_videos": len(inputs.train_rows), "data.num_val_videos": len(inputs.val_rows),
+              "model.num_labels": len(inputs.id2label), "init_from.located": inputs.init_from or "scratch"}
+    with driver.session(cfg, "finetune", inputs.storage_path, plan, params) as session:
+        session.run.log_text(
+            json.dumps({str(k): v for k, v in inputs.id2label.items()}, indent=1), "config/id2label.json"
         )
-        run.log_text(config_yaml, "config/resolved_config.yaml")
-        run.log_text(json.dumps({str(k): v for k, v in p.id2label.items()}, indent=1), "config/id2label.json")
-        best_uri = storage.join(run_dir, BEST_DIR)
-        objective = FinetuneObjective(
-            p.model_config,
-            p.init_from,
-            cfg.mixup,
-            cfg.seed,
-            bool(p.val_rows),
-            best_uri,
-            cfg.train.batch_size,
-            cfg.data.mean,
-            cfg.data.std,
-            cfg.data.random_erasing,
-        )
-        init_ray(cfg)
-        ledger = ErrorLedger.create(cfg.run_name)
-        datasets = {"train": build_dataset(cfg.data, "finetune", ledger, rows=p.train_rows)}
-        if p.val_rows:
-            datasets["val"] = build_dataset(val_data(cfg), "eval", ledger, rows=p.val_rows)
-        args = LoopArgs(cfg, config_yaml, plan, run, ledger.run_name, objective=objective)
-        result = _fit(cfg, p.storage_path, args, datasets)
-        out = _finish(cfg, result, run_dir, best_uri if p.val_rows else None, run, ledger)
-        status = "FINISHED"
-        return out
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print(
-            f"interrupted: rerun with run_name={cfg.run_name} to resume from its last checkpoint", flush=True
-        )
-        raise
-    finally:
-        run.end(status)
-
-
-def _finish(cfg: FinetuneConfig, result, run_dir: str, best_uri: str | None, run, ledger) -> FinetuneResult:
-    report_uri = storage.join(run_dir, "data_errors.jsonl")
-    num_errors = ledger.write_report(report_uri)
-    if num_errors:
-        print(f"data: {num_errors} videos could not be used: see {report_uri}", flush=True)
-    checkpoint, export_uri, checkpoint_uri, final_step = result.checkpoint, None, None, 0
-    best = read_best(best_uri) if best_uri else {}
-    if checkpoint is not None:
-        checkpoint_uri = checkpoint.path if not storage.is_s3(run_dir) else f"s3://{checkpoint.path}"
-        export_uri = storage.join(run_dir, EXPORT_DIR)
-        with tempfile.TemporaryDirectory() as tmp:
-            if best:
-                for name in checkpointing.MODEL_FILES:
-                    (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(best_uri, name)))
-                source = tmp
-            else:
-                source = checkpoint.to_directory(tmp)
-            checkpointing.export_model(source, export_uri)
-            run.log_artifact(Path(source) / "config.json", "model")
-            run.log_artifact(Path(source) / "model.safetensors", "model")
-        with checkpoint.as_directory() as directory:
-            final_step = checkpointing.read_progress(directory).step
-    metrics = dict(result.metrics or {})
-    if best:
-        run.log_metrics({"val/best_top1_final": best["val_top1"]}, step=final_step)
-    out = FinetuneResult(
-        cfg.run_name,
-        run_dir,
-        export_uri,
-        checkpoint_uri,
-        best.get("val_top1"),
-        final_step,
-        int(metrics.get("start_step", final_step)),
-        run.tracking_uri,
-        run.run_id,
-        metrics,
-    )
+        best_uri = storage.join(session.run_dir, BEST_DIR)
+        objective = FinetuneObjective(inputs.model_config, inputs.init_from, cfg.mixup, cfg.seed,
+                                      bool(inputs.val_rows), best_uri, cfg.train.batch_size, cfg.data.mean,
+                                      cfg.data.std, cfg.data.random_erasing)
+        datasets = {"train": build_dataset(cfg.data, "finetune", session.ledger, rows=inputs.train_rows)}
+        if inputs.val_rows:
+            datasets["val"] = build_dataset(val_data(cfg), "eval", session.ledger, rows=inputs.val_rows)
+        finished = session.finish(session.fit(objective, datasets))
+        best = read_best(best_uri) if inputs.val_rows else {}
+        export_uri = None
+        if finished.checkpoint is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                if best:  # the best model by validation top-1
+                    for name in checkpointing.MODEL_FILES:
+                        (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(best_uri, name)))
+                    source_dir = tmp
+                else:  # without validation, the last one
+                    source_dir = finished.checkpoint.to_directory(tmp)
+                export_uri = session.export(source_dir)
+        if best:
+            session.run.log_metrics({"val/best_top1_final": best["val_top1"]}, step=finished.final_step)
+        out = FinetuneResult(cfg.run_name, session.run_dir, export_uri, finished.checkpoint_uri,
+                             best.get("val_top1"), finished.final_step, finished.start_step,
+                             session.run.tracking_uri, session.run.run_id, finished.metrics)
     print(out.summary(), flush=True)
     return out
 
@@ -501,8 +362,14 @@ def _finish(cfg: FinetuneConfig, result, run_dir: str, best_uri: str | None, run
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config FILE`` (or a preset in configs/) and ``--set key=value`` overrides."""
     return run_job(
-        argv, prog="finetune", default_preset="finetune_tiny_demo", config_example="finetune_vit_b_k400",
+        argv,
+        prog="finetune",
+        default_preset="finetune_tiny_demo",
+        config_example="finetune_vit_b_k400",
         description="Finetune a VideoMAE classifier on Ray Train. With no arguments: the pretraining "
         "demo's model on the sample dataset (configs/finetune_tiny_demo.yaml).",
-        set_example="init_from=runs/my-pretrain", config_cls=FinetuneConfig, run=run_finetune,
-        succeeded=lambda result: bool(result.export_uri))
+        set_example="init_from=runs/my-pretrain",
+        config_cls=FinetuneConfig,
+        run=run_finetune,
+        succeeded=lambda result: bool(result.export_uri),
+    )

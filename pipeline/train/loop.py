@@ -1,18 +1,20 @@
-"""The per-worker training loop, run by Ray Train on every rank. Reads top to bottom:
+"""The per-worker training loop, run by Ray Train on every rank, for pretraining and finetuning alike.
 
-restore (or start) -> for each optimizer step: wait for a batch, forward/backward (with accumulation and
-autocast), clip, step, schedule -> every N steps: log (rank 0), picture (rank 0), checkpoint (all ranks),
-frozen-feature kNN probe (all ranks embed, rank 0 scores; also at step 0: pipeline/train/probe_monitor.py).
+``train_loop_per_worker`` is ``TrainLoop(args).run()``, which reads as verbs::
+
+    restore (or start) -> probe (step 0) -> per epoch, per optimizer step: train_step ->
+        should_validate? validate | should_probe? probe | should_log? log | should_picture? picture |
+        should_checkpoint? checkpoint
+
+What is trained is an *objective* (``LoopArgs.objective``): it builds the model and optimizer, turns a
+batch into a loss and may validate (pipeline/train/pretrain.py, finetune.py). The loss stays on the device
+between log steps: one host sync per log step, not per micro-step.
 
 Data position: training is counted in optimizer steps. An epoch is one pass over the worker's shard,
 capped at ``steps_per_epoch``; ``Progress`` stores the epoch and the step inside it. A run resumed in the
 middle of epoch ``e`` at step ``k`` of it starts a fresh pass of the data for the epoch's remaining
 ``steps_per_epoch - k`` steps (streamed datasets cannot seek; re-decoding ``k`` batches to skip them would
 cost as much as training on them). The per-worker shuffle buffer is seeded by (seed, epoch, rank).
-
-What is trained is an *objective* (``LoopArgs.objective``): it builds the model and optimizer, turns a
-batch into a loss, and may evaluate after a step. ``PretrainObjective`` (masked reconstruction) is the
-default; finetuning's lives in pipeline/train/finetune.py.
 """
 
 from __future__ import annotations
@@ -22,21 +24,50 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import PretrainConfig
+from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
-from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line
-from pipeline.train.optim import WarmupCosine, build_adamw
+from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
+
+
+@dataclass
+class TrainSection:
+    """Batch, length and numerics of the optimisation loop."""
+
+    batch_size: int = 8  # clips per worker per micro-step; global batch = this x workers x grad_accum_steps
+    grad_accum_steps: int = 1
+    epochs: float = 800.0
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    steps_per_epoch: int | None = None  # None = clips per epoch // global batch, from the manifest
+    grad_clip: float | None = None  # max global grad norm; None = no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on GPU, fp32 on CPU
+    prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
+    shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
+    log_every_steps: int = 10  # progress line + MLflow metrics
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -56,33 +87,19 @@ class Plan:
 class LoopArgs:
     """What the driver hands every worker (picklable: a config, numbers and ids)."""
 
-    config: PretrainConfig
+    config: Any  # the job's config: run_name, seed, data, optim, train, checkpoint, tracking sections
     config_yaml: str
     plan: Plan
+    objective: Any  # PretrainObjective, FinetuneObjective: build_model, build_optimizer, loss, validate
     run: Run | None = None  # the MLflow run rank 0 logs into
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
-    objective: Any = None  # None: PretrainObjective; see finetune.FinetuneObjective
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
 
 
-class PretrainObjective:
-    """Masked video reconstruction: VideoMAEForPreTraining on clips with their tube masks."""
-
-    def build_model(self, cfg: PretrainConfig) -> torch.nn.Module:
-        return VideoMAEForPreTraining(cfg.model.build())
-
-    def build_optimizer(self, core: torch.nn.Module, plan: Plan, cfg: PretrainConfig):
-        return build_adamw(core, plan.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-
-    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, step: int, micro: int):
-        """(loss, what the reconstruction picture needs)."""
-        mask = batch["bool_masked_pos"].to(pixel_values.device, non_blocking=True)
-        return model(pixel_values, mask).loss, (pixel_values, mask)
-
-    def after_step(self, core: torch.nn.Module, progress: ckpt.Progress, plan: Plan, device: torch.device,
-                   rank: int) -> dict[str, float]:
-        """Metrics of an evaluation run after this step (collective: every rank calls it); none here."""
-        return {}
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (the run's seed, a rank, an epoch, ...): different parts give
+    independent streams, the same parts the same one, so a resumed run repeats its randomness."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -95,7 +112,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
+def across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
+    """``values`` reduced over the DDP ranks (as they are without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, device=device, dtype=torch.float64)
@@ -117,15 +135,15 @@ def _error_metrics(ledger_name: str | None) -> dict[str, float]:
     return out
 
 
-class _Rank0:
-    """Rank 0's side jobs: progress lines, MLflow metrics, reconstruction pictures, the error report."""
+class Rank0Reporter:
+    """Rank 0's side jobs: progress lines, MLflow metrics, reconstruction pictures."""
 
     def __init__(self, args: LoopArgs):
         self.args = args
         cfg = args.config.tracking
-        self.logger = None
-        if args.run:
-            self.logger = RunLogger(args.run, cfg.system_metrics, cfg.system_metrics_interval_s)
+        self.logger = (
+            RunLogger(args.run, cfg.system_metrics, cfg.system_metrics_interval_s) if args.run else None
+        )
 
     def log(self, step: int, epoch: int, lr: float, window: dict[str, float]) -> None:
         print(progress_line(step, self.args.plan.total_steps, epoch, lr, window), flush=True)
@@ -135,13 +153,17 @@ class _Rank0:
             self.logger.log_metrics(metrics, step)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        print(f"step {step}/{self.args.plan.total_steps} | "
-              + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        print(
+            f"step {step}/{self.args.plan.total_steps} | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            flush=True,
+        )
         if self.logger:
             self.logger.log_metrics(metrics, step)
 
-    def picture(self, model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor,
-                step: int) -> None:
+    def picture(
+        self, model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor, step: int
+    ) -> None:
         if not self.logger:
             return
         from pipeline.viz import reconstruct, save_reconstruction_png
@@ -158,144 +180,212 @@ class _Rank0:
             self.logger.close()
 
 
-def pretrain_worker(loop_config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: VideoMAE pretraining, or ``args.objective`` (finetuning)."""
-    args: LoopArgs = loop_config["args"]
-    cfg, plan = args.config, args.plan
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    ckpt.seed_everything(cfg.seed * 1000 + rank)
+class TrainLoop:
+    """One rank's training: the model, its optimizer and schedule, the data shard, the components."""
 
-    objective = args.objective or PretrainObjective()
-    model = ray.train.torch.prepare_model(objective.build_model(cfg))
-    core = ckpt.unwrap(model)
-    optimizer = objective.build_optimizer(core, plan, cfg)
-    scheduler = WarmupCosine(optimizer, plan.total_steps, plan.warmup_steps, plan.peak_lr, plan.min_lr,
-                             plan.warmup_lr)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    def __init__(self, args: LoopArgs):
+        self.args, self.cfg, self.plan = args, args.config, args.plan
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
+        self.objective = args.objective
+        self.model = ray.train.torch.prepare_model(self.objective.build_model(self.cfg))
+        self.module = ckpt.unwrap(self.model)  # the model itself, without its DDP wrapper
+        self.optimizer = self.objective.build_optimizer(self.module, self.plan, self.cfg)
+        p = self.plan
+        self.scheduler = WarmupCosine(
+            self.optimizer, p.total_steps, p.warmup_steps, p.peak_lr, p.min_lr, p.warmup_lr
+        )
+        self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.resumed, self.progress = self.restore()
+        self.start_step = self.progress.step
+        self.reporter = Rank0Reporter(args) if self.rank == 0 else None
+        self.monitor = (
+            ProbeMonitor(self.cfg.probe, args.probe_classes, p.total_steps) if args.probe_classes else None
+        )
+        self.meter = StepMeter(p.total_steps, self.start_step, self.world)
+        self.last_batch: tuple | None = None  # what the reconstruction picture needs
+        self.last_loss: torch.Tensor | None = None
 
-    progress = ckpt.Progress(world_size=world)
-    restored = ray.train.get_checkpoint()
-    if restored:
+    def restore(self) -> tuple[bool, ckpt.Progress]:
+        """(resumed?, progress): the last checkpoint Ray Train hands over, or a fresh start."""
+        restored = ray.train.get_checkpoint()
+        if not restored:
+            return False, ckpt.Progress(world_size=self.world)
         with restored.as_directory() as directory:
-            progress = ckpt.load(directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 scaler=scaler)
-            if not (Path(directory) / f"rng_rank{rank}.pt").exists():  # new rank after a resize
-                ckpt.seed_everything(cfg.seed * 1000 + rank + 7919 * progress.step)
-        progress.world_size = world
-    start_step = progress.step
-    side = _Rank0(args) if rank == 0 else None
-    if side:
-        where = f"resuming from step {start_step} (epoch {progress.epoch})" if restored else "starting"
-        print(f"[{cfg.run_name}] {where}: {plan.total_steps} steps, {plan.steps_per_epoch} per epoch, "
-              f"global batch {plan.global_batch}, peak lr {plan.peak_lr:.3g}, {world} worker(s) on {device}, "
-              f"precision {amp_dtype or torch.float32}", flush=True)
+            progress = ckpt.load(directory, rank=self.rank, model=self.model, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, scaler=self.scaler)
+            if not (Path(directory) / f"rng_rank{self.rank}.pt").exists():  # a new rank after a resize
+                ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank, progress.step))
+        progress.world_size = self.world
+        return True, progress
 
-    monitor = ProbeMonitor(cfg.probe, args.probe_classes, plan.total_steps) if args.probe_classes else None
-    if monitor and start_step == 0:  # the random init's score: the baseline of the curve
-        probed = monitor.run(core.videomae, device, rank)
-        if side:
-            side.log_eval(0, probed)
+    def run(self) -> None:
+        try:
+            self.announce()
+            if self.monitor and self.start_step == 0:  # the random init's score: the baseline of the curve
+                self.report(0, self.monitor.run(self.module.videomae, self.device, self.rank))
+            while self.progress.step < self.plan.total_steps:
+                self.train_epoch()
+        finally:
+            if self.reporter:
+                self.reporter.close()
 
-    shard = ray.train.get_dataset_shard("train")
-    meter = StepMeter(plan.total_steps, start_step, world)
-    accum, batch_size = cfg.train.grad_accum_steps, cfg.train.batch_size
-    mean, std = cfg.data.mean, cfg.data.std
-    last_batch = None
-    model.train()
-    try:
-        while progress.step < plan.total_steps:
-            if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-            buffer = cfg.train.shuffle_buffer_batches * batch_size or None
-            batches = iter(shard.iter_torch_batches(
-                batch_size=batch_size, drop_last=True, prefetch_batches=cfg.train.prefetch_batches,
-                local_shuffle_buffer_size=buffer,
-                local_shuffle_seed=(cfg.seed * 1_000_003 + progress.epoch * 1009 + rank) if buffer else None))
-            steps_this_epoch = 0
-            while progress.step_in_epoch < plan.steps_per_epoch and progress.step < plan.total_steps:
-                loss_sum, clips, exhausted = 0.0, 0, False
-                for micro in range(accum):
-                    waited = time.perf_counter()
-                    batch = next(batches, None)
-                    meter.data_wait(time.perf_counter() - waited)
-                    if batch is None:
-                        exhausted = True
-                        break
-                    frames = batch["pixel_values"].to(device, non_blocking=True)  # uint8 (B, T, H, W, C)
-                    pixel_values = to_model_input(frames, mean, std)  # float (B, T, C, H, W)
-                    sync = micro == accum - 1 or not hasattr(model, "no_sync")
-                    with (contextlib.nullcontext() if sync else model.no_sync()), \
-                            torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, last_batch = objective.loss(model, batch, pixel_values, progress.step, micro)
-                        loss = loss / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    loss_sum += loss.item()
-                    clips += pixel_values.shape[0]
-                if exhausted:  # every rank's shard holds the same number of batches: all stop here
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.lr
-                scheduler.step()
-                progress.step += 1
-                progress.step_in_epoch += 1
-                progress.clips_seen += clips * world
-                steps_this_epoch += 1
-                meter.step_done(clips, loss_sum)
+    def announce(self) -> None:
+        if not self.reporter:
+            return
+        p, progress = self.plan, self.progress
+        where = f"resuming from step {progress.step} (epoch {progress.epoch})" if self.resumed else "starting"
+        print(
+            f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
+            f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) on "
+            f"{self.device}, precision {self.amp_dtype or torch.float32}",
+            flush=True,
+        )
 
-                step = progress.step
-                done = step == plan.total_steps
-                evaluated = objective.after_step(core, progress, plan, device, rank)
-                if monitor and monitor.should_probe(step):
-                    evaluated.update(monitor.run(core.videomae, device, rank))
-                if side and evaluated:
-                    side.log_eval(step, evaluated)
-                if step % cfg.train.log_every_steps == 0 or done:
-                    window = meter.window(step)
-                    (loss_total,) = _across_ranks([window["loss"]], device, dist.ReduceOp.SUM)
-                    (peak_max,) = _across_ranks([peak_rss_mb()], device, dist.ReduceOp.MAX)
-                    window.update(loss=loss_total / world, peak_rss_mb_max_worker=peak_max)
-                    if side:
-                        side.log(step, progress.epoch, lr, window)
-                recon_every = cfg.tracking.recon_every_steps
-                if side and last_batch is not None and ((recon_every and step % recon_every == 0) or done):
-                    side.picture(core, *last_batch, step)
-                if step % cfg.checkpoint.every_steps == 0 or done:
-                    _save_and_report(args, rank, model, optimizer, scheduler, scaler, progress, start_step,
-                                     loss_sum)
-            if steps_this_epoch == 0:
-                raise RuntimeError(
-                    f"epoch {progress.epoch} gave rank {rank} no full batch of {batch_size} clips: the "
-                    f"dataset has too few readable videos for {world} worker(s) x batch_size {batch_size} "
-                    "(see the data error report)")
-            if progress.step < plan.total_steps:  # the pass ended: the epoch's quota or the data ran out
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-    finally:
-        if side:
-            side.close()
+    def epoch_batches(self):
+        """An iterator over this rank's shard for the current epoch, shuffled locally if configured."""
+        t, progress = self.cfg.train, self.progress
+        buffer = t.shuffle_buffer_batches * t.batch_size or None
+        seed = derive_seed(self.cfg.seed, progress.epoch, self.rank) if buffer else None
+        shard = ray.train.get_dataset_shard("train")
+        return iter(
+            shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
+                                     prefetch_batches=t.prefetch_batches, local_shuffle_buffer_size=buffer,
+                                     local_shuffle_seed=seed)
+        )
+
+    def train_epoch(self) -> None:
+        progress, plan = self.progress, self.plan
+        if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+        batches = self.epoch_batches()
+        steps_this_epoch = 0
+        while progress.step_in_epoch < plan.steps_per_epoch and progress.step < plan.total_steps:
+            if not self.train_step(batches):
+                break
+            steps_this_epoch += 1
+            self.after_step()
+        if steps_this_epoch == 0:
+            raise RuntimeError(
+                f"epoch {progress.epoch} gave rank {self.rank} no full batch of {self.cfg.train.batch_size} "
+                f"clips: the dataset has too few readable videos for {self.world} worker(s) x batch_size "
+                f"{self.cfg.train.batch_size} (see the data error report)"
+            )
+        if progress.step < plan.total_steps:  # the pass ended: the epoch's quota or the data ran out
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+
+    def train_step(self, batches) -> bool:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; False when the shard ran out (every
+        rank's shard holds the same number of batches, so all ranks stop at the same step)."""
+        cfg = self.cfg
+        accum = cfg.train.grad_accum_steps
+        loss_sum, clips = torch.zeros((), device=self.device), 0
+        for micro in range(accum):
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            self.meter.data_wait(time.perf_counter() - waited)
+            if batch is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
+            frames = batch["pixel_values"].to(self.device, non_blocking=True)  # uint8 (B, T, H, W, C)
+            pixel_values = to_model_input(frames, cfg.data.mean, cfg.data.std)  # float (B, T, C, H, W)
+            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")  # DDP all-reduce on the last only
+            with (contextlib.nullcontext() if sync else self.model.no_sync(),
+                  torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)):
+                loss, self.last_batch = self.objective.loss(
+                    self.model, batch, pixel_values, self.progress.step, micro
+                )
+                loss = loss / accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()  # NOTE: no .item() here: that would sync the host every micro-step
+            clips += pixel_values.shape[0]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.scheduler.lr
+        self.scheduler.step()
+        progress = self.progress
+        progress.step += 1
+        progress.step_in_epoch += 1
+        progress.clips_seen += clips * self.world
+        self.meter.step_done(clips, loss_sum)
+        self.last_loss = loss_sum
+        return True
+
+    def after_step(self) -> None:
+        step = self.progress.step
+        evaluated: dict[str, float] = {}
+        if self.objective.should_validate(self.progress, self.plan):
+            evaluated.update(self.objective.validate(self.module, self.device, self.rank, self.progress))
+        if self.should_probe(step):
+            evaluated.update(self.monitor.run(self.module.videomae, self.device, self.rank))
+        self.report(step, evaluated)
+        if self.should_log(step):
+            self.log(step)
+        if self.should_picture(step):
+            self.reporter.picture(self.module, *self.last_batch, step)
+        if self.should_checkpoint(step):
+            self.checkpoint()
+
+    def done(self, step: int) -> bool:
+        return step == self.plan.total_steps
+
+    def should_probe(self, step: int) -> bool:
+        return self.monitor is not None and self.monitor.should_probe(step)
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.train.log_every_steps == 0 or self.done(step)
+
+    def should_picture(self, step: int) -> bool:
+        every = self.cfg.tracking.recon_every_steps
+        return (
+            self.reporter is not None
+            and self.last_batch is not None
+            and ((every and step % every == 0) or self.done(step))
+        )
+
+    def should_checkpoint(self, step: int) -> bool:
+        return step % self.cfg.checkpoint.every_steps == 0 or self.done(step)
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        if self.reporter and metrics:
+            self.reporter.log_eval(step, metrics)
+
+    def log(self, step: int) -> None:
+        """Progress line and MLflow metrics: the loss averaged over ranks (a host sync: log steps only)."""
+        window = self.meter.window(step)
+        (loss_total,) = across_ranks([window["loss"]], self.device, dist.ReduceOp.SUM)
+        (peak_max,) = across_ranks([peak_rss_mb()], self.device, dist.ReduceOp.MAX)
+        window.update(loss=loss_total / self.world, peak_rss_mb_max_worker=peak_max)
+        if self.reporter:
+            self.reporter.log(step, self.progress.epoch, self.lr, window)
+
+    def checkpoint(self) -> None:
+        """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint."""
+        progress = self.progress
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save(tmp, rank=self.rank, model=self.model, optimizer=self.optimizer,
+                      scheduler=self.scheduler, scaler=self.scaler, progress=progress,
+                      job_config_yaml=self.args.config_yaml)
+            metrics = {"step": progress.step, "epoch": progress.epoch, "loss": float(self.last_loss),
+                       "start_step": self.start_step, "clips_seen": progress.clips_seen,
+                       "peak_rss_mb": peak_rss_mb()}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
 
 
-def _save_and_report(args: LoopArgs, rank: int, model, optimizer, scheduler, scaler, progress: ckpt.Progress,
-                     start_step: int, loss: float) -> None:
-    """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save(tmp, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                  progress=progress, job_config_yaml=args.config_yaml)
-        metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "start_step": start_step,
-                   "clips_seen": progress.clips_seen, "peak_rss_mb": peak_rss_mb()}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on every worker."""
+    TrainLoop(loop_config["args"]).run()

@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def format_duration(seconds: float) -> str:
@@ -38,7 +39,7 @@ class StepMeter:
     _window_wait: float = 0.0
     _window_clips: int = 0
     _window_steps: int = 0
-    _loss_sum: float = 0.0
+    _loss_sum: Any = 0.0  # a device tensor during a window: read (a host sync) only in ``window``
     _loss_count: int = 0
     total_wait: float = 0.0
 
@@ -46,7 +47,8 @@ class StepMeter:
         self._window_wait += seconds
         self.total_wait += seconds
 
-    def step_done(self, local_clips: int, loss: float) -> None:
+    def step_done(self, local_clips: int, loss: Any) -> None:
+        """One optimizer step of ``local_clips`` on this rank; ``loss`` a float or a device tensor."""
         self._window_clips += local_clips * self.world_size
         self._window_steps += 1
         self._loss_sum += loss
@@ -59,7 +61,7 @@ class StepMeter:
         done = step - self.start_step
         per_step = (now - self.started) / done if done else 0.0
         out = {
-            "loss": self._loss_sum / max(self._loss_count, 1),
+            "loss": float(self._loss_sum) / max(self._loss_count, 1),
             "clips_per_s": self._window_clips / elapsed,
             "data_wait_fraction": min(1.0, self._window_wait / elapsed),
             "step_time_s": elapsed / max(self._window_steps, 1),

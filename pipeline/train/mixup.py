@@ -9,10 +9,33 @@ Mixing runs on the trainer after normalisation, on ``(B, T, C, H, W)`` float cli
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.config import ConfigError
+
+
+@dataclass
+class MixupSection:
+    """Batch mixing and label smoothing; ``mixup_alpha = cutmix_alpha = 0`` turns mixing off."""
+
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0  # chance a batch is mixed
+    switch_prob: float = 0.5  # chance of CutMix rather than Mixup when both are on
+    label_smoothing: float = 0.1
+
+    def validate(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError("mixup.mixup_alpha and mixup.cutmix_alpha must be >= 0")
+        for name in ("prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"mixup.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"mixup.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -14,12 +14,49 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 NO_DECAY_NAMES = ("pos_embed", "position_embeddings", "mask_token", "cls_token", "dist_token")
 _LAYER = re.compile(r"^(?:videomae\.)?encoder\.layer\.(\d+)\.")
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the per-step LR schedule. Unless ``lr`` is set, the peak, the end and the start of the
+    schedule are ``base_lr``, ``min_lr`` and ``warmup_lr`` x videos per step / 256 (the original's linear
+    scaling rule, which counts videos: a step of B clips at ``data.clips_per_video`` N holds B / N)."""
+
+    base_lr: float = 1.5e-4  # peak LR per 256 videos of global batch
+    lr: float | None = None  # absolute peak LR (overrides base_lr scaling; min_lr / warmup_lr then absolute)
+    min_lr: float = 1e-5  # end of the cosine (per 256 videos, unless lr is set)
+    warmup_lr: float = 0.0  # start of the linear warmup; the original's schedule starts at 0
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    layer_decay: float | None = None  # layer-wise LR decay (finetuning: 0.75)
+
+    def validate(self) -> None:
+        for name in ("base_lr", "min_lr", "warmup_lr", "eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
+        if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ConfigError("optim.warmup_epochs / optim.warmup_steps must be >= 0")
+
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

@@ -15,7 +15,6 @@ backward. Bad probe videos are counted in the run's probe ledger, not in the tra
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,20 +58,11 @@ class ProbeSection:
 def probe_rows(section: ProbeSection) -> tuple[dict[str, list[dict]], int]:
     """The rows of both probe splits (a seeded subset of at most ``max_videos`` each) and the class count;
     checked on the driver before any worker starts."""
-    from pipeline.eval import labels as label_lib
+    from pipeline.data.labels import labeled_splits
 
-    rows = {}
-    for name, split in zip(DATASETS, (section.data.split, section.query_split), strict=True):
-        split_rows = label_lib.read_rows(dataclasses.replace(section.data, split=split))
-        if len(split_rows) > section.max_videos:
-            split_rows = random.Random(0).sample(split_rows, section.max_videos)
-        rows[name] = split_rows
-    names = label_lib.dataset_label_names(section.data)
-    if names is None:
-        names = label_lib.default_names(1 + max(r["label"] for r in rows[DATASETS[0]] + rows[DATASETS[1]]))
-    for name, split in zip(DATASETS, (section.data.split, section.query_split), strict=True):
-        label_lib.check_labels(rows[name], names, f"probe {split}")
-    return rows, len(names)
+    splits = (section.data.split, section.query_split)
+    rows, names = labeled_splits(section.data, splits, section.max_videos, prefix="probe ")
+    return dict(zip(DATASETS, rows, strict=True)), len(names)
 
 
 def probe_datasets(section: ProbeSection, rows: dict[str, list[dict]], ledger: Any) -> dict[str, Any]:

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What the data path must cut and normalise clips to, for this model: its geometry and normalisation.
+CLIP_FIELDS = ("num_frames", "image_size", "patch_size", "tubelet_size")
 
 # Encoder / decoder widths of the VideoMAE paper's models (decoder sizes of the original pretraining scripts).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -134,6 +138,10 @@ class VideoMAEConfig:
     # for that size and resized bicubically per time slice (the original builds a new table), so each
     # token keeps its pretrained position code. None: the table of image_size (transformers' behaviour).
     position_embedding_size: int | None = None
+    # The input normalisation the model is trained with (as transformers' processors carry it): clips are
+    # normalised with it and the reconstruction target and pictures undo it.
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept as-is
 
     def __init__(self, num_labels: int | None = None, qkv_bias: bool | None = None, **kwargs: Any):
@@ -152,6 +160,8 @@ class VideoMAEConfig:
         self.extra = extra
         if qkv_bias is not None:
             self.qv_bias = bool(qkv_bias)
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
         if num_labels is not None and (self.id2label is None or len(self.id2label) != num_labels):
@@ -178,12 +188,15 @@ class VideoMAEConfig:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """Token grid (time, height, width) of one clip, as masking.token_grid."""
-        return (
-            self.num_frames // self.tubelet_size,
-            self.image_size // self.patch_size,
-            self.image_size // self.patch_size,
-        )
+        """Token grid (time, height, width) of one clip."""
+        from .masking import token_grid
+
+        return token_grid(self.num_frames, self.image_size, self.patch_size, self.tubelet_size)
+
+    def clip_format(self) -> dict[str, Any]:
+        """The data settings this model dictates (``DataConfig`` field names): geometry and normalisation."""
+        return {**{name: getattr(self, name) for name in CLIP_FIELDS}, "mean": self.image_mean,
+                "std": self.image_std}
 
     @property
     def num_patches(self) -> int:
@@ -251,11 +264,12 @@ class VideoMAEConfig:
             problems.append(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-        if not self.norm_pix_loss and self.num_channels != 3:
-            problems.append(
-                "norm_pix_loss=False un-normalises with the ImageNet RGB mean/std, so it needs "
-                f"num_channels=3, got {self.num_channels}"
-            )
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != self.num_channels:
+                problems.append(f"{name} needs one value per channel ({self.num_channels}), got "
+                                f"{list(getattr(self, name))}")
+        if any(v <= 0 for v in self.image_std):
+            problems.append(f"image_std must be > 0, got {list(self.image_std)}")
         if problems:
             raise ValueError("invalid VideoMAEConfig: " + "; ".join(problems))
         return self
@@ -270,6 +284,7 @@ class VideoMAEConfig:
                 continue
             out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["image_mean"], out["image_std"] = list(self.image_mean), list(self.image_std)
         out.update(copy.deepcopy(self.extra))
         out["model_type"] = self.model_type
         return dict(sorted(out.items()))

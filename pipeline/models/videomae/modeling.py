@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --- outputs ---------------------------------------------------------------------------------------------
@@ -191,7 +189,7 @@ def _activation(name: str):
     return {"relu": F.relu, "silu": F.silu, "swish": F.silu}[name]
 
 
-class _Holder(nn.Module):
+class Submodules(nn.Module):
     """Named container that reproduces transformers' module paths (``attention.output.dense``...)."""
 
     def __init__(self, **modules: nn.Module):
@@ -236,15 +234,15 @@ class VideoMAELayer(nn.Module):
         super().__init__()
         eps = config.layer_norm_eps
         self.layernorm_before = nn.LayerNorm(dim, eps=eps)
-        self.attention = _Holder(
+        self.attention = Submodules(
             attention=VideoMAESelfAttention(
                 dim, num_heads, config.qv_bias, config.attention_probs_dropout_prob
             ),
-            output=_Holder(dense=Linear(dim, dim)),
+            output=Submodules(dense=Linear(dim, dim)),
         )
         self.layernorm_after = nn.LayerNorm(dim, eps=eps)
-        self.intermediate = _Holder(dense=Linear(dim, mlp_dim))
-        self.output = _Holder(dense=Linear(mlp_dim, dim))
+        self.intermediate = Submodules(dense=Linear(dim, mlp_dim))
+        self.output = Submodules(dense=Linear(mlp_dim, dim))
         self.act = _activation(config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path = drop_path
@@ -565,8 +563,8 @@ class VideoMAEPreTrainedModel(nn.Module):
                 f"{source}: shapes do not match the config (pass ignore_mismatched_sizes=True "
                 f"to re-initialise them): " + "; ".join(mismatched)
             )
-        core = [k for k in missing if not k.startswith(self._head_prefixes)]
-        if strict or (strict is None and core):
+        missing_encoder = [k for k in missing if not k.startswith(self._head_prefixes)]
+        if strict or (strict is None and missing_encoder):
             problems = []
             if missing:
                 problems.append(f"missing keys {missing}")
@@ -604,7 +602,7 @@ class VideoMAEModel(VideoMAEPreTrainedModel):
         super().__init__(config)
         self.embeddings = VideoMAEEmbeddings(config)
         dpr = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.encoder = _Holder(
+        self.encoder = Submodules(
             layer=nn.ModuleList(
                 VideoMAELayer(
                     config, config.hidden_size, config.num_attention_heads, config.intermediate_size, p
@@ -718,13 +716,11 @@ class VideoMAEForPreTraining(VideoMAEPreTrainedModel):
 
     def reconstruction_target(self, patches: Tensor) -> Tensor:
         """Pixels the decoder is trained to predict, from normalised patches (B, M, t*p*p*C): un-normalised
-        with the ImageNet mean/std (RGB), then, with norm_pix_loss, normalised per tubelet and channel."""
+        with the model's ``image_mean`` / ``image_std``, then, with norm_pix_loss, normalised per tubelet and
+        channel."""
         c = self.config
         x = patches.float().unflatten(-1, (-1, c.num_channels))  # (B, M, t*p*p, C)
-        if c.num_channels == 3:
-            mean = x.new_tensor(IMAGENET_MEAN)
-            std = x.new_tensor(IMAGENET_STD)
-            x = x * std + mean
+        x = x * x.new_tensor(c.image_std) + x.new_tensor(c.image_mean)
         if c.norm_pix_loss:
             x = (x - x.mean(dim=-2, keepdim=True)) / (
                 x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6

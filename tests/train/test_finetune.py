@@ -9,18 +9,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.eval.labels import LabelError
+from pipeline import config as config_lib
+from pipeline.data.labels import LabelError
 from pipeline.models.videomae import (
     CheckpointError,
     VideoMAEConfig,
     VideoMAEForPreTraining,
     VideoMAEForVideoClassification,
 )
-from pipeline.train.finetune import load_config, prepare
+from pipeline.train.finetune import FinetuneConfig, check_inputs
 
 
 def _cfg(tmp_path: Path, data: Path, *more: str):
-    return load_config(
+    return config_lib.load(
+        FinetuneConfig,
         overrides=[
             f"storage_path={tmp_path / 'runs'}",
             f"data.uri={data}",
@@ -43,7 +45,7 @@ def data(sample_videos, tmp_path) -> Path:
 
 def test_prepare_takes_the_checkpoints_architecture_and_labels(data, tmp_path):
     VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", num_frames=8)).save_pretrained(tmp_path / "pre")
-    p = prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.preset=vit-s"))
+    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.preset=vit-s"))
     names = {i: n for n, i in json.loads((data / "labels.json").read_text()).items()}
     assert p.id2label == names
     assert p.model_config["hidden_size"] == 64 and p.cfg.data.num_frames == 8  # the checkpoint's, not vit-s
@@ -54,58 +56,58 @@ def test_prepare_takes_the_checkpoints_architecture_and_labels(data, tmp_path):
 def test_checkpoint_of_the_wrong_kind_or_size_fails_at_start(data, tmp_path):
     VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny")).save_pretrained(tmp_path / "pre")
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 64, config 48"):
-        prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.hidden_size=48"))
+        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.hidden_size=48"))
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "config.json").write_text('{"model_type": "bert"}')
     save_file({"x": torch.zeros(1)}, str(tmp_path / "text" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not a VideoMAE model config"):
-        prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'text'}"))
+        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'text'}"))
     (tmp_path / "other").mkdir()
     VideoMAEConfig.from_preset("tiny").save_pretrained(tmp_path / "other")
     save_file({"encoder.weight": torch.zeros(3)}, str(tmp_path / "other" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys"):
-        prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'other'}"))
+        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'other'}"))
     (tmp_path / "junk.pth").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
-        prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'junk.pth'}"))
+        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'junk.pth'}"))
     with pytest.raises(CheckpointError, match="not found"):
-        prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'nothing-here'}"))
+        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'nothing-here'}"))
 
 
 def test_a_classifier_for_other_labels_gets_a_new_head(data, tmp_path):
     config = VideoMAEConfig.from_preset("tiny", id2label={0: "a", 1: "b"})
     VideoMAEForVideoClassification(config).save_pretrained(tmp_path / "cls")
-    p = prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'cls'}"))
+    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'cls'}"))
     assert len(p.model_config["id2label"]) == 8
 
 
 def test_bad_labels_and_splits_fail_at_start(data, tmp_path):
     (tmp_path / "two.txt").write_text("0 right_slow\n1 left_slow\n")
     with pytest.raises(LabelError, match="labels not in the label map of 2 classes"):
-        prepare(_cfg(tmp_path, data, f"data.label_map={tmp_path / 'two.txt'}"))
+        check_inputs(_cfg(tmp_path, data, f"data.label_map={tmp_path / 'two.txt'}"))
     lines = (data / "train.csv").read_text().splitlines()
     (data / "train.csv").write_text("\n".join(ln for ln in lines if not ln.endswith(" 5")) + "\n")
     with pytest.raises(LabelError, match="1 of 8 classes have no example in the train split: left_fast"):
-        prepare(_cfg(tmp_path, data))
+        check_inputs(_cfg(tmp_path, data))
     (data / "val.csv").write_text("")
     (data / "train.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(LabelError, match="val split"):
-        prepare(_cfg(tmp_path, data))
+        check_inputs(_cfg(tmp_path, data))
     (data / "train.csv").write_text("videos/unlabeled.mp4\n")
     with pytest.raises(LabelError, match="have no label"):
-        prepare(_cfg(tmp_path, data, "val_split="))
+        check_inputs(_cfg(tmp_path, data, "val_split="))
 
 
 def test_an_original_videomae_pth_is_converted(data, tmp_path):
-    from test_model_convert import to_original
+    from original_layout import to_original
 
     original = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", layer_norm_eps=1e-6))
     torch.save({"model": to_original(original, finetuned=False)}, tmp_path / "checkpoint-799.pth")
     heads = ["model.num_frames=4", "model.image_size=32", "model.num_attention_heads=4"]
-    p = prepare(_cfg(tmp_path, data, f"init_from={tmp_path / 'checkpoint-799.pth'}", *heads))
+    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'checkpoint-799.pth'}", *heads))
     assert p.model_config["hidden_size"] == 64 and p.model_config["num_hidden_layers"] == 2
     model = VideoMAEForVideoClassification(VideoMAEConfig.from_dict(p.model_config))
-    from pipeline.train.weights import load_for_finetuning
+    from pipeline.models.weights import load_for_finetuning
 
     loaded = load_for_finetuning(
         p.init_from,
@@ -121,7 +123,7 @@ def test_an_original_videomae_pth_is_converted(data, tmp_path):
 
 def test_weights_are_found_in_s3_run_folders(s3_bucket, tmp_path, monkeypatch):
     from pipeline.data import storage
-    from pipeline.train import weights
+    from pipeline.models import weights
 
     monkeypatch.setattr(weights, "CACHE_DIR", tmp_path / "cache")
     model = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny"))
@@ -143,7 +145,7 @@ def test_weights_are_found_in_s3_run_folders(s3_bucket, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["finetune_vit_b_k400", "finetune_vit_b_ssv2"])
 def test_vit_b_presets_follow_the_paper_recipe(name):
-    cfg = load_config(name)
+    cfg = config_lib.load(FinetuneConfig, name)
     model = cfg.model.build()
     assert cfg.model.preset == "vit-b" and model.hidden_size == 768
     assert model.drop_path_rate == 0.1 and model.use_mean_pooling

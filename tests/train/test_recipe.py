@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import config as config_lib
-from pipeline.config import PretrainConfig
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 from pipeline.models.videomae.masking import running_cell_mask, tube_mask
+from pipeline.train.driver import plan_run
 from pipeline.train.finetune import FinetuneConfig
 from pipeline.train.optim import lr_at
-from pipeline.train.trainer import make_plan
+from pipeline.train.pretrain import PretrainConfig
 
 
 def test_pretraining_encoder_ends_in_the_originals_layernorm():
@@ -85,7 +85,7 @@ def test_pretraining_init_is_the_originals():
 def _plan(job: str, *overrides: str):
     cfg_cls = PretrainConfig if job == "pretrain" else FinetuneConfig
     cfg = config_lib.load(cfg_cls, None, ["scaling.num_workers=2", "train.batch_size=6", *overrides])
-    return make_plan(cfg, 1200)
+    return plan_run(cfg, 1200)
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])

@@ -14,9 +14,7 @@ import torch
 from pipeline.data.datasets import (
     ClipMaker,
     DataConfig,
-    build_eval_dataset,
-    build_finetune_dataset,
-    build_pretrain_dataset,
+    build_dataset,
     resolve_rows,
     torch_collate,
 )
@@ -41,10 +39,18 @@ def tiny(sample_videos, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
+def clip_batch(cfg: DataConfig, mode: str, row: dict, ledger: ErrorLedger) -> dict:
+    """What a decode task returns for one video: its clip rows as arrays, the ledger told."""
+    maker = ClipMaker(cfg, mode, ledger)
+    out = maker.clips(row)
+    maker.flush_ok()
+    return maker.to_batch(out)
+
+
 def test_pretrain_rows(sample_videos):
     cfg = tiny(sample_videos, clips_per_video=3)
     ledger = ErrorLedger.local()
-    batch = ClipMaker(cfg, "pretrain", ledger)(resolve_rows(cfg)[0])
+    batch = clip_batch(cfg, "pretrain", resolve_rows(cfg)[0], ledger)
     assert set(batch) == {"pixel_values", "bool_masked_pos"}
     assert batch["pixel_values"].shape == (3, 4, 32, 32, 3) and batch["pixel_values"].dtype == np.uint8
     mask = batch["bool_masked_pos"]
@@ -58,16 +64,16 @@ def test_pretrain_rows(sample_videos):
 def test_finetune_and_eval_rows(sample_videos):
     cfg = tiny(sample_videos, split="val", eval_num_clips=2, eval_num_crops=3, finetune_sampling="segment")
     row = resolve_rows(cfg)[5]
-    ft = ClipMaker(cfg, "finetune", ErrorLedger.local())(row)
+    ft = clip_batch(cfg, "finetune", row, ErrorLedger.local())
     assert ft["pixel_values"].shape == (1, 4, 32, 32, 3) and ft["labels"].tolist() == [row["label"]]
-    ev = ClipMaker(cfg, "eval", ErrorLedger.local())(row)
+    ev = clip_batch(cfg, "eval", row, ErrorLedger.local())
     assert ev["pixel_values"].shape == (6, 4, 32, 32, 3)
     assert ev["clip_index"].tolist() == [0, 0, 0, 1, 1, 1] and ev["crop_index"].tolist() == [0, 1, 2] * 2
     assert set(ev["video"].tolist()) == {row["path"]} and (ev["labels"] == row["label"]).all()
-    again = ClipMaker(cfg, "eval", ErrorLedger.local())(row)  # evaluation is deterministic
+    again = clip_batch(cfg, "eval", row, ErrorLedger.local())  # evaluation is deterministic
     np.testing.assert_array_equal(ev["pixel_values"], again["pixel_values"])
     strong = dataclasses.replace(cfg, rand_augment="rand-m9-n4-p1.0")  # 4 operations, always applied
-    augmented = ClipMaker(strong, "finetune", ErrorLedger.local())(row)
+    augmented = clip_batch(strong, "finetune", row, ErrorLedger.local())
     assert augmented["pixel_values"].shape == ft["pixel_values"].shape
     assert augmented["pixel_values"].dtype == np.uint8
     assert not np.array_equal(augmented["pixel_values"], ft["pixel_values"])  # same seed, same crop
@@ -80,10 +86,11 @@ def test_clips_sharing_frames_decode_one_clip_and_differ_in_crop_and_mask(sample
                           ErrorLedger.local())  # fmt: skip
         video = maker.decoder.decode(row["path"], maker.sampler, 0)
         assert video.frames.shape[0] == 4  # the union of 4 clips' frames is one clip's 4 frames
-        pixels = maker(row)["pixel_values"]
+        pixels = maker.to_batch(maker.clips(row))["pixel_values"]
         assert pixels.shape[0] == 4 and len({p.tobytes() for p in pixels}) > 1  # own crop per clip
-    masks = ClipMaker(tiny(sample_videos, clips_per_video=4, clips_share_frames=True), "pretrain",
-                      ErrorLedger.local())(row)["bool_masked_pos"]  # fmt: skip
+    maker = ClipMaker(tiny(sample_videos, clips_per_video=4, clips_share_frames=True), "pretrain",
+                      ErrorLedger.local())  # fmt: skip
+    masks = maker.to_batch(maker.clips(row))["bool_masked_pos"]
     assert masks.shape[0] == 4 and len({m.tobytes() for m in masks}) > 1  # own mask per clip
 
 
@@ -91,7 +98,7 @@ def test_labels_are_required_outside_pretraining(sample_videos):
     from pipeline.data.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="needs labels"):
-        build_finetune_dataset(tiny(sample_videos, uri=str(sample_videos / "videos")), ErrorLedger.local())
+        build_dataset(tiny(sample_videos, uri=str(sample_videos / "videos")), "finetune", ErrorLedger.local())
 
 
 def test_time_window_limits_the_frames(tmp_path):
@@ -108,7 +115,7 @@ def test_time_window_limits_the_frames(tmp_path):
     (tmp_path / "v.mp4").write_bytes(buf.getvalue())
     video = read_and_decode(str(tmp_path / "v.mp4"), DenseSampler(8, 1, clips=5), 0, window=(0.2, 0.4))
     for i in range(5):
-        values = video.clip(i)[:, 0, 0, 0].astype(int)
+        values = video.frames[video.clips[i]][:, 0, 0, 0].astype(int)
         assert values.min() >= 45 and values.max() <= 105  # frames 5..10 only, last frame repeated
 
 
@@ -116,18 +123,18 @@ def test_time_window_limits_the_frames(tmp_path):
 def test_ray_builders_stream_the_row_contract(ray_session, sample_videos):
     cfg = tiny(sample_videos, clips_per_video=2, decode_isolation="process", decode_concurrency=2,
                decode_resources={"decode": 1})  # the session's Ray advertises 2, as a decode node would
-    ds = build_pretrain_dataset(cfg, run_name="test-builders")
+    ds = build_dataset(cfg, "pretrain", run_name="test-builders")
     batches = list(ds.iter_torch_batches(batch_size=4))
     assert sum(len(b["pixel_values"]) for b in batches) == 2 * 8
     first = batches[0]
     assert first["pixel_values"].dtype == torch.uint8 and first["bool_masked_pos"].dtype == torch.bool
     assert to_model_input(first["pixel_values"], cfg.mean, cfg.std).shape == (4, 4, 3, 32, 32)
 
-    ft = build_finetune_dataset(tiny(sample_videos, hflip=False), run_name="test-builders")
+    ft = build_dataset(tiny(sample_videos, hflip=False), "finetune", run_name="test-builders")
     labels = torch.cat([b["labels"] for b in ft.iter_torch_batches(batch_size=8)])
     assert sorted(labels.tolist()) == list(range(8))
 
-    ev = build_eval_dataset(tiny(sample_videos, split="test", eval_num_clips=2), run_name="test-builders")
+    ev = build_dataset(tiny(sample_videos, split="test", eval_num_clips=2), "eval", run_name="test-builders")
     rows = [b for b in ev.iter_torch_batches(batch_size=5, collate_fn=torch_collate)]
     videos = [v for b in rows for v in b["video"]]
     assert len(videos) == 16 and len(set(videos)) == 8 and isinstance(videos[0], str)

@@ -21,12 +21,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import config as C
-from pipeline.config import ConfigError, PretrainConfig
+from pipeline.config import ConfigError
+from pipeline.data.labels import LabelError
 from pipeline.data.storage import StorageError
-from pipeline.eval.labels import LabelError
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.train import checkpointing
-from pipeline.train.trainer import main, run_pretrain
+from pipeline.train.pretrain import PretrainConfig, main, run_pretrain
 
 pytestmark = pytest.mark.integration
 
@@ -156,20 +156,18 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
 
 
 def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, sample_videos, capsys):
-    cfg = tiny_config(tmp_path, str(tmp_path))
     started = time.monotonic()
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
-        run_pretrain(C.replace(cfg, storage_path="s3://no-such-bucket-here/runs"))
+        run_pretrain(tiny_config(tmp_path, str(tmp_path), storage_path="s3://no-such-bucket-here/runs"))
     with pytest.raises(StorageError, match="unsupported URI scheme"):
-        run_pretrain(C.replace(cfg, storage_path="gs://bucket/runs"))
+        run_pretrain(tiny_config(tmp_path, str(tmp_path), storage_path="gs://bucket/runs"))
     with pytest.raises(StorageError, match="no-such-folder"):
-        run_pretrain(C.replace(cfg, **{"data.uri": str(tmp_path / "no-such-folder")}))
+        run_pretrain(tiny_config(tmp_path, str(tmp_path / "no-such-folder")))
     (tmp_path / "unlabeled").mkdir()
     (tmp_path / "unlabeled" / "a.mp4").write_bytes(b"a folder of videos has no labels")
-    unlabeled = {"data.uri": str(sample_videos), "probe.every_steps": 5,
-                 "probe.data.uri": str(tmp_path / "unlabeled")}
+    unlabeled = {"probe.every_steps": "5", "probe.data.uri": str(tmp_path / "unlabeled")}
     with pytest.raises(LabelError, match="probe train split have no label"):
-        run_pretrain(C.replace(cfg, **unlabeled))
+        run_pretrain(tiny_config(tmp_path, str(sample_videos), **unlabeled))
     assert time.monotonic() - started < 60
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or recorded
 

@@ -18,7 +18,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.preprocess import PreprocessConfig, run
 
 _spec = importlib.util.spec_from_file_location(
-    "preprocess_job", Path(__file__).parent.parent / "jobs/preprocess.py"
+    "preprocess_job", Path(__file__).parents[2] / "jobs/preprocess.py"
 )
 preprocess_job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(preprocess_job)

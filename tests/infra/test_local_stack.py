@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STACK = REPO / "infra" / "local" / "stack.py"
 RUN_NAME = "infra-local-e2e"

@@ -12,7 +12,7 @@ import decord
 import pytest
 from preprocess_videos import HUGE_MAX_PIXELS, ODD_CODECS, write_broken_set, write_video
 
-from pipeline.data.probe import VideoSettings, output_size, process_video
+from pipeline.data.transcode import VideoSettings, output_size, process_video
 from pipeline.data.video_worker import IsolatedVideoWorker
 
 SMALL = VideoSettings(short_side=64, max_pixels=HUGE_MAX_PIXELS)
@@ -135,8 +135,8 @@ def test_worker_reports_a_crashed_child_and_starts_a_new_one(tmp_path: Path, slo
     slow = slow_video
     worker = IsolatedVideoWorker(VideoSettings(preset="medium"), timeout_s=60)
     try:
-        worker._proc = worker._start()
-        killer = threading.Timer(0.3, worker._proc.kill)  # dies mid-video, as on a segfault
+        worker._child.start()
+        killer = threading.Timer(0.3, worker._child._proc.kill)  # dies mid-video, as on a segfault
         killer.start()
         row = worker.process(str(slow), str(tmp_path / "o/slow.mp4"), str(tmp_path / "o/.slow.tmp"))
         killer.join()

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import config as config_lib
-from pipeline.chain import PipelineConfig, dotted, run_pipeline
+from pipeline.chain import PipelineConfig, as_overrides, run_pipeline
 from pipeline.config import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def _cfg(tmp_path, data, *more):
         "evaluate.data.decode_isolation=inline",
         *more,
     ]
-    return config_lib.load(PipelineConfig, "pipeline_tiny_demo", sets)
+    return config_lib.load(PipelineConfig, "chain_tiny_demo", sets)
 
 
 def test_chain_runs_all_stages_then_skips_them_and_resumes_the_unfinished_one(
@@ -100,8 +100,8 @@ def test_stage_overrides_are_checked_before_anything_runs(tmp_path, sample_video
         _cfg(tmp_path, sample_videos, "stages=[evaluate,pretrain]")
 
 
-def test_dotted_overrides():
-    assert dotted({"train": {"epochs": 3}, "stages": ["a"], "x": True}) == [
+def test_nested_overrides_become_dotted_strings():
+    assert as_overrides({"train": {"epochs": 3}, "stages": ["a"], "x": True}) == [
         "train.epochs=3",
         'stages=["a"]',
         "x=true",
@@ -109,15 +109,20 @@ def test_dotted_overrides():
 
 
 def test_the_job_script_runs_from_any_folder(tmp_path, sample_videos):
-    """`python jobs/pipeline.py` shares its name with the package: Ray's workers, which get the driver's
-    sys.path, must still import the package (this failed when the script was started outside the repo)."""
-    script = Path(__file__).resolve().parent.parent / "jobs" / "pipeline.py"
+    """Ray's workers get the driver's sys.path: started outside the repo, the job must still import the
+    package (it failed once, when jobs/pipeline.py shadowed it). The chain's old name still answers."""
+    jobs = Path(__file__).resolve().parent.parent / "jobs"
     sets = ["stages=[pretrain]", "run_name=any-folder", f"data_uri={sample_videos}", "storage_path=runs",
             f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.train.max_steps=1",
             "pretrain.train.batch_size=2", "pretrain.data.sampling_rate=2", "pretrain.scaling.num_workers=1",
-            "pretrain.tracking.system_metrics=false", "pretrain.tracking.recon_every_steps=0"]
-    args = [sys.executable, str(script), *(a for s in sets for a in ("--set", s))]
+            "pretrain.tracking.system_metrics=false", "pretrain.tracking.recon_every_steps=0",
+            "pretrain.probe.every_steps=0"]
+    args = [sys.executable, str(jobs / "chain.py"), *(a for s in sets for a in ("--set", s))]
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "runs" / "any-folder" / "stages.json").read_text())
     assert record["pretrain"]["status"] == "done"
+    old_name = subprocess.run([sys.executable, str(jobs / "pipeline.py"), "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    assert old_name.returncode == 0 and "usage: pipeline" in old_name.stdout
+    assert "jobs/pipeline.py is now jobs/chain.py" in old_name.stderr

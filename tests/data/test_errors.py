@@ -94,7 +94,8 @@ def test_huge_resolution_refused_before_decoding(huge_video):
 def test_other_containers_are_size_checked_by_probing(tmp_path):
     path = tmp_path / "clip.webm"
     path.write_bytes(h264_bytes(64, 48, frames=6, codec="libvpx-vp9", fmt="webm"))
-    assert read_and_decode(str(path), DenseSampler(4, 1), 0).clip(0).shape == (4, 48, 64, 3)
+    video = read_and_decode(str(path), DenseSampler(4, 1), 0)
+    assert video.frames[video.clips[0]].shape == (4, 48, 64, 3)
     with pytest.raises(VideoError) as e:
         read_and_decode(str(path), DenseSampler(4, 1), 0, DecodeLimits(max_pixels=1000))
     assert e.value.reason == "too_large" and "64x48" in e.value.detail
@@ -129,7 +130,7 @@ def test_isolated_decoder_stops_a_hanging_read_and_recovers(tmp_path):
         assert e.value.reason == "timeout"
         assert 1.4 < time.monotonic() - start < 10
         video = decoder.decode(str(good), DenseSampler(4, 2), 0)  # a fresh helper takes over
-        assert video.clip(0).shape == (4, 48, 64, 3)
+        assert video.frames[video.clips[0]].shape == (4, 48, 64, 3)
     finally:
         decoder.close()
 
@@ -141,7 +142,7 @@ def test_isolated_decoder_survives_a_dying_helper(tmp_path):
     good.write_bytes(h264_bytes())
     decoder = Decoder(DecodeLimits(timeout_s=30))
     decoder.decode(str(good), DenseSampler(2, 1), 0)  # the helper is up
-    pid = decoder._proc.pid
+    pid = decoder._child._proc.pid
     killer = threading.Timer(0.5, os.kill, (pid, 9))  # as a segfault would end it
     killer.start()
     try:
@@ -177,7 +178,7 @@ def test_an_interrupted_decode_leaves_no_stale_answer(tmp_path):
         with pytest.raises(OSError):  # the helper that was reading the FIFO is gone: no reader left
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         video = decoder.decode(str(good), DenseSampler(12, 1), 0)
-        assert video.length == 12 and video.clip(0).shape == (12, 48, 64, 3)
+        assert video.length == 12 and video.frames[video.clips[0]].shape == (12, 48, 64, 3)
     finally:
         signal.signal(signal.SIGUSR1, previous)
         decoder.close()
@@ -192,7 +193,7 @@ def test_isolated_and_inline_decode_agree(sample_videos):
         isolated = decoder.decode(path, sampler, 5)
         assert isolated.length == inline.length
         for i in range(3):
-            np.testing.assert_array_equal(isolated.clip(i), inline.clip(i))
+            np.testing.assert_array_equal(isolated.frames[isolated.clips[i]], inline.frames[inline.clips[i]])
     finally:
         decoder.close()
 
@@ -237,7 +238,7 @@ def test_streaming_check_fails_fast_on_broken_data_only():
 def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucket, sample_videos, huge_video):
     """A bucket of good and bad videos through the Ray Data pretrain builder: every good video yields
     its clips, every bad one is named in the report with its reason; then the budget stops a run."""
-    from pipeline.data.datasets import DataConfig, build_pretrain_dataset
+    from pipeline.data.datasets import DataConfig, build_dataset
 
     good = sorted((sample_videos / "videos").rglob("*.mp4"))[:14]
     for p in good:
@@ -267,7 +268,6 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     rows = resolve_rows(cfg)  # listed now; one object disappears before it is read
     storage.delete(f"{s3_bucket}/videos/bad/deleted.mp4")
     ledger = ErrorLedger.get_or_create("test-bad-s3")
-    from pipeline.data.datasets import build_dataset
 
     ds = build_dataset(cfg, "pretrain", ledger, rows=rows)
     clips = sum(len(b["pixel_values"]) for b in ds.iter_torch_batches(batch_size=8))
@@ -280,7 +280,7 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     assert {r["uri"]: r["reason"] for r in report} == expected
 
     strict = DataConfig(**{**cfg.__dict__, "max_error_fraction": 0.05})
-    ds = build_pretrain_dataset(strict, run_name="test-bad-s3-strict")
+    ds = build_dataset(strict, "pretrain", run_name="test-bad-s3-strict")
     with pytest.raises(Exception, match="max_error_fraction") as e:
         for _ in ds.iter_torch_batches(batch_size=8):
             pass

@@ -6,8 +6,11 @@ otherwise surface as an index error deep in a worker after minutes of decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
+import random
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.data import storage
@@ -90,3 +93,20 @@ def read_rows(cfg: DataConfig) -> list[dict[str, Any]]:
             f"the {cfg.split} split of {storage.redact(cfg.uri or 'the sample dataset')} holds no videos"
         )
     return rows
+
+
+def labeled_splits(cfg: DataConfig, splits: Sequence[str], limit: int | None = None,
+                   prefix: str = "") -> tuple[list[list[dict[str, Any]]], dict[int, str]]:
+    """The rows of each of ``splits`` of ``cfg``'s dataset (a seeded subset of at most ``limit`` each) and
+    the class names (the label map, else ``class_<i>`` for every label seen), every row checked labeled and
+    known; ``prefix`` names the splits in errors ("probe train split")."""
+    per_split = []
+    for split in splits:
+        rows = read_rows(dataclasses.replace(cfg, split=split))
+        per_split.append(random.Random(0).sample(rows, limit) if limit and len(rows) > limit else rows)
+    names = dataset_label_names(cfg)
+    if names is None:
+        names = default_names(1 + max(r["label"] for rows in per_split for r in rows))
+    for split, rows in zip(splits, per_split, strict=True):
+        check_labels(rows, names, f"{prefix}{split}")
+    return per_split, names

@@ -12,12 +12,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import config as config_lib
 from pipeline.data.datasets import ClipMaker
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.manifest import read_manifest
 from pipeline.data.transforms import to_model_input
 from pipeline.eval.frozen import knn_top1, load_encoder, pooled_features
-from pipeline.eval.probing import load_config, main, run_probe
+from pipeline.eval.probing import ProbeConfig, main, run_probe
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel
 
 pytestmark = pytest.mark.integration
@@ -55,8 +56,10 @@ def test_probe_of_a_checkpoint_matches_the_in_process_computation(ray_session, s
     VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", use_mean_pooling=False)).save_pretrained(
         tmp_path / "pre"
     )
-    cfg = load_config(
-        None, _sets(tmp_path, sample_videos, "run_name=probe-ckpt", f"model_uri={tmp_path / 'pre'}")
+    cfg = config_lib.load(
+        ProbeConfig,
+        None,
+        _sets(tmp_path, sample_videos, "run_name=probe-ckpt", f"model_uri={tmp_path / 'pre'}"),
     )
     result = run_probe(cfg)
     assert (result.num_train, result.num_test, result.num_classes) == (8, 8, 8)
@@ -77,10 +80,12 @@ def test_a_random_init_is_probed_as_the_baseline_and_bad_input_fails_first(
     ray_session, sample_videos, tmp_path, capsys
 ):
     result = run_probe(
-        load_config(None, _sets(tmp_path, sample_videos, "run_name=probe-random", "model_uri=", "seed=3"))
+        config_lib.load(
+            ProbeConfig, None, _sets(tmp_path, sample_videos, "run_name=probe-rand", "model_uri=", "seed=3")
+        )
     )
     assert result.model == "random init (seed 3)"
-    saved = tmp_path / "runs" / "probe-random" / "random_init"
+    saved = tmp_path / "runs" / "probe-rand" / "random_init"
     torch.manual_seed(3)
     expected = VideoMAEModel(VideoMAEConfig.from_preset("tiny", use_mean_pooling=False))
     assert torch.equal(

@@ -14,8 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.eval.evaluate import load_config, run_evaluate
-from pipeline.eval.labels import LabelError
+from pipeline import config as config_lib
+from pipeline.data.labels import LabelError
+from pipeline.eval.evaluate import EvalConfig, run_evaluate
 from pipeline.models.videomae import (
     CheckpointError,
     VideoMAEConfig,
@@ -36,7 +37,8 @@ def _classifier_dir(path, id2label, **kw):
 
 
 def _cfg(tmp_path, model_uri, data_uri, *more):
-    return load_config(
+    return config_lib.load(
+        EvalConfig,
         overrides=[
             f"model_uri={model_uri}",
             f"data.uri={data_uri}",

@@ -15,11 +15,9 @@ import math
 import pytest
 
 from pipeline import config as config_lib
-from pipeline.config import PretrainConfig
 from pipeline.data.synthetic import make_dataset
-from pipeline.eval.probing import load_config as probe_config
-from pipeline.eval.probing import run_probe
-from pipeline.train.trainer import run_pretrain
+from pipeline.eval.probing import ProbeConfig, run_probe
+from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +39,7 @@ def test_pretrained_features_beat_the_random_init_on_held_out_videos(ray_session
     assert pre.final_step == 3000  # the demo's length: 1500 steps were measured too few (+7 points)
     scores = {}
     for arm, uri in (("pretrained", pre.export_uri), ("random init", "")):
-        result = run_probe(probe_config(None, [
+        result = run_probe(config_lib.load(ProbeConfig, None, [
             f"run_name=probe-{arm.replace(' ', '-')}", f"model_uri={uri}", "seed=1", "model.preset=demo",
             f"data.uri={motion_data}", "data.decode_isolation=inline", "linear=false",
             f"storage_path={tmp_path / 'runs'}", *tracking]))

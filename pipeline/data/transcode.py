@@ -1,4 +1,4 @@
-"""Probe and transcode one video with PyAV: the per-video work of the preprocessing job.
+"""Inspect, check and transcode one video with PyAV: the per-video work of the preprocessing job.
 
 Every failure becomes a :class:`VideoError` whose ``reason`` is a short code (the manifest's
 ``status``) and whose detail says what went wrong, so a broken file ends as a manifest row, never as
@@ -149,7 +149,7 @@ def _count_packets(container: av.container.InputContainer, stream: av.VideoStrea
     return count, last_key
 
 
-def probe(
+def inspect_video(
     uri: str, source: Any, size: int, settings: VideoSettings
 ) -> tuple[av.container.InputContainer, dict]:
     """Open and check a video. Returns the open container (caller closes it) and its metadata.
@@ -283,7 +283,7 @@ def process_video(src: str, dst: str | None, tmp_path: str | None, settings: Vid
     try:
         source, size = _open_source(src)
         row["bytes"] = size
-        container, info = probe(src, source, size, settings)
+        container, info = inspect_video(src, source, size, settings)
         row.update({k: v for k, v in info.items() if not k.startswith("_")})
         if settings.transcode:
             if dst is None or tmp_path is None:

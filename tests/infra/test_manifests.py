@@ -16,7 +16,7 @@ import pytest
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 CLUSTER_YAML = INFRA / "aws" / "cluster.yaml"
@@ -168,6 +168,7 @@ def repo_path(path: str) -> Path:
 
 def test_referenced_job_scripts_presets_and_keys_exist() -> None:
     from pipeline import config as config_lib
+    from pipeline.train.pretrain import PretrainConfig
 
     commands = entrypoints()
     assert len(commands) >= 4
@@ -182,8 +183,8 @@ def test_referenced_job_scripts_presets_and_keys_exist() -> None:
             assert path.is_file() or (REPO / "configs" / f"{preset}.yaml").is_file(), f"{where}: {preset}"
         path = str(repo_path(preset)) if preset else None
         if script.endswith("pretrain.py"):  # unknown or mistyped keys fail here, as they would at start
-            config_lib.load(config_lib.PretrainConfig, path, overrides)
-        if script.endswith("pipeline.py"):
+            config_lib.load(PretrainConfig, path, overrides)
+        if script.endswith("chain.py"):
             from pipeline.chain import PipelineConfig
 
             chain = config_lib.load(PipelineConfig, path, overrides)

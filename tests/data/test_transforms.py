@@ -45,7 +45,7 @@ def test_random_resized_crop_area_and_ratio():
 
 def test_resize_and_crop_keep_uint8_and_content():
     clip = ramp_clip()
-    out = T.resized_crop(clip, (0, 16, 48, 32), (24, 16))
+    out = T.resize(T.crop(clip, (0, 16, 48, 32)), (24, 16))
     assert out.dtype == torch.uint8 and out.shape == (4, 24, 16, 3) and out.is_contiguous()
     assert 16 <= out[..., 0].float().mean() <= 47  # values come from columns 16..47
     assert (out[:, :, 1:, 0] >= out[:, :, :-1, 0]).all()  # the ramp survives the resize

@@ -1,0 +1,210 @@
+"""The one training driver: what pretraining and finetuning do on the driver, in the order a user needs.
+
+Checks that need no Ray come first (seconds, clear errors): the storage location, the plan (steps, warmup,
+LRs by the original's scaling rule). The job then makes its own checks (data, labels, weights), and inside
+``session(...)``:
+
+1. the MLflow run is (re)opened by name and gets the config and the plan (tracking.job_run);
+2. Ray starts and the run gets a fresh error ledger; the job builds its datasets with it;
+3. ``session.fit(objective, datasets)``: Ray Train's TorchTrainer runs ``loop.train_loop_per_worker``;
+   resume is automatic (``<storage_path>/<run_name>``'s last checkpoint, after a worker failure or a rerun);
+4. ``session.finish(result)``: the data error report, the final checkpoint; ``session.export(dir)`` copies
+   the model the job chooses into ``export/``.
+
+The pretraining and finetuning jobs (pipeline/train/pretrain.py, finetune.py) differ only in their
+config, checks, datasets, objective and what they export.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_lib
+from pipeline import runtime, tracking
+from pipeline.config import ConfigError
+from pipeline.data import storage
+from pipeline.data.errors import ErrorLedger
+from pipeline.train import checkpointing
+from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
+from pipeline.train.optim import scaled_lr
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool | None = None  # None: GPUs if the cluster has at least num_workers of them
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker failures Ray Train recovers from (restart from the last checkpoint)
+    ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+
+def checked_storage(storage_path: str) -> str:
+    """The absolute storage location, reachable (an s3:// bucket must exist; a local folder is made)."""
+    path = storage.absolute(storage_path)
+    try:
+        if storage.is_s3(path):
+            storage.check_reachable(path)
+        else:
+            storage.makedirs(path)
+    except storage.StorageError as e:
+        raise storage.StorageError(f"storage_path: {e}") from e
+    return path
+
+
+def plan_run(cfg: Any, num_clips: int) -> Plan:
+    """Steps per epoch (a full batch on every rank, as Ray's equal split delivers), total and warmup steps,
+    and the LRs by the linear scaling rule.
+
+    As in the original scripts, the rule counts *videos* per step, not clips: with ``clips_per_video`` N
+    (the original's ``num_sample``) a step of B clips holds B / N videos, and ``base_lr``, ``min_lr`` and
+    ``warmup_lr`` are all scaled by that / 256. An absolute ``optim.lr`` is used as given, with the
+    configured ``min_lr`` and ``warmup_lr``.
+    """
+    t, world = cfg.train, cfg.scaling.num_workers
+    global_batch = t.batch_size * world * t.grad_accum_steps
+    per_epoch = t.steps_per_epoch or (num_clips // world) // t.batch_size // t.grad_accum_steps
+    if per_epoch < 1:
+        raise ConfigError(
+            f"the dataset has {num_clips} clips per epoch, fewer than one global batch of {global_batch} "
+            f"(train.batch_size {t.batch_size} x scaling.num_workers {world} x train.grad_accum_steps "
+            f"{t.grad_accum_steps}): use more videos or a smaller batch"
+        )
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * per_epoch)
+    videos_per_step = global_batch / cfg.data.clips_per_video
+    if o.lr:
+        peak, floor, start = o.lr, o.min_lr, o.warmup_lr
+    else:
+        peak, floor, start = (scaled_lr(v, videos_per_step) for v in (o.base_lr, o.min_lr, o.warmup_lr))
+    return Plan(total_steps=total, steps_per_epoch=per_epoch, warmup_steps=min(warmup, total), peak_lr=peak,
+                global_batch=global_batch, min_lr=floor, warmup_lr=start)
+
+
+def resolve_use_gpu(scaling: ScalingSection) -> bool:
+    if scaling.use_gpu is not None:
+        return scaling.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= scaling.num_workers
+
+
+@dataclass
+class Finished:
+    """What a training attempt left behind."""
+
+    checkpoint: Any  # the last ray.train.Checkpoint, or None
+    checkpoint_uri: str | None
+    final_step: int
+    start_step: int  # the step the last attempt started from (0 unless it resumed)
+    metrics: dict
+    error_report_uri: str
+    num_errors: int
+
+
+class Session:
+    """A training job's MLflow run, error ledger and Ray Train run (see the module docstring)."""
+
+    def __init__(self, cfg: Any, run: tracking.Run, plan: Plan, storage_path: str):
+        self.cfg, self.run, self.plan, self.storage_path = cfg, run, plan, storage_path
+        self.run_dir = storage.join(storage_path, cfg.run_name)
+        self.config_yaml = config_lib.to_yaml(cfg)
+        self.ledger = ErrorLedger.create(cfg.run_name)
+
+    def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):
+        """Run the TorchTrainer of ``objective`` over ``datasets`` to the plan's last step."""
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        cfg = self.cfg
+        args = LoopArgs(
+            cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name, probe_classes
+        )
+        fs, path = (
+            (storage.s3_filesystem(), storage.resolve(self.storage_path)[1])
+            if storage.is_s3(self.storage_path)
+            else (None, self.storage_path)
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"args": args},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                                   use_gpu=resolve_use_gpu(cfg.scaling),
+                                                   resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=cfg.run_name,
+                storage_path=path,
+                storage_filesystem=fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            ),
+            datasets=datasets,
+        )
+        started = time.time()
+        result = trainer.fit()
+        print(f"training finished in {time.time() - started:.0f} s", flush=True)
+        return result
+
+    def finish(self, result) -> Finished:
+        """The data error report (storage and MLflow), and where the last checkpoint is."""
+        report_uri = storage.join(self.run_dir, "data_errors.jsonl")
+        num_errors = self.ledger.write_report(report_uri)
+        snap = self.ledger.snapshot()
+        metrics = dict(result.metrics or {})
+        self.run.log_metrics(
+            {"data/videos_total": snap["videos"], "data/errors_total": snap["errors"],
+             **{f"data/errors_total/{k}": v for k, v in snap["by_reason"].items()}},
+            step=int(metrics.get("step", 0)),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            local_report = Path(tmp) / "data_errors.jsonl"
+            local_report.write_text(storage.read_text(report_uri))
+            self.run.log_artifact(local_report, "data")
+        if num_errors:
+            print(
+                f"data: {num_errors} of {snap['videos']} videos could not be used, by reason "
+                f"{snap['by_reason']}: see {report_uri}",
+                flush=True,
+            )
+        checkpoint, checkpoint_uri, final_step = result.checkpoint, None, 0
+        if checkpoint is not None:
+            checkpoint_uri = checkpoint.path if not storage.is_s3(self.run_dir) else f"s3://{checkpoint.path}"
+            with checkpoint.as_directory() as directory:
+                final_step = checkpointing.read_progress(directory).step
+        return Finished(checkpoint, checkpoint_uri, final_step, int(metrics.get("start_step", final_step)),
+                        metrics, report_uri, num_errors)
+
+    def export(self, model_dir: str | Path) -> str:
+        """Copy the transformers-format model in ``model_dir`` to ``<run>/export`` and into MLflow."""
+        export_uri = storage.join(self.run_dir, "export")
+        checkpointing.export_model(model_dir, export_uri)
+        for name in checkpointing.MODEL_FILES:
+            self.run.log_artifact(Path(model_dir) / name, "model")
+        return export_uri
+
+
+@contextmanager
+def session(cfg: Any, job: str, storage_path: str, plan: Plan, params: dict[str, Any]) -> Iterator[Session]:
+    """The job's MLflow run with its params (the config, the plan, ``params``), Ray, an error ledger."""
+    hint = f"rerun with run_name={cfg.run_name} to resume from its last checkpoint"
+    with tracking.job_run(cfg.run_name, cfg.tracking, storage_path, job, interrupted_hint=hint) as run:
+        run.log_params(config_lib.flatten(cfg))
+        run.log_params({f"plan.{k}": v for k, v in vars(plan).items()} | params)
+        run.log_text(config_lib.to_yaml(cfg), "config/resolved_config.yaml")
+        runtime.init_ray(cfg.scaling.ray_address)
+        yield Session(cfg, run, plan, storage_path)
