@@ -78,7 +78,7 @@ class EvalResult:
         )
 
 
-def check_inputs(cfg: EvalConfig):
+def check_eval_inputs(cfg: EvalConfig):
     """Driver-side checks and inputs: (classifier, data config in the model's clip format, rows, names)."""
     from pipeline.models.weights import load_classifier, locate
 
@@ -110,7 +110,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    model_uri, model, data, rows, class_names = check_inputs(cfg)
+    model_uri, model, data, rows, class_names = check_eval_inputs(cfg)
     views = data.eval_num_clips * data.eval_num_crops
     print(
         f"evaluate: {storage.redact(model_uri)} ({len(class_names)} classes, {_geometry(model)}) on "

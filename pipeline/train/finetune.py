@@ -253,7 +253,7 @@ def class_names(cfg: FinetuneConfig, rows: list[dict]) -> dict[int, str]:
     return label_lib.default_names(max(labeled, default=-1) + 1)
 
 
-def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
+def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     """Checks without Ray: storage, splits, labels, weights; the model config and its clip format."""
     from pipeline.models.weights import load_for_finetuning, locate
 
@@ -311,7 +311,7 @@ def val_data(cfg: FinetuneConfig) -> DataConfig:
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) the finetuning described by ``cfg``; export the best model with its labels."""
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
-    inputs = check_inputs(cfg)
+    inputs = check_finetune_inputs(cfg)
     cfg = inputs.cfg
     plan = driver.plan_run(cfg, len(inputs.train_rows) * cfg.data.clips_per_video)
     source = storage.redact(inputs.init_from) if inputs.init_from else "scratch (random init)"

@@ -17,7 +17,7 @@ from pipeline.models.videomae import (
     VideoMAEForPreTraining,
     VideoMAEForVideoClassification,
 )
-from pipeline.train.finetune import FinetuneConfig, check_inputs
+from pipeline.train.finetune import FinetuneConfig, check_finetune_inputs
 
 
 def _cfg(tmp_path: Path, data: Path, *more: str):
@@ -45,7 +45,7 @@ def data(sample_videos, tmp_path) -> Path:
 
 def test_prepare_takes_the_checkpoints_architecture_and_labels(data, tmp_path):
     VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", num_frames=8)).save_pretrained(tmp_path / "pre")
-    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.preset=vit-s"))
+    p = check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.preset=vit-s"))
     names = {i: n for n, i in json.loads((data / "labels.json").read_text()).items()}
     assert p.id2label == names
     assert p.model_config["hidden_size"] == 64 and p.cfg.data.num_frames == 8  # the checkpoint's, not vit-s
@@ -56,46 +56,46 @@ def test_prepare_takes_the_checkpoints_architecture_and_labels(data, tmp_path):
 def test_checkpoint_of_the_wrong_kind_or_size_fails_at_start(data, tmp_path):
     VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny")).save_pretrained(tmp_path / "pre")
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 64, config 48"):
-        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.hidden_size=48"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'pre'}", "model.hidden_size=48"))
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "config.json").write_text('{"model_type": "bert"}')
     save_file({"x": torch.zeros(1)}, str(tmp_path / "text" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not a VideoMAE model config"):
-        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'text'}"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'text'}"))
     (tmp_path / "other").mkdir()
     VideoMAEConfig.from_preset("tiny").save_pretrained(tmp_path / "other")
     save_file({"encoder.weight": torch.zeros(3)}, str(tmp_path / "other" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys"):
-        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'other'}"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'other'}"))
     (tmp_path / "junk.pth").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
-        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'junk.pth'}"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'junk.pth'}"))
     with pytest.raises(CheckpointError, match="not found"):
-        check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'nothing-here'}"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'nothing-here'}"))
 
 
 def test_a_classifier_for_other_labels_gets_a_new_head(data, tmp_path):
     config = VideoMAEConfig.from_preset("tiny", id2label={0: "a", 1: "b"})
     VideoMAEForVideoClassification(config).save_pretrained(tmp_path / "cls")
-    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'cls'}"))
+    p = check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'cls'}"))
     assert len(p.model_config["id2label"]) == 8
 
 
 def test_bad_labels_and_splits_fail_at_start(data, tmp_path):
     (tmp_path / "two.txt").write_text("0 right_slow\n1 left_slow\n")
     with pytest.raises(LabelError, match="labels not in the label map of 2 classes"):
-        check_inputs(_cfg(tmp_path, data, f"data.label_map={tmp_path / 'two.txt'}"))
+        check_finetune_inputs(_cfg(tmp_path, data, f"data.label_map={tmp_path / 'two.txt'}"))
     lines = (data / "train.csv").read_text().splitlines()
     (data / "train.csv").write_text("\n".join(ln for ln in lines if not ln.endswith(" 5")) + "\n")
     with pytest.raises(LabelError, match="1 of 8 classes have no example in the train split: left_fast"):
-        check_inputs(_cfg(tmp_path, data))
+        check_finetune_inputs(_cfg(tmp_path, data))
     (data / "val.csv").write_text("")
     (data / "train.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(LabelError, match="val split"):
-        check_inputs(_cfg(tmp_path, data))
+        check_finetune_inputs(_cfg(tmp_path, data))
     (data / "train.csv").write_text("videos/unlabeled.mp4\n")
     with pytest.raises(LabelError, match="have no label"):
-        check_inputs(_cfg(tmp_path, data, "val_split="))
+        check_finetune_inputs(_cfg(tmp_path, data, "val_split="))
 
 
 def test_an_original_videomae_pth_is_converted(data, tmp_path):
@@ -104,7 +104,7 @@ def test_an_original_videomae_pth_is_converted(data, tmp_path):
     original = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", layer_norm_eps=1e-6))
     torch.save({"model": to_original(original, finetuned=False)}, tmp_path / "checkpoint-799.pth")
     heads = ["model.num_frames=4", "model.image_size=32", "model.num_attention_heads=4"]
-    p = check_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'checkpoint-799.pth'}", *heads))
+    p = check_finetune_inputs(_cfg(tmp_path, data, f"init_from={tmp_path / 'checkpoint-799.pth'}", *heads))
     assert p.model_config["hidden_size"] == 64 and p.model_config["num_hidden_layers"] == 2
     model = VideoMAEForVideoClassification(VideoMAEConfig.from_dict(p.model_config))
     from pipeline.models.weights import load_for_finetuning
