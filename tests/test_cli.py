@@ -37,3 +37,12 @@ def test_every_job_refuses_before_starting(main, job_copy, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: storage_path 'runs' is relative") and "s3://" in err
     assert list(job_copy.iterdir()) == []  # nothing written, no sample data generated
+
+
+def test_run_names_name_folders_and_mlflow_runs():
+    from pipeline import runtime
+
+    runtime.check_run_name("pretrain-vit-b_k400.v2")
+    for bad in ("a/b", "", "-leading-dash", "x" * 129, "spaces here"):
+        with pytest.raises(ConfigError, match="run_name"):
+            runtime.check_run_name(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,3 +144,24 @@ def test_a_partial_section_keeps_the_jobs_own_section_defaults(tmp_path):
     cfg = C.load(_JobWithOwnDataDefaults, preset, ["data.seed=7"], base=base)
     assert (cfg.data.hflip, cfg.data.clips_per_video, cfg.data.seed, cfg.data.split) == (False, 5, 7, "val")
     assert base == {"data": {"split": "val"}}  # the caller's base layer is not modified
+
+
+@pytest.mark.parametrize("job, key, source", [
+    ("finetune", "data.num_frames=8", "data.num_frames is taken from model.num_frames; set model.num_frames"),
+    ("finetune", "data.mean=[0.5,0.5,0.5]", "data.mean is taken from model.image_mean"),
+    ("pretrain", "data.std=[1,1,1]", "data.std is taken from model.image_std"),
+    ("pretrain", "probe.data.sampling_rate=3", "probe.data.sampling_rate is taken from data.sampling_rate"),
+    ("evaluate", "data.image_size=64", "data.image_size is taken from the model at model_uri"),
+    ("probe", "data.patch_size=4", "data.patch_size is taken from the model (model_uri"),
+])
+def test_every_job_takes_the_clip_format_from_the_model(job, key, source):
+    """One rule for data settings the model dictates: refused wherever they are set, naming the source."""
+    from pipeline.eval.evaluate import EvalConfig
+    from pipeline.eval.probing import ProbeConfig
+    from pipeline.train.finetune import FinetuneConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig, "probe": ProbeConfig}
+    with pytest.raises(ConfigError, match=re.escape(source)):
+        C.load(cls[job], None, [key])
+    cfg = C.load(PretrainConfig, None, ["model.image_mean=[0.5,0.5,0.5]", "model.image_std=[0.25,0.25,0.25]"])
+    assert cfg.data.mean == (0.5, 0.5, 0.5) and cfg.probe.data.std == (0.25, 0.25, 0.25)  # the model's

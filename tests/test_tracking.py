@@ -74,3 +74,25 @@ def test_system_metrics_from_a_worker_style_logger(mlflow_server):
         logger.close()
     assert any(k.startswith("system/cpu") for k in metrics), metrics
     assert metrics["loss"] == 0.5
+
+
+def test_job_run_closes_the_run_finished_killed_or_failed(tmp_path, capsys):
+    section = tracking.TrackingSection(tracking_uri=f"sqlite:///{tmp_path / 'ml.db'}", experiment="jobs")
+    client = MlflowClient(section.tracking_uri)
+    with tracking.job_run("ok", section, str(tmp_path), "probe") as run:
+        run.log_metrics({"x": 1.0}, 0)
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    with pytest.raises(KeyboardInterrupt), tracking.job_run("stopped", section, str(tmp_path), "probe",
+                                                            interrupted_hint="rerun to resume") as run:
+        raise KeyboardInterrupt
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert "interrupted: rerun to resume" in capsys.readouterr().out
+    with pytest.raises(ValueError), tracking.job_run("broken", section, str(tmp_path), "probe") as run:
+        raise ValueError("bad input")
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    with tracking.job_run("stopped", section, str(tmp_path), "probe") as again:  # a rerun reopens by name
+        pass
+    assert again.run_id != run.run_id and client.get_run(again.run_id).info.status == "FINISHED"
+    # without a tracking URI: a SQLite store under the local storage folder; "runs" when that is in S3
+    default = tracking.TrackingSection()
+    assert default.resolved_uri(str(tmp_path / "store")) == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"

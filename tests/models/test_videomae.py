@@ -270,3 +270,22 @@ def test_bf16_autocast_on_cpus_without_bf16_gemm(monkeypatch):
     out.loss.backward()
     assert model.videomae.encoder.layer[0].attention.attention.qkv.weight.grad.dtype == torch.float32
     torch.testing.assert_close(out.loss, model(x, bool_masked_pos=mask).loss, atol=0, rtol=2e-2)
+
+
+def test_the_models_normalisation_is_recorded_and_undone_by_the_target(tmp_path):
+    """image_mean / image_std travel with the model (config.json) and un-normalise the target, so a model
+    trained on other statistics than ImageNet's reconstructs the right pixels (norm_pix_loss false)."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    c = tiny(norm_pix_loss=False, image_mean=mean, image_std=std)
+    c.save_pretrained(tmp_path)
+    again = VideoMAEConfig.from_pretrained(tmp_path)
+    assert again.image_mean == mean and again.image_std == std
+    assert again.clip_format() == {"num_frames": 4, "image_size": 32, "patch_size": 8, "tubelet_size": 2,
+                                   "mean": mean, "std": std}
+    model = VideoMAEForPreTraining(c).eval()
+    x, mask = clip(2, c), tube(2, c)
+    out = model(pixel_values=x, bool_masked_pos=mask)
+    raw = patchify(x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None], 2, 8)
+    torch.testing.assert_close(out.loss, ((out.logits - raw[mask].view(2, -1, 384)) ** 2).mean())
+    with pytest.raises(ValueError, match="image_mean needs one value per channel"):
+        tiny(image_mean=(0.5, 0.5)).validate()
