@@ -160,7 +160,8 @@ def test_every_job_takes_the_clip_format_from_the_model(job, key, source):
     from pipeline.eval.probing import ProbeConfig
     from pipeline.train.finetune import FinetuneConfig
 
-    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig, "probe": ProbeConfig}
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig,
+           "probe": ProbeConfig}
     with pytest.raises(ConfigError, match=re.escape(source)):
         C.load(cls[job], None, [key])
     cfg = C.load(PretrainConfig, None, ["model.image_mean=[0.5,0.5,0.5]", "model.image_std=[0.25,0.25,0.25]"])

@@ -82,4 +82,4 @@ def test_derived_seeds_are_repeatable_and_independent():
     assert derive_seed(0, 1) == derive_seed(0, 1)  # a resumed run repeats its randomness
     seeds = {derive_seed(0, rank, epoch) for rank in range(4) for epoch in range(50)}
     assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
-    assert derive_seed(1, 0) != derive_seed(0, 1)  # the parts' order matters: (seed, rank) is not (rank, seed)
+    assert derive_seed(1, 0) != derive_seed(0, 1)  # the order of the parts matters
