@@ -145,10 +145,7 @@ def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: Dec
         check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:
         raise VideoError(uri, "too_large", f"{size[0]}x{size[1]} > max_pixels {limits.max_pixels}")
-    try:
-        names = decoders.candidates(limits.decoder, limits.device)
-    except decoders.DecoderUnavailable as e:
-        raise VideoError(uri, "unsupported_codec", f"data.decoder: {e}") from None
+    names = decoders.candidates(limits.decoder, limits.device)  # DecoderUnavailable: the setup, not the video
     failed: list[str] = []
     opened = False
     for name in names:
@@ -263,6 +260,8 @@ class Decoder:
             raise
         if msg[1] == "error":
             raise VideoError(uri, msg[2], msg[3])
+        if msg[1] == "unavailable":
+            raise decoders.DecoderUnavailable(msg[2])
         _, _, shape, clips, length, fps, backend, fallback_from = msg
         frames = np.frombuffer(buf.map, np.uint8, count=int(np.prod(shape))).reshape(shape)
         return DecodedVideo(frames, clips, length, fps, backend, fallback_from)
@@ -301,6 +300,9 @@ def serve() -> None:
             video = read_and_decode(uri, sampler, seed, limits, window)
         except VideoError as e:
             send.send((request, "error", e.reason, e.detail))
+            continue
+        except decoders.DecoderUnavailable as e:  # no video is to blame: the run stops with the reason
+            send.send((request, "unavailable", str(e)))
             continue
         except Exception as e:  # noqa: BLE001 - report, never die on one video
             send.send((request, "error", "decode_error", f"{type(e).__name__}: {e}"[:300]))

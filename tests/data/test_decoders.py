@@ -129,3 +129,32 @@ def test_isolated_decoding_reports_the_backend(videos):
     assert video.backend == "pyav" and video.frames.shape[0] == 4
     inline = read_and_decode(str(path), DenseSampler(4, 2), 0, DecodeSettings(decoder="pyav"))
     np.testing.assert_array_equal(video.frames, inline.frames)
+
+
+def test_a_decoder_this_node_lacks_stops_the_run_instead_of_failing_every_video(videos, monkeypatch):
+    """decode_device cuda on a CPU node (or torchcodec without its CUDA libraries) is a setup problem: it
+    must not be counted as thousands of bad videos."""
+    from pipeline.data.decode import Decoder
+
+    path, _ = videos["h264"]
+    for isolation in ("inline", "process"):
+        decoder = Decoder(DecodeSettings(decoder="decord", device="cuda"), isolation)
+        try:
+            with pytest.raises(
+                decoders.DecoderUnavailable, match="decode_device 'cuda' needs decoder 'torchcodec'"
+            ):
+                decoder.decode(str(path), DenseSampler(4, 2), 0)
+        finally:
+            decoder.close()
+
+
+@pytest.mark.skipif(
+    bool(decoders.unavailable_reason("torchcodec", "cuda")),
+    reason=decoders.unavailable_reason("torchcodec", "cuda") or "",
+)
+def test_gpu_decoding_returns_the_same_frames(videos):
+    """NVDEC through torchcodec: only where a GPU and torchcodec's CUDA build exist (not on CPU CI)."""
+    path, reference = videos["h264"]
+    video = decoders.open_video("torchcodec", path.read_bytes(), device="cuda")
+    for i, got in zip(INDICES, video.frames(INDICES), strict=True):
+        assert _closest(got, reference)[0] == i
