@@ -237,7 +237,8 @@ def test_dockerfile_installs_the_project_from_pyproject_with_pinned_versions() -
     assert args["PYTHON_TAG"] == f"py{sys.version_info.major}{sys.version_info.minor}"
     # one base per architecture (multi-arch builds with docker buildx), chosen by BuildKit's TARGETARCH
     base = r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-gpu"
-    assert re.search(base + r" AS base-amd64$", text, re.M) and re.search(base + r"-aarch64 AS base-arm64$", text, re.M)
+    assert re.search(base + r" AS base-amd64$", text, re.M)
+    assert re.search(base + r"-aarch64 AS base-arm64$", text, re.M)
     assert re.search(r"^FROM base-\$\{TARGETARCH\}$", text, re.M)
     assert "--platform linux/amd64,linux/arm64" in text
     assert args["TORCHCODEC_VERSION"] == "0.17.0"
