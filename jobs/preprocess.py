@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PreprocessConfig, float]:
     )
     v.add_argument(
         "--decoder",
-        default="decord",
-        choices=("decord", "pyav", "torchcodec", "auto"),
+        default="auto",
+        choices=("auto", "decord", "pyav", "torchcodec"),
         help="the training data's data.decoder: every video the manifest marks ok opens with it",
     )
     v.add_argument(

@@ -92,7 +92,7 @@ class DataConfig:
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom resources per decode task,
     # e.g. {decode: 1} pins decoding to nodes that advertise a `decode` resource (infra/, docs/cluster.md)
     videos_per_block: int = 4  # videos per Ray Data block (one decode task handles a block)
-    decoder: str = "decord"  # decord | pyav | torchcodec | auto: the next one when a video fails (data.md)
+    decoder: str = "auto"  # auto | decord | pyav | torchcodec; auto: the next one when one fails a video
     decode_device: str = "cpu"  # cpu | cuda (torchcodec on NVDEC, GPU decode nodes)
     decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
     decode_timeout_s: float = 60.0  # per-video read + decode limit

@@ -25,7 +25,6 @@ import contextlib
 import io
 import mmap
 import os
-import struct
 import tempfile
 import time
 import uuid
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data import decoders, storage
+from pipeline.data import decoders, mp4, storage
 from pipeline.data.child import ChildDied, ChildProcess, ChildTimeout, parent_channel
 from pipeline.data.errors import VideoError
 
@@ -47,7 +46,7 @@ class DecodeSettings:
     max_pixels: int = 4096 * 2160  # larger frames are refused before decoding (too_large)
     min_frames: int = 2  # fewer frames are refused (too_short); shorter-than-clip videos repeat frames
     num_threads: int = 1  # decoder threads per video; parallelism comes from more decode workers
-    decoder: str = "decord"  # decord | pyav | torchcodec | auto (the next backend when one fails a video)
+    decoder: str = "auto"  # auto | decord | pyav | torchcodec (auto: the next backend when one fails a video)
     device: str = "cpu"  # cpu | cuda (torchcodec's NVDEC)
 
 
@@ -102,45 +101,11 @@ def frame_window(length: int, fps: float, window: tuple[float, float]) -> tuple[
     return lo, hi
 
 
-def _boxes(data: bytes, start: int, end: int):
-    """ISO-BMFF boxes in ``data[start:end]`` as (type, payload start, end)."""
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1 and pos + 16 <= end:
-            size, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
-        elif size == 0:
-            size = end - pos
-        if size < header or pos + size > end:
-            return
-        yield kind, pos + header, pos + size
-        pos += size
-
-
-def mp4_frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the largest video track of an MP4/MOV file from its ``tkhd`` boxes, else None."""
-    if data[4:8] != b"ftyp":
-        return None
-    best = None
-    for kind, start, end in _boxes(data, 0, len(data)):
-        if kind != b"moov":
-            continue
-        for trak, t_start, t_end in _boxes(data, start, end):
-            for box, b_start, b_end in _boxes(data, t_start, t_end) if trak == b"trak" else ():
-                offset = b_start + (88 if data[b_start] == 1 else 76)  # width, height: 16.16 fixed point
-                if box == b"tkhd" and offset + 8 <= b_end:
-                    w, h = (v >> 16 for v in struct.unpack_from(">II", data, offset))
-                    if w * h and (best is None or w * h > best[0] * best[1]):
-                        best = (w, h)
-    return best
-
-
 def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: DecodeSettings,
                  window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
     """The sampled frames of one video's bytes, by the first of ``limits.decoder``'s backends that reads
     them (pipeline/data/decoders.py); every failure is a ``VideoError``."""
-    size = mp4_frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
+    size = mp4.frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
     if size is None:
         check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:

@@ -5,15 +5,19 @@ order (frame ``i`` is the ``i``-th frame a player shows, for any frame rate, var
 ``(N, H, W, 3)`` RGB. Every backend gives the same frames for the same indices (tests compare them frame
 by frame on H.264, HEVC, VP9, AV1 and variable-frame-rate files):
 
-- ``decord``: the default; one C++ call per batch of frames (``get_batch``), seeking to the keyframe before
-  each. The ``decord`` module comes from the maintained ``decord2`` wheels (FFmpeg 8: AV1 reads; aarch64
-  wheels), see docs/data.md.
+- ``decord``: one C++ call per batch of frames (``get_batch``), seeking to the keyframe before each. The
+  ``decord`` module comes from the maintained ``decord2`` wheels (FFmpeg 8: AV1 reads; aarch64 wheels),
+  see docs/data.md. decord numbers keyframes in decode order, so on an open-GOP stream (a keyframe shown
+  after frames decoded later: x265's default, H.264 with ``open-gop``) it returns frames a few positions
+  past the ones asked for; it refuses those streams (``InexactSeek``) rather than return wrong frames.
 - ``pyav``: PyAV (FFmpeg with dav1d). The demuxer's packet timestamps give each frame its index without
-  decoding; decoding starts at the keyframe before the first wanted frame and stops after the last.
+  decoding; decoding starts at the keyframe before a wanted frame, runs forward, and seeks ahead when
+  the next wanted frame lies past a keyframe not yet reached.
 - ``torchcodec``: PyTorch's decoder (``seek_mode="exact"``), on the CPU or, with ``decode_device: cuda``,
   NVDEC; its PyPI wheel is a CUDA build, so it imports on GPU nodes only.
 
-``auto`` tries the available backends in ``AUTO_ORDER``; a video the first cannot open or decode is
+``auto`` tries the available backends in ``AUTO_ORDER``, PyAV first (exact on every GOP and, measured
+in benchmarks/decoders.py, as fast as decord or faster); a video the first cannot open or decode is
 retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which one read it.
 """
 
@@ -25,12 +29,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.data import mp4
+
 BACKENDS = ("decord", "pyav", "torchcodec")
-AUTO_ORDER = ("decord", "pyav", "torchcodec")
+AUTO_ORDER = ("pyav", "decord", "torchcodec")  # the fastest first (benchmarks/decoders.py, docs/data.md)
 
 
 class DecoderUnavailable(RuntimeError):
     """A backend that cannot be used on this machine (not installed, no GPU); the message says why."""
+
+
+class InexactSeek(ValueError):
+    """The backend would return other frames than the ones asked for on this video."""
 
 
 class OpenVideo(Protocol):
@@ -47,12 +57,33 @@ class _Decord:
     def __init__(self, data: bytes, num_threads: int, device: str):
         import decord
 
+        if _open_gop(data):
+            raise InexactSeek("an open-GOP stream (keyframes shown after frames decoded later), which decord "
+                              "seeks to the wrong frames")
         self._reader = decord.VideoReader(io.BytesIO(data), num_threads=num_threads)
         self.length, self.fps = len(self._reader), float(self._reader.get_avg_fps())
 
     def frames(self, indices: list[int]) -> np.ndarray:
         # DLPack hands decord's buffer over without a copy (asnumpy would copy every frame once more)
         return np.from_dlpack(_DLPack(self._reader.get_batch(indices)))
+
+
+def _open_gop(data: bytes) -> bool:
+    """Whether a keyframe is shown at another position than it is decoded at: from the MP4 sample tables
+    (microseconds), else from the packets PyAV demuxes (other containers, fragmented MP4)."""
+    answer = mp4.keyframes_out_of_order(data)
+    if answer is not None:
+        return answer
+    import av
+
+    with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+        if not container.streams.video:
+            return False
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(container.streams.video[0])
+                   if p.pts is not None and p.size]
+    rank = np.empty(len(packets), np.int64)
+    rank[np.argsort([pts for pts, _ in packets], kind="stable")] = np.arange(len(packets))
+    return any(rank[i] != i for i, (_, key) in enumerate(packets) if key)
 
 
 class _DLPack:
@@ -69,8 +100,8 @@ class _DLPack:
 
 
 class _PyAV:
-    """Exact frames with PyAV: the packets' presentation timestamps, sorted, number the frames; decoding
-    seeks to the last keyframe at or before the first wanted frame and runs forward."""
+    """Exact frames with PyAV: the packets' presentation timestamps, sorted, number the frames (demuxing
+    reads no pixels); decoding seeks to the last keyframe at or before a wanted frame and runs forward."""
 
     name = "pyav"
 
@@ -99,19 +130,27 @@ class _PyAV:
         self.fps = float(rate) if rate else 0.0
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        wanted = set(indices)
-        first = int(self._pts[indices[0]])
-        start = int(self._keyframes[max(np.searchsorted(self._keyframes, first, side="right") - 1, 0)])
-        self._container.seek(start, stream=self._stream, backward=True, any_frame=False)
-        out: dict[int, np.ndarray] = {}
-        for frame in self._container.decode(self._stream):
-            i = self._index.get(frame.pts)
-            if i is None:
+        """Decode forward through the wanted frames, seeking ahead whenever the next one lies past a
+        keyframe not yet reached (so sparse clips of a long video do not decode everything between)."""
+        wanted, out = set(indices), {}
+        position, decoded = -1, None  # presentation index of the last frame decoded; the running decoder
+        for target in indices:
+            if target in out:
                 continue
-            if i in wanted:
-                out[i] = frame.to_ndarray(format="rgb24")
-            if i >= indices[-1]:
-                break
+            before = np.searchsorted(self._keyframes, self._pts[target], side="right") - 1
+            key = int(self._keyframes[max(before, 0)])
+            if decoded is None or self._index[key] > position or target <= position:
+                self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
+                decoded, position = self._container.decode(self._stream), -1
+            for frame in decoded:
+                i = self._index.get(frame.pts)
+                if i is None:
+                    continue
+                position = i
+                if i in wanted and i not in out:  # (a seek's leading pictures may repeat earlier ones)
+                    out[i] = frame.to_ndarray(format="rgb24")
+                if i >= target:
+                    break
         missing = [i for i in indices if i not in out]
         if missing:
             raise ValueError(f"frames {missing[:5]} could not be decoded")

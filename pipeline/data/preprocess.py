@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import runtime
-from pipeline.data import storage
+from pipeline.data import decoders, storage
 from pipeline.data.annotations import Matched, load_annotations, match
 from pipeline.data.decode import DecodeSettings
 from pipeline.data.transcode import TRANSIENT_REASONS, VideoSettings
@@ -104,7 +104,7 @@ class PreprocessConfig:
     # decoder's own limit with --no-transcode, so "ok" means training will read it.
     max_pixels: int | None = None
     min_frames: int = 2
-    decoder: str = "decord"  # the training data's data.decoder: every "ok" video opens with it
+    decoder: str = "auto"  # the training data's data.decoder: every "ok" video opens with it
     timeout_s: float = 600.0  # per video
     workers: int | None = None  # Ray actors; default: every CPU of the cluster
     annotations: list[str] = field(default_factory=list)
@@ -135,6 +135,10 @@ class PreprocessConfig:
             raise ValueError("gop_seconds and timeout_s must be positive")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        try:
+            decoders.candidates(self.decoder)
+        except decoders.DecoderUnavailable as e:
+            raise ValueError(f"decoder: {e}") from None
 
 
 def _normalize(uri: str) -> str:

@@ -51,7 +51,7 @@ class VideoSettings:
     threads: int = 1
     # The training data's decoder (data.decoder): every video the manifest marks "ok" opens with it. In
     # probe-only mode a video it cannot read (AV1 in decord 0.6, say) is transcoded to H.264 instead.
-    decoder: str = "decord"
+    decoder: str = "auto"
 
     def fingerprint(self) -> str:
         """Settings that change the output; a manifest row made with other settings is redone."""
@@ -262,16 +262,19 @@ def transcode(
 
 
 def unreadable_by(decoder: str, data: bytes) -> str | None:
-    """Why the training decoder cannot read this video (its first and last frames), or None if it can."""
+    """Why the training decoder cannot read this video (its first and last frames), or None if it can;
+    for ``auto``, None when any of its backends can, as training falls back per video the same way."""
     from pipeline.data import decoders
 
-    try:
-        name = decoders.candidates(decoder)[0]
-        video = decoders.open_video(name, data)
-        video.frames(sorted({0, video.length - 1}))
-    except Exception as e:  # noqa: BLE001 - each library raises its own types
-        return f"{decoder}: {type(e).__name__}: {e}"[:300]
-    return None
+    failed = []
+    for name in decoders.candidates(decoder):
+        try:
+            video = decoders.open_video(name, data)
+            video.frames(sorted({0, video.length - 1}))
+            return None
+        except Exception as e:  # noqa: BLE001 - each library raises its own types
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+    return "; ".join(failed)[:300]
 
 
 def _source_bytes(source: Any) -> bytes:
