@@ -12,13 +12,13 @@ by frame on H.264, HEVC, VP9, AV1 and variable-frame-rate files):
   past the ones asked for; it refuses those streams (``InexactSeek``) rather than return wrong frames.
 - ``pyav``: PyAV (FFmpeg with dav1d). The demuxer's packet timestamps give each frame its index without
   decoding; decoding starts at the keyframe before a wanted frame, runs forward, and seeks ahead when
-  the next wanted frame lies past a keyframe not yet reached.
+  that skips at least one whole GOP (sparse clips of a long video).
 - ``torchcodec``: PyTorch's decoder (``seek_mode="exact"``), on the CPU or, with ``decode_device: cuda``,
   NVDEC; its PyPI wheel is a CUDA build, so it imports on GPU nodes only.
 
-``auto`` tries the available backends in ``AUTO_ORDER``, PyAV first (exact on every GOP and, measured
-in benchmarks/decoders.py, as fast as decord or faster); a video the first cannot open or decode is
-retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which one read it.
+``auto`` tries the available backends in ``AUTO_ORDER``: decord first (the fastest on H.264 in
+benchmarks/decoders.py), PyAV for what decord refuses or fails on; a video the first cannot open or decode
+is retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which one read it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.data import mp4
 
 BACKENDS = ("decord", "pyav", "torchcodec")
-AUTO_ORDER = ("pyav", "decord", "torchcodec")  # the fastest first (benchmarks/decoders.py, docs/data.md)
+AUTO_ORDER = ("decord", "pyav", "torchcodec")  # decord2 is the fastest on H.264 (docs/data.md)
 
 
 class DecoderUnavailable(RuntimeError):
@@ -130,16 +130,18 @@ class _PyAV:
         self.fps = float(rate) if rate else 0.0
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        """Decode forward through the wanted frames, seeking ahead whenever the next one lies past a
-        keyframe not yet reached (so sparse clips of a long video do not decode everything between)."""
+        """Decode forward through the wanted frames, seeking ahead when the next one lies a whole GOP or
+        more past the decoder (a seek flushes the decoder, which costs more than a few frames)."""
         wanted, out = set(indices), {}
         position, decoded = -1, None  # presentation index of the last frame decoded; the running decoder
         for target in indices:
             if target in out:
                 continue
-            before = np.searchsorted(self._keyframes, self._pts[target], side="right") - 1
-            key = int(self._keyframes[max(before, 0)])
-            if decoded is None or self._index[key] > position or target <= position:
+            keys = self._keyframes
+            before = max(int(np.searchsorted(keys, self._pts[target], side="right")) - 1, 0)  # its keyframe
+            ahead = int(np.searchsorted(keys, self._pts[position], side="right")) if position >= 0 else 0
+            if decoded is None or before > ahead or target <= position:  # seeking skips whole GOPs
+                key = int(keys[before])
                 self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
                 decoded, position = self._container.decode(self._stream), -1
             for frame in decoded:
