@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip uninstall --quiet --yes decord 2>/dev/null || true  # an older venv's decord 0.6: decord2 replaces it
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

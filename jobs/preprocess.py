@@ -46,7 +46,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[PreprocessConfig, float]:
         "--no-transcode",
         dest="transcode",
         action="store_false",
-        help="probe and check only; the manifest then points at the original files",
+        help="probe and check only; the manifest then points at the original files, except those the "
+        "training decoder cannot read, which are transcoded",
+    )
+    v.add_argument(
+        "--decoder",
+        default="auto",
+        choices=("auto", "decord", "pyav", "torchcodec"),
+        help="the training data's data.decoder: every video the manifest marks ok opens with it",
     )
     v.add_argument(
         "--short-side", type=int, default=320, help="short side of the output in pixels (never upscaled)"

@@ -32,6 +32,7 @@ import math
 import random
 import warnings
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ import numpy as np
 import torch
 
 from pipeline.data import manifest, transforms
-from pipeline.data.decode import DecodeLimits, Decoder
+from pipeline.data.decode import Decoder, DecodeSettings
+from pipeline.data.decoders import BACKENDS
 from pipeline.data.errors import ErrorLedger, VideoError
 from pipeline.data.randaugment import RandAugment, parse_spec
 from pipeline.data.sampling import MultiViewSampler, make_sampler
@@ -90,6 +92,8 @@ class DataConfig:
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom resources per decode task,
     # e.g. {decode: 1} pins decoding to nodes that advertise a `decode` resource (infra/, docs/cluster.md)
     videos_per_block: int = 4  # videos per Ray Data block (one decode task handles a block)
+    decoder: str = "auto"  # auto | decord | pyav | torchcodec; auto: the next one when one fails a video
+    decode_device: str = "cpu"  # cpu | cuda (torchcodec on NVDEC, GPU decode nodes)
     decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
     decode_timeout_s: float = 60.0  # per-video read + decode limit
     max_pixels: int = 4096 * 2160  # refuse larger frames (too_large) before decoding
@@ -105,12 +109,17 @@ class DataConfig:
             parse_spec(self.rand_augment)  # raises naming the spec
         if not 0.0 <= self.random_erasing <= 1.0:
             raise ValueError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
+        if self.decoder not in (*BACKENDS, "auto"):
+            raise ValueError(f"decoder must be one of {[*BACKENDS, 'auto']}, got {self.decoder!r}")
+        if self.decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
         bad = {k: v for k, v in self.decode_resources.items() if not isinstance(v, int | float) or v <= 0}
         if bad:
             raise ValueError(f"decode_resources must map resource names to amounts > 0, got {bad}")
 
-    def limits(self) -> DecodeLimits:
-        return DecodeLimits(self.decode_timeout_s, self.max_pixels, self.min_frames)
+    def limits(self) -> DecodeSettings:
+        return DecodeSettings(self.decode_timeout_s, self.max_pixels, self.min_frames, decoder=self.decoder,
+                              device=self.decode_device)
 
     def num_tokens(self) -> int:
         t, h, w = token_grid(self.num_frames, self.image_size, self.patch_size, self.tubelet_size)
@@ -131,7 +140,7 @@ def resolve_rows(cfg: DataConfig) -> list[dict[str, Any]]:
 _DECODERS: dict[tuple, Decoder] = {}  # per worker process: one decode helper serves every dataset
 
 
-def shared_decoder(limits: DecodeLimits, isolation: str) -> Decoder:
+def shared_decoder(limits: DecodeSettings, isolation: str) -> Decoder:
     key = (limits, isolation)
     if key not in _DECODERS:
         _DECODERS[key] = Decoder(limits, isolation)
@@ -157,7 +166,8 @@ class ClipMaker:
             )
         self.grid = token_grid(cfg.num_frames, cfg.image_size, cfg.patch_size, cfg.tubelet_size)
         self.rand_augment = RandAugment(parse_spec(cfg.rand_augment)) if cfg.rand_augment else None
-        self._ok = 0  # decoded videos not yet reported to the ledger
+        self._ok: Counter[str] = Counter()  # decoded videos by backend, not yet reported to the ledger
+        self._fallbacks: list[dict] = []  # videos a later decoder read after the first failed
 
     def _rng(self, path: str) -> np.random.Generator:
         if self.cfg.seed is None and self.mode != "eval":
@@ -167,8 +177,9 @@ class ClipMaker:
     def flush_ok(self) -> None:
         """Report the videos decoded since the last flush (one round trip per block, not per video)."""
         if self._ok:
-            self.ledger.record_ok(self._ok, wait=True)
-            self._ok = 0
+            self.ledger.record_ok(sum(self._ok.values()), wait=True, by_backend=dict(self._ok),
+                                  fallbacks=self._fallbacks)
+            self._ok, self._fallbacks = Counter(), []
 
     def clips(self, row: dict[str, Any]) -> dict[str, list] | None:
         """The clip rows of one video as lists per column (uint8 tensors for pixels), or None."""
@@ -183,7 +194,10 @@ class ClipMaker:
             snap = self.ledger.record(e.uri, e.reason, e.detail)
             self.ledger.check(self.cfg.max_error_fraction, self.cfg.min_videos_for_error_check, snap, z=3.0)
             return None
-        self._ok += 1
+        self._ok[video.backend] += 1
+        if video.fallback_from:
+            self._fallbacks.append({"uri": path, "backend": video.backend,
+                                    "failed": list(video.fallback_from)})
         size = (self.cfg.image_size, self.cfg.image_size)
         with warnings.catch_warnings():  # read-only frames (decord's or the shared buffer): we only read
             warnings.simplefilter("ignore", UserWarning)

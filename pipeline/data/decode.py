@@ -1,12 +1,14 @@
-"""Read one video (one GET) and decode only the frames its clips need, with decord, from bytes.
+"""Read one video (one GET) and decode only the frames its clips need, from bytes.
 
 ``read_and_decode(uri, sampler, seed, limits)`` does the work: read the bytes, check the frame size
 against ``max_pixels`` before decoding (from the MP4 track headers, or a PyAV probe for other
-containers), open decord on the bytes, ask the sampler for the clips' frame indices given the video
-length, and decode the union of those frames once. Every failure becomes a ``VideoError`` with a reason
-from ``errors.REASONS``; when decord cannot open a file, PyAV names what is wrong with it.
+containers), open the video with the configured decoder (pipeline/data/decoders.py: decord, PyAV,
+torchcodec, or ``auto``, which tries the next when one fails), ask the sampler for the clips' frame
+indices given the video length, and decode the union of those frames once. Every failure becomes a
+``VideoError`` with a reason from ``errors.REASONS``; when no decoder can open a file, PyAV names what is
+wrong with it.
 
-The per-video time limit. decord can hang or crash inside C, and a Python thread cannot interrupt C
+The per-video time limit. A decoder can hang or crash inside C, and a Python thread cannot interrupt C
 code, so ``Decoder(isolation="process")`` (the default) runs ``read_and_decode`` in a long-lived helper
 process per decode worker (pipeline/data/child.py, the supervisor preprocessing uses too): the parent waits
 at most ``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
@@ -23,7 +25,6 @@ import contextlib
 import io
 import mmap
 import os
-import struct
 import tempfile
 import time
 import uuid
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data import storage
+from pipeline.data import decoders, mp4, storage
 from pipeline.data.child import ChildDied, ChildProcess, ChildTimeout, parent_channel
 from pipeline.data.errors import VideoError
 
@@ -40,11 +41,13 @@ Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
-class DecodeLimits:
+class DecodeSettings:
     timeout_s: float = 60.0  # per video: read + probe + decode
     max_pixels: int = 4096 * 2160  # larger frames are refused before decoding (too_large)
     min_frames: int = 2  # fewer frames are refused (too_short); shorter-than-clip videos repeat frames
-    num_threads: int = 1  # decord threads per video; parallelism comes from more decode workers
+    num_threads: int = 1  # decoder threads per video; parallelism comes from more decode workers
+    decoder: str = "auto"  # auto | decord | pyav | torchcodec (auto: the next backend when one fails a video)
+    device: str = "cpu"  # cpu | cuda (torchcodec's NVDEC)
 
 
 @dataclass
@@ -53,6 +56,8 @@ class DecodedVideo:
     clips: list[np.ndarray]  # per clip: positions into ``frames`` (T,)
     length: int  # frames in the video
     fps: float
+    backend: str = "decord"  # the decoder that read it
+    fallback_from: tuple[str, ...] = ()  # ``"backend: error"`` of the backends that failed first (auto)
 
 
 def read_video_bytes(uri: str) -> bytes:
@@ -66,7 +71,7 @@ def read_video_bytes(uri: str) -> bytes:
     return data
 
 
-def check_container(uri: str, data: bytes, limits: DecodeLimits) -> None:
+def check_container(uri: str, data: bytes, limits: DecodeSettings) -> None:
     """Name what is wrong with a file from its headers before decord sees it."""
     import av
 
@@ -96,83 +101,44 @@ def frame_window(length: int, fps: float, window: tuple[float, float]) -> tuple[
     return lo, hi
 
 
-def _boxes(data: bytes, start: int, end: int):
-    """ISO-BMFF boxes in ``data[start:end]`` as (type, payload start, end)."""
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1 and pos + 16 <= end:
-            size, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
-        elif size == 0:
-            size = end - pos
-        if size < header or pos + size > end:
-            return
-        yield kind, pos + header, pos + size
-        pos += size
-
-
-def mp4_frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the largest video track of an MP4/MOV file from its ``tkhd`` boxes, else None."""
-    if data[4:8] != b"ftyp":
-        return None
-    best = None
-    for kind, start, end in _boxes(data, 0, len(data)):
-        if kind != b"moov":
-            continue
-        for trak, t_start, t_end in _boxes(data, start, end):
-            for box, b_start, b_end in _boxes(data, t_start, t_end) if trak == b"trak" else ():
-                offset = b_start + (88 if data[b_start] == 1 else 76)  # width, height: 16.16 fixed point
-                if box == b"tkhd" and offset + 8 <= b_end:
-                    w, h = (v >> 16 for v in struct.unpack_from(">II", data, offset))
-                    if w * h and (best is None or w * h > best[0] * best[1]):
-                        best = (w, h)
-    return best
-
-
-class _DLPack:
-    """Lets numpy take over a decord array's buffer without copying (and without importing torch)."""
-
-    def __init__(self, array) -> None:
-        self.array = array
-
-    def __dlpack__(self, stream=None, **kwargs):
-        return self.array.to_dlpack()
-
-    def __dlpack_device__(self) -> tuple[int, int]:
-        return 1, 0  # kDLCPU, device 0
-
-
-def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: DecodeLimits,
+def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: DecodeSettings,
                  window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
-    import decord
-
-    size = mp4_frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
+    """The sampled frames of one video's bytes, by the first of ``limits.decoder``'s backends that reads
+    them (pipeline/data/decoders.py); every failure is a ``VideoError``."""
+    size = mp4.frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
     if size is None:
         check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:
         raise VideoError(uri, "too_large", f"{size[0]}x{size[1]} > max_pixels {limits.max_pixels}")
-    try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=limits.num_threads)
-        length, fps = len(reader), float(reader.get_avg_fps())
-    except Exception as e:  # noqa: BLE001 - decord raises RuntimeError / DECORDError / AssertionError
+    names = decoders.candidates(limits.decoder, limits.device)  # DecoderUnavailable: the setup, not the video
+    failed: list[str] = []
+    opened = False
+    for name in names:
+        try:
+            video = decoders.open_video(name, data, limits.num_threads, limits.device)
+        except Exception as e:  # noqa: BLE001 - each library raises its own types
+            failed.append(f"{name}: {type(e).__name__}: {e}"[:200])
+            continue
+        opened = True
+        lo, hi = frame_window(video.length, video.fps, window)
+        if hi - lo < limits.min_frames:
+            raise VideoError(uri, "too_short", f"{hi - lo} frame(s) < min_frames {limits.min_frames}")
+        clips = [c + lo for c in sampler(hi - lo, np.random.default_rng(seed))]
+        wanted, positions = np.unique(np.concatenate(clips), return_inverse=True)
+        try:
+            frames = video.frames(wanted.tolist())
+        except Exception as e:  # noqa: BLE001
+            failed.append(f"{name}: {type(e).__name__}: {e}"[:200])
+            continue
+        sizes = np.cumsum([len(c) for c in clips])[:-1]
+        return DecodedVideo(frames, np.split(positions, sizes), video.length, video.fps, name, tuple(failed))
+    if not opened:
         check_container(uri, data, limits)  # a more specific reason (codec, no video stream) if PyAV has one
-        raise VideoError(uri, "undecodable", f"{type(e).__name__}: {e}"[:300]) from None
-    lo, hi = frame_window(length, fps, window)
-    if hi - lo < limits.min_frames:
-        raise VideoError(uri, "too_short", f"{hi - lo} frame(s) < min_frames {limits.min_frames}")
-    clips = [c + lo for c in sampler(hi - lo, np.random.default_rng(seed))]
-    wanted, positions = np.unique(np.concatenate(clips), return_inverse=True)
-    try:
-        # DLPack hands decord's buffer over without a copy (asnumpy would copy every frame once more)
-        frames = np.from_dlpack(_DLPack(reader.get_batch(wanted.tolist())))
-    except Exception as e:  # noqa: BLE001
-        raise VideoError(uri, "decode_error", f"{type(e).__name__}: {e}"[:300]) from None
-    sizes = np.cumsum([len(c) for c in clips])[:-1]
-    return DecodedVideo(frames, np.split(positions, sizes), length, fps)
+        raise VideoError(uri, "undecodable", "; ".join(failed)[:500])
+    raise VideoError(uri, "decode_error", "; ".join(failed)[:500])
 
 
-def read_and_decode(uri: str, sampler: Sampler, seed: int, limits: DecodeLimits = DecodeLimits(),
+def read_and_decode(uri: str, sampler: Sampler, seed: int, limits: DecodeSettings = DecodeSettings(),
                     window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
     """One GET, then decode only the sampled frames (within ``window`` seconds); raises ``VideoError``."""
     return decode_bytes(uri, read_video_bytes(uri), sampler, seed, limits, window)
@@ -203,7 +169,7 @@ class _FrameBuffer:
 class Decoder:
     """Decodes videos with a hard per-video time limit (see the module docstring)."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits(), isolation: str = "process"):
+    def __init__(self, limits: DecodeSettings = DecodeSettings(), isolation: str = "process"):
         if isolation not in ("process", "inline"):
             raise ValueError(f"isolation must be 'process' or 'inline', got {isolation!r}")
         self.limits, self.isolation = limits, isolation
@@ -259,9 +225,11 @@ class Decoder:
             raise
         if msg[1] == "error":
             raise VideoError(uri, msg[2], msg[3])
-        _, _, shape, clips, length, fps = msg
+        if msg[1] == "unavailable":
+            raise decoders.DecoderUnavailable(msg[2])
+        _, _, shape, clips, length, fps, backend, fallback_from = msg
         frames = np.frombuffer(buf.map, np.uint8, count=int(np.prod(shape))).reshape(shape)
-        return DecodedVideo(frames, clips, length, fps)
+        return DecodedVideo(frames, clips, length, fps, backend, fallback_from)
 
     def close(self) -> None:
         if self._child is not None:
@@ -280,7 +248,9 @@ def serve() -> None:
     """Helper process body (``python -m pipeline.data.decode``): answer decode requests until the parent
     closes the pipe."""
     import av  # noqa: F401 - imported before "ready" so the first video's time limit excludes imports
-    import decord  # noqa: F401
+
+    for name in decoders.BACKENDS:  # the same for the decoders' libraries (and their availability checks)
+        decoders.unavailable_reason(name)
 
     recv, send, (buffer_fd,) = parent_channel()
     buffer_fd = int(buffer_fd)
@@ -296,6 +266,9 @@ def serve() -> None:
         except VideoError as e:
             send.send((request, "error", e.reason, e.detail))
             continue
+        except decoders.DecoderUnavailable as e:  # no video is to blame: the run stops with the reason
+            send.send((request, "unavailable", str(e)))
+            continue
         except Exception as e:  # noqa: BLE001 - report, never die on one video
             send.send((request, "error", "decode_error", f"{type(e).__name__}: {e}"[:300]))
             continue
@@ -306,7 +279,8 @@ def serve() -> None:
         if mapped is None or mapped[0] != size:
             mapped = (size, mmap.mmap(buffer_fd, size))
         np.frombuffer(mapped[1], np.uint8, count=nbytes)[:] = video.frames.reshape(-1)
-        send.send((request, "ok", video.frames.shape, video.clips, video.length, video.fps))
+        send.send((request, "ok", video.frames.shape, video.clips, video.length, video.fps, video.backend,
+                   video.fallback_from))
 
 
 if __name__ == "__main__":

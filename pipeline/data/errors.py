@@ -13,8 +13,8 @@ Ray Train worker) reads live counts and writes the report::
     ledger = ErrorLedger.create(run_name)          # driver (a fresh actor); ErrorLedger.get(ledger.run_name)
                                                    # finds it from a worker
     ledger.record(uri, reason, detail)             # decode tasks (returns the new snapshot)
-    ledger.record_ok(n)                            # decode tasks, videos decoded (once per block)
-    ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}}
+    ledger.record_ok(n, by_backend=..., fallbacks=...)  # decode tasks, videos decoded (once per block)
+    ledger.snapshot()  # {"videos", "ok", "errors", "error_fraction", "by_reason": {reason: n}, "by_backend"}
     ledger.check(max_error_fraction, min_videos)   # raises ErrorBudgetExceeded (e.g. at the end of an epoch)
     ledger.write_report(uri)                       # JSONL: one {"uri", "reason", "detail"} per line
 
@@ -68,7 +68,9 @@ class LedgerState:
     def __init__(self) -> None:
         self.ok = 0
         self.by_reason: Counter[str] = Counter()
+        self.by_backend: Counter[str] = Counter()  # which decoder read the good videos
         self.errors: list[dict] = []
+        self.fallbacks: list[dict] = []  # videos read only by a later decoder of data.decoder=auto
 
     def record(self, uri: str, reason: str, detail: str = "") -> dict:
         self.by_reason[reason] += 1
@@ -76,8 +78,11 @@ class LedgerState:
             self.errors.append({"uri": uri, "reason": reason, "detail": detail[:500]})
         return self.snapshot()
 
-    def record_ok(self, n: int = 1) -> None:
+    def record_ok(self, n: int = 1, by_backend: dict[str, int] | None = None,
+                  fallbacks: list[dict] | None = None) -> None:
         self.ok += n
+        self.by_backend.update(by_backend or {})
+        self.fallbacks.extend((fallbacks or [])[: max(0, MAX_KEPT - len(self.fallbacks))])
 
     def snapshot(self) -> dict:
         errors = sum(self.by_reason.values())
@@ -88,10 +93,14 @@ class LedgerState:
             "errors": errors,
             "error_fraction": errors / videos if videos else 0.0,
             "by_reason": dict(self.by_reason),
+            "by_backend": dict(self.by_backend),
         }
 
     def report_lines(self) -> list[dict]:
         return list(self.errors)
+
+    def fallback_lines(self) -> list[dict]:
+        return list(self.fallbacks)
 
 
 def error_rate_lower_bound(snap: dict, z: float) -> float:
@@ -169,8 +178,9 @@ class ErrorLedger:
     def record(self, uri: str, reason: str, detail: str = "") -> dict:
         return self._call("record", uri, reason, detail)
 
-    def record_ok(self, n: int = 1, wait: bool = False) -> None:
-        self._call("record_ok", n, wait=wait)
+    def record_ok(self, n: int = 1, wait: bool = False, by_backend: dict[str, int] | None = None,
+                  fallbacks: list[dict] | None = None) -> None:
+        self._call("record_ok", n, by_backend, fallbacks, wait=wait)
 
     def snapshot(self) -> dict:
         return self._call("snapshot")
@@ -193,7 +203,13 @@ class ErrorLedger:
             raise ErrorBudgetExceeded(budget_message(snap, max_error_fraction, self.errors()))
 
     def write_report(self, uri: str) -> int:
-        """Write every kept error as JSONL to ``uri`` (atomically); returns the number of lines."""
+        """Write every kept error as JSONL to ``uri`` (atomically), and beside it, when ``data.decoder`` auto
+        had to fall back, ``<name>_fallbacks.jsonl`` (which decoder read which video, after which failures);
+        returns the number of errors."""
         lines = self.errors()
         storage.write_text(uri, "".join(json.dumps(e) + "\n" for e in lines))
+        fallbacks = self._call("fallback_lines")
+        if fallbacks:
+            storage.write_text(uri.removesuffix(".jsonl") + "_fallbacks.jsonl",
+                               "".join(json.dumps(e) + "\n" for e in fallbacks))
         return len(lines)

@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import runtime
-from pipeline.data import storage
+from pipeline.data import decoders, storage
 from pipeline.data.annotations import Matched, load_annotations, match
-from pipeline.data.decode import DecodeLimits
+from pipeline.data.decode import DecodeSettings
 from pipeline.data.transcode import TRANSIENT_REASONS, VideoSettings
 from pipeline.data.video_worker import IsolatedVideoWorker
 
@@ -77,6 +77,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("out_height", pa.int32()),
         ("out_frames", pa.int64()),
         ("out_bytes", pa.int64()),
+        ("transcoded", pa.bool_()),  # probe-only mode: the training decoder could not read the original
         ("settings", pa.string()),  # VideoSettings.fingerprint(): a change redoes the row
         ("seconds", pa.float64()),  # processing time of this video
         ("processed_at", pa.timestamp("s", tz="UTC")),
@@ -85,7 +86,7 @@ MANIFEST_SCHEMA = pa.schema(
 # What the worker actors return: the manifest columns a worker can know.
 _RESULT_COLUMNS = [
     "original_path", "status", "error", "container", "codec", "width", "height", "fps", "frames",
-    "duration", "bytes", "out_width", "out_height", "out_frames", "out_bytes", "seconds",
+    "duration", "bytes", "out_width", "out_height", "out_frames", "out_bytes", "transcoded", "seconds",
 ]  # fmt: skip
 _RESULT_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(c) for c in _RESULT_COLUMNS])
 
@@ -103,6 +104,7 @@ class PreprocessConfig:
     # decoder's own limit with --no-transcode, so "ok" means training will read it.
     max_pixels: int | None = None
     min_frames: int = 2
+    decoder: str = "auto"  # the training data's data.decoder: every "ok" video opens with it
     timeout_s: float = 600.0  # per video
     workers: int | None = None  # Ray actors; default: every CPU of the cluster
     annotations: list[str] = field(default_factory=list)
@@ -117,11 +119,11 @@ class PreprocessConfig:
     experiment: str = "preprocess"
 
     def settings(self) -> VideoSettings:
-        default_pixels = 7680 * 4320 if self.transcode else DecodeLimits().max_pixels
+        default_pixels = 7680 * 4320 if self.transcode else DecodeSettings().max_pixels
         return VideoSettings(
             transcode=self.transcode, short_side=self.short_side, crf=self.crf, preset=self.preset,
             gop_seconds=self.gop_seconds, max_pixels=self.max_pixels or default_pixels,
-            min_frames=self.min_frames,
+            min_frames=self.min_frames, decoder=self.decoder,
         )  # fmt: skip
 
     def validate(self) -> None:
@@ -133,6 +135,10 @@ class PreprocessConfig:
             raise ValueError("gop_seconds and timeout_s must be positive")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        try:
+            decoders.candidates(self.decoder)
+        except decoders.DecoderUnavailable as e:
+            raise ValueError(f"decoder: {e}") from None
 
 
 def _normalize(uri: str) -> str:
@@ -202,8 +208,9 @@ def _reusable(
 ) -> bool:
     if prev is None or prev.get("settings") != fingerprint or prev.get("bytes") != size:
         return False
-    if prev["status"] == "ok":
-        return not cfg.transcode or (out_size is not None and out_size == prev.get("out_bytes"))
+    if prev["status"] == "ok":  # a copy (transcode mode, or an unreadable codec) must still be there
+        copied = cfg.transcode or prev.get("transcoded")
+        return not copied or (out_size is not None and out_size == prev.get("out_bytes"))
     return prev["status"] not in TRANSIENT_REASONS and not cfg.retry_failed
 
 
@@ -248,17 +255,14 @@ def _plan(cfg: PreprocessConfig, input_root: str, output_root: str) -> _Plan:
 
     fingerprint = cfg.settings().fingerprint()
     previous = read_manifest_rows(output_root)
-    outputs = (
-        dict(storage.list_files(output_root, (".mp4",)))
-        if cfg.transcode and storage.exists(output_root)
-        else {}
-    )
+    outputs = dict(storage.list_files(output_root, (".mp4",))) if storage.exists(output_root) else {}
     rows: dict[str, dict] = {}
     tasks: list[dict] = []
     claimed: dict[str, str] = {}
     for (uri, size), rel in zip(listed, rels, strict=True):
         out_rel = _output_relpath(rel, cfg.transcode)
-        dst = storage.join(output_root, out_rel) if cfg.transcode else None
+        # probe-only: where a copy goes if the training decoder cannot read the original
+        dst = storage.join(output_root, out_rel if cfg.transcode else _output_relpath(rel, True))
         base = {
             "original_path": uri, "relative_path": rel, "bytes": size, "settings": fingerprint,
             "path": out_rel if cfg.transcode else uri,
@@ -320,6 +324,8 @@ def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) 
             if row["status"] != "ok":
                 row["path"] = row["original_path"]
                 failed += 1
+            elif row.get("transcoded"):  # probe-only, an unreadable codec: training reads the H.264 copy
+                row["path"] = _output_relpath(row["relative_path"], True)
             pending.append(row)
             done += 1
         t = time.monotonic()

@@ -49,12 +49,15 @@ class VideoSettings:
     max_pixels: int = 7680 * 4320
     min_frames: int = 2
     threads: int = 1
+    # The training data's decoder (data.decoder): every video the manifest marks "ok" opens with it. In
+    # probe-only mode a video it cannot read (AV1 in decord 0.6, say) is transcoded to H.264 instead.
+    decoder: str = "auto"
 
     def fingerprint(self) -> str:
         """Settings that change the output; a manifest row made with other settings is redone."""
         if not self.transcode:
-            return f"probe:max_pixels={self.max_pixels}:min_frames={self.min_frames}"
-        keys = ("short_side", "crf", "preset", "gop_seconds", "max_pixels", "min_frames")
+            return f"probe:max_pixels={self.max_pixels}:min_frames={self.min_frames}:decoder={self.decoder}"
+        keys = ("short_side", "crf", "preset", "gop_seconds", "max_pixels", "min_frames", "decoder")
         d = asdict(self)
         return "h264:" + ":".join(f"{k}={d[k]}" for k in keys)
 
@@ -258,6 +261,29 @@ def transcode(
     }
 
 
+def unreadable_by(decoder: str, data: bytes) -> str | None:
+    """Why the training decoder cannot read this video (its first and last frames), or None if it can;
+    for ``auto``, None when any of its backends can, as training falls back per video the same way."""
+    from pipeline.data import decoders
+
+    failed = []
+    for name in decoders.candidates(decoder):
+        try:
+            video = decoders.open_video(name, data)
+            video.frames(sorted({0, video.length - 1}))
+            return None
+        except Exception as e:  # noqa: BLE001 - each library raises its own types
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+    return "; ".join(failed)[:300]
+
+
+def _source_bytes(source: Any) -> bytes:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()
+    with open(source, "rb") as f:
+        return f.read()
+
+
 def _publish(uri: str, tmp_path: str, dst: str) -> None:
     """Move a finished local file into place: rename locally, one (multipart-atomic) PUT to S3."""
     try:
@@ -278,21 +304,31 @@ def process_video(src: str, dst: str | None, tmp_path: str | None, settings: Vid
     The row has the input's metadata, ``status`` (``ok`` or a reason) and ``error`` (the detail).
     """
     start = time.monotonic()
-    row: dict = {"original_path": src, "status": "ok", "error": None}
+    row: dict = {"original_path": src, "status": "ok", "error": None, "transcoded": None}
     container = None
     try:
         source, size = _open_source(src)
         row["bytes"] = size
         container, info = inspect_video(src, source, size, settings)
         row.update({k: v for k, v in info.items() if not k.startswith("_")})
-        if settings.transcode:
+        needs_transcode = settings.transcode
+        if not settings.transcode:
+            check_decodes(src, container, info)
+            reason = unreadable_by(settings.decoder, _source_bytes(source))
+            if reason and (dst is None or tmp_path is None):
+                raise VideoError(src, "unsupported_codec", f"the training decoder cannot read it: {reason}")
+            row["transcoded"] = needs_transcode = reason is not None  # then the manifest points at a copy
+        if needs_transcode:
             if dst is None or tmp_path is None:
                 raise ValueError("transcoding needs a destination and a temporary path")
             os.makedirs(os.path.dirname(tmp_path), exist_ok=True)
             row.update(transcode(src, container, info, tmp_path, settings))
+            with open(tmp_path, "rb") as f:
+                reason = unreadable_by(settings.decoder, f.read())
+            if reason:  # e.g. a size the decoder mishandles: never hand training a video it cannot read
+                raise VideoError(src, "unsupported_codec", f"the training decoder cannot read its transcode: "
+                                 f"{reason}")
             _publish(src, tmp_path, dst)
-        else:
-            check_decodes(src, container, info)
     except VideoError as e:
         row.update(status=e.reason, error=e.detail)
     except av.error.FFmpegError as e:

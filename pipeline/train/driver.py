@@ -168,7 +168,8 @@ class Session:
         metrics = dict(result.metrics or {})
         self.run.log_metrics(
             {"data/videos_total": snap["videos"], "data/errors_total": snap["errors"],
-             **{f"data/errors_total/{k}": v for k, v in snap["by_reason"].items()}},
+             **{f"data/errors_total/{k}": v for k, v in snap["by_reason"].items()},
+             **{f"data/decoded_by_total/{k}": v for k, v in snap["by_backend"].items()}},
             step=int(metrics.get("step", 0)),
         )
         with tempfile.TemporaryDirectory() as tmp:

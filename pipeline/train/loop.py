@@ -132,6 +132,7 @@ def _error_metrics(ledger_name: str | None) -> dict[str, float]:
         return {}
     out = {"data/videos": snap["videos"], "data/errors": snap["errors"]}
     out.update({f"data/errors/{reason}": n for reason, n in snap["by_reason"].items()})
+    out.update({f"data/decoded_by/{backend}": n for backend, n in snap.get("by_backend", {}).items()})
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import storage
-from pipeline.data.decode import DecodeLimits, Decoder, read_and_decode
+from pipeline.data.decode import Decoder, DecodeSettings, read_and_decode
 from pipeline.data.errors import REASONS, ErrorBudgetExceeded, ErrorLedger, VideoError
 from pipeline.data.sampling import DenseSampler
 
@@ -97,7 +97,7 @@ def test_other_containers_are_size_checked_by_probing(tmp_path):
     video = read_and_decode(str(path), DenseSampler(4, 1), 0)
     assert video.frames[video.clips[0]].shape == (4, 48, 64, 3)
     with pytest.raises(VideoError) as e:
-        read_and_decode(str(path), DenseSampler(4, 1), 0, DecodeLimits(max_pixels=1000))
+        read_and_decode(str(path), DenseSampler(4, 1), 0, DecodeSettings(max_pixels=1000))
     assert e.value.reason == "too_large" and "64x48" in e.value.detail
 
 
@@ -122,7 +122,7 @@ def test_isolated_decoder_stops_a_hanging_read_and_recovers(tmp_path):
     os.mkfifo(fifo)  # opening a FIFO without a writer blocks forever inside C (pyarrow's open)
     good = tmp_path / "good.mp4"
     good.write_bytes(h264_bytes())
-    decoder = Decoder(DecodeLimits(timeout_s=1.5))
+    decoder = Decoder(DecodeSettings(timeout_s=1.5))
     try:
         start = time.monotonic()
         with pytest.raises(VideoError) as e:
@@ -140,7 +140,7 @@ def test_isolated_decoder_survives_a_dying_helper(tmp_path):
     os.mkfifo(fifo)
     good = tmp_path / "good.mp4"
     good.write_bytes(h264_bytes())
-    decoder = Decoder(DecodeLimits(timeout_s=30))
+    decoder = Decoder(DecodeSettings(timeout_s=30))
     decoder.decode(str(good), DenseSampler(2, 1), 0)  # the helper is up
     pid = decoder._child._proc.pid
     killer = threading.Timer(0.5, os.kill, (pid, 9))  # as a segfault would end it
@@ -164,7 +164,7 @@ def test_an_interrupted_decode_leaves_no_stale_answer(tmp_path):
     os.mkfifo(fifo)
     good = tmp_path / "good.mp4"
     good.write_bytes(h264_bytes(frames=12))
-    decoder = Decoder(DecodeLimits(timeout_s=30))
+    decoder = Decoder(DecodeSettings(timeout_s=30))
 
     def interrupt(signum, frame):
         raise Interrupted

@@ -235,7 +235,13 @@ def test_dockerfile_installs_the_project_from_pyproject_with_pinned_versions() -
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
     assert args["RAY_VERSION"] == ray.__version__
     assert args["PYTHON_TAG"] == f"py{sys.version_info.major}{sys.version_info.minor}"
-    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-gpu$", text, re.M)
+    # one base per architecture (multi-arch builds with docker buildx), chosen by BuildKit's TARGETARCH
+    base = r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-gpu"
+    assert re.search(base + r" AS base-amd64$", text, re.M)
+    assert re.search(base + r"-aarch64 AS base-arm64$", text, re.M)
+    assert re.search(r"^FROM base-\$\{TARGETARCH\}$", text, re.M)
+    assert "--platform linux/amd64,linux/arm64" in text
+    assert args["TORCHCODEC_VERSION"] == "0.17.0"
     makefile_torch = re.search(r"TORCH_SPEC \?= torch==(\S+)", (REPO / "Makefile").read_text()).group(1)
     assert args["TORCH_VERSION"] == makefile_torch
     copies = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M)
