@@ -16,9 +16,10 @@ by frame on H.264, HEVC, VP9, AV1 and variable-frame-rate files):
 - ``torchcodec``: PyTorch's decoder (``seek_mode="exact"``), on the CPU or, with ``decode_device: cuda``,
   NVDEC; its PyPI wheel is a CUDA build, so it imports on GPU nodes only.
 
-``auto`` tries the available backends in ``AUTO_ORDER``: decord first (the fastest on H.264 in
-benchmarks/decoders.py), PyAV for what decord refuses or fails on; a video the first cannot open or decode
-is retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which one read it.
+``auto`` tries the available backends in ``AUTO_ORDER``: PyAV first (exact on every GOP, and the
+fastest in benchmarks/decoders.py from 640x360 up, level below), then decord; a video the first cannot
+open or decode is retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which
+one read it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from pipeline.data import mp4
 
 BACKENDS = ("decord", "pyav", "torchcodec")
-AUTO_ORDER = ("decord", "pyav", "torchcodec")  # decord2 is the fastest on H.264 (docs/data.md)
+AUTO_ORDER = ("pyav", "decord", "torchcodec")  # PyAV: exact on every GOP, the fastest (docs/data.md)
 
 
 class DecoderUnavailable(RuntimeError):
