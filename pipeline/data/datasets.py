@@ -95,7 +95,7 @@ class DataConfig:
     decoder: str = "auto"  # auto | decord | pyav | torchcodec; auto: the next one when one fails a video
     decode_device: str = "cpu"  # cpu | cuda (torchcodec on NVDEC, GPU decode nodes)
     decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
-    decode_timeout_s: float = 60.0  # per-video read + decode limit
+    decode_timeout_s: float = 60.0  # per-video decode limit (reads retry through outages: storage.py)
     max_pixels: int = 4096 * 2160  # refuse larger frames (too_large) before decoding
     min_frames: int = 2  # refuse videos with fewer frames (too_short)
     max_error_fraction: float = 0.05  # fail when clearly more than this fraction of videos is bad ...
@@ -214,6 +214,7 @@ class ClipMaker:
                 out["pixel_values"].append(transforms.resize(clip, size))
                 mask = make_mask(self.cfg.mask_type, self.grid, self.cfg.mask_ratio, rng)
                 out.setdefault("bool_masked_pos", []).append(mask)
+                out.setdefault("video", []).append(path)  # named when a batch's loss is not finite
             elif self.mode == "finetune":
                 top, left, ch, cw = transforms.random_resized_crop_box(
                     h, w, rng, self.cfg.finetune_crop_scale
@@ -225,6 +226,7 @@ class ClipMaker:
                     clip = self.rand_augment(clip, rng)
                 out["pixel_values"].append(clip)
                 out.setdefault("labels", []).append(row["label"])
+                out.setdefault("video", []).append(path)
             else:
                 short = transforms.short_side_resize(
                     frames[index], self.cfg.eval_short_side or self.cfg.image_size
@@ -252,14 +254,13 @@ class ClipMaker:
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         t, s = self.cfg.num_frames, self.cfg.image_size
-        batch = {"pixel_values": np.zeros((0, t, s, s, 3), np.uint8)}
+        batch = {"pixel_values": np.zeros((0, t, s, s, 3), np.uint8), "video": np.zeros((0,), object)}
         if self.mode == "pretrain":
             batch["bool_masked_pos"] = np.zeros((0, self.cfg.num_tokens()), bool)
         else:
             batch["labels"] = np.zeros((0,), np.int64)
         if self.mode == "eval":
             batch.update(
-                video=np.zeros((0,), object),
                 clip_index=np.zeros((0,), np.int64),
                 crop_index=np.zeros((0,), np.int64),
             )

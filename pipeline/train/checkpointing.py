@@ -7,17 +7,27 @@ A checkpoint is a directory that is *also* a transformers-format model directory
     train_state.pt                     optimizer, schedule, grad scaler, progress (step, epoch, position)
     rng_rank<r>.pt                     each rank's torch / numpy / python RNG states
     job_config.yaml                    the resolved job config of the run that wrote it
+    checkpoint.json                    rank 0's files and their sizes, the step: the completeness check
 
 Everything is loaded with ``torch.load(weights_only=True)`` or safetensors: a checkpoint is data, never
 code. Ray Train uploads the directory to ``storage_path/<run>/checkpoint_*`` and keeps the last K; every
 rank reports into the same checkpoint (rank 0 writes the model and state, each rank its RNG file).
+
+A checkpoint whose upload was cut off (a missing or short file: S3 objects arrive whole or not at all, a
+local copy can stop midway) is *torn*: ``torn_reason`` finds it from ``checkpoint.json``, ``load`` refuses
+it, and the training loop resumes from the newest complete one instead (docs/training.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,13 @@ from pipeline.data import storage
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"
 JOB_CONFIG = "job_config.yaml"
-FORMAT_VERSION = 1
+MANIFEST = "checkpoint.json"
+FORMAT_VERSION = 2  # 2: checkpoint.json; 1 (no manifest) still loads
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d{8})$")
+
+
+class TornCheckpoint(RuntimeError):
+    """A checkpoint with a missing or short file (an upload cut off); the message says which."""
 
 
 @dataclass
@@ -116,7 +132,71 @@ def save(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer
             "progress": asdict(progress),
         }, path / TRAIN_STATE)
         (path / JOB_CONFIG).write_text(job_config_yaml)
+        files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.name in
+                 (*MODEL_FILES, TRAIN_STATE, JOB_CONFIG)}
+        manifest = {"format_version": FORMAT_VERSION, "step": progress.step, "files": files}
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
+
+
+def torn_reason(directory: str | os.PathLike) -> str | None:
+    """Why the checkpoint in ``directory`` is incomplete (None: it is whole)."""
+    path = Path(directory)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        missing = [f for f in (*MODEL_FILES, TRAIN_STATE) if not (path / f).exists()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        try:  # written before checkpoint.json existed: whole if its state loads
+            state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a cut-off file fails in any of several ways
+            return f"{TRAIN_STATE} unreadable ({type(e).__name__}) and no {MANIFEST}"
+        return None if state.get("format_version", 1) < 2 else f"no {MANIFEST}"
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, size in manifest["files"].items():
+        if not (path / name).exists():
+            return f"missing {name}"
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} of {size} bytes"
+    return None
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step in a checkpoint folder's name (``checkpoint_00001000``), None for other names."""
+    match = CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_in(run_dir: str) -> list[tuple[int, str]]:
+    """(step, URI) of every checkpoint folder below ``run_dir``, newest first."""
+    folders: dict[str, int] = {}
+    try:
+        files = storage.list_files(run_dir)
+    except storage.StorageError:
+        return []
+    for uri, _ in files:
+        name = storage.relative_to(uri, run_dir).split("/", 1)[0]
+        step = checkpoint_step(name)
+        if step is not None:
+            folders[name] = step
+    return sorted(((step, storage.join(run_dir, name)) for name, step in folders.items()), reverse=True)
+
+
+@contextlib.contextmanager
+def fetched(uri: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at ``uri`` (the folder itself when local; a download of
+    every file below it for s3://)."""
+    if not storage.is_s3(uri):
+        yield Path(storage.resolve(uri)[1])
+        return
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        for file_uri, _ in storage.list_files(uri):
+            target = Path(tmp) / storage.relative_to(file_uri, uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(file_uri))
+        yield Path(tmp)
 
 
 def read_progress(directory: str | os.PathLike) -> Progress:
@@ -128,9 +208,9 @@ def load(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer
          scheduler: Any, scaler: torch.amp.GradScaler | None) -> Progress:
     """Restore everything ``save`` wrote into live objects; returns the progress to continue from."""
     path = Path(directory)
-    missing = [f for f in (*MODEL_FILES, TRAIN_STATE) if not (path / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    reason = torn_reason(path)
+    if reason:
+        raise TornCheckpoint(f"checkpoint {path} is torn: {reason}")
     unwrap(model).load_checkpoint_state(load_file(path / "model.safetensors"), source=str(path), strict=True)
     state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

@@ -132,11 +132,10 @@ class Session:
         from ray.train.torch import TorchTrainer
 
         cfg = self.cfg
-        args = LoopArgs(
-            cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name, probe_classes
-        )
+        args = LoopArgs(cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name,
+                        probe_classes, self.run_dir)
         fs, path = (
-            (storage.s3_filesystem(), storage.resolve(self.storage_path)[1])
+            (storage.s3_filesystem_for_uploads(), storage.resolve(self.storage_path)[1])
             if storage.is_s3(self.storage_path)
             else (None, self.storage_path)
         )

@@ -33,10 +33,13 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError
+from pipeline.data import storage
+from pipeline.data.datasets import torch_collate
 from pipeline.data.transforms import to_model_input
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line
+from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
 
@@ -55,9 +58,13 @@ class TrainSection:
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
     shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
     log_every_steps: int = 10  # progress line + MLflow metrics
+    # a step with a non-finite loss or gradient is skipped; this many in a row roll back to the last
+    # checkpoint, and more than max_nonfinite_rollbacks rollbacks stop the run (pipeline/train/nonfinite.py)
+    max_nonfinite_in_a_row: int = 5
+    max_nonfinite_rollbacks: int = 2
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "log_every_steps"):
+        for name in ("batch_size", "grad_accum_steps", "log_every_steps", "max_nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps is None:
@@ -66,6 +73,10 @@ class TrainSection:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.max_nonfinite_rollbacks < 0:
+            raise ConfigError(
+                f"train.max_nonfinite_rollbacks must be >= 0, got {self.max_nonfinite_rollbacks}"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
 
@@ -94,6 +105,7 @@ class LoopArgs:
     run: Run | None = None  # the MLflow run rank 0 logs into
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
+    run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
 
 
 def derive_seed(*parts: int) -> int:
@@ -200,6 +212,10 @@ class TrainLoop:
         )
         self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.last_checkpoint_uri: str | None = None  # where a rollback goes
+        self.torn_checkpoints = 0  # found (and passed over) at the start
+        t = self.cfg.train
+        self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
         self.resumed, self.progress = self.restore()
         self.start_step = self.progress.step
         self.reporter = Rank0Reporter(args) if self.rank == 0 else None
@@ -211,17 +227,61 @@ class TrainLoop:
         self.last_loss: torch.Tensor | None = None
 
     def restore(self) -> tuple[bool, ckpt.Progress]:
-        """(resumed?, progress): the last checkpoint Ray Train hands over, or a fresh start."""
+        """(resumed?, progress): the last checkpoint Ray Train hands over, or, when that one is torn (its
+        upload was cut off), the newest complete one before it; else a fresh start."""
         restored = ray.train.get_checkpoint()
         if not restored:
             return False, ckpt.Progress(world_size=self.world)
+        uri = self.uri_of(restored.path)
         with restored.as_directory() as directory:
-            progress = ckpt.load(directory, rank=self.rank, model=self.model, optimizer=self.optimizer,
-                                 scheduler=self.scheduler, scaler=self.scaler)
-            if not (Path(directory) / f"rng_rank{self.rank}.pt").exists():  # a new rank after a resize
-                ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank, progress.step))
+            reason = ckpt.torn_reason(directory)
+            progress = self.load(directory) if reason is None else None
+        if progress is None:
+            progress = self.restore_before_torn(uri, reason)
+        else:
+            self.last_checkpoint_uri = uri
+        if progress is None:
+            return False, ckpt.Progress(world_size=self.world)
         progress.world_size = self.world
         return True, progress
+
+    def uri_of(self, path: str) -> str:
+        """The storage URI of a path in Ray Train's storage filesystem."""
+        return f"s3://{path}" if self.args.run_dir and storage.is_s3(self.args.run_dir) else path
+
+    def load(self, directory: str | Path) -> ckpt.Progress:
+        progress = ckpt.load(directory, rank=self.rank, model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, scaler=self.scaler)
+        if not (Path(directory) / f"rng_rank{self.rank}.pt").exists():  # a new rank after a resize
+            ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank, progress.step))
+        return progress
+
+    def restore_before_torn(self, torn_uri: str, reason: str) -> ckpt.Progress | None:
+        """Resume from the newest complete checkpoint older than a torn one; rank 0 reports and removes the
+        torn ones it passes."""
+        torn_step = ckpt.checkpoint_step(torn_uri.rstrip("/").rsplit("/", 1)[-1])
+        torn = [(torn_uri, reason)]
+        progress = None
+        for step, uri in ckpt.checkpoints_in(self.args.run_dir or ""):
+            if uri == torn_uri or (torn_step is not None and step > torn_step):
+                continue
+            with ckpt.fetched(uri) as directory:
+                why = ckpt.torn_reason(directory)
+                if why is None:
+                    progress = self.load(directory)
+                    self.last_checkpoint_uri = uri
+                    break
+            torn.append((uri, why))
+        if self.rank == 0:
+            for bad, why in torn:
+                print(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
+                      "removed", flush=True)
+                with contextlib.suppress(Exception):  # already gone, or storage refuses: reported anyway
+                    storage.delete(bad, recursive=True)
+            where = f"step {progress.step}" if progress else "the start (no complete checkpoint)"
+            print(f"[{self.cfg.run_name}] resuming from {where} instead", flush=True)
+        self.torn_checkpoints = len(torn)
+        return progress
 
     def run(self) -> None:
         try:
@@ -255,7 +315,7 @@ class TrainLoop:
         return iter(
             shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
                                      prefetch_batches=t.prefetch_batches, local_shuffle_buffer_size=buffer,
-                                     local_shuffle_seed=seed)
+                                     local_shuffle_seed=seed, collate_fn=torch_collate)
         )
 
     def train_epoch(self) -> None:
@@ -285,7 +345,7 @@ class TrainLoop:
         rank's shard holds the same number of batches, so all ranks stop at the same step)."""
         cfg = self.cfg
         accum = cfg.train.grad_accum_steps
-        loss_sum, clips = torch.zeros((), device=self.device), 0
+        loss_sum, clips, videos = torch.zeros((), device=self.device), 0, []
         for micro in range(accum):
             waited = time.perf_counter()
             batch = next(batches, None)
@@ -305,25 +365,66 @@ class TrainLoop:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()  # NOTE: no .item() here: that would sync the host every micro-step
             clips += pixel_values.shape[0]
+            videos.extend(batch.get("video", []))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         else:
-            self.optimizer.step()
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        progress = self.progress
+        if self.guard.finite(loss_sum, grad_norm):
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.guard.stepped()
+            verdict = "step"
+        else:  # weights and optimizer state untouched; under fp16 the scaler lowers its scale
+            if self.scaler:
+                self.scaler.update()
+            batch = f"rank {self.rank}'s last batch (its own loss {float(loss_sum):.4g})"
+            verdict = self.guard.skipped(progress.step + 1, videos, batch)
+            if self.rank == 0:
+                in_a_row = self.guard.in_a_row or self.guard.in_a_row_limit
+                print(f"step {progress.step + 1}: loss {float(loss_sum):.4g}, gradient norm "
+                      f"{float(grad_norm):.4g}: not finite, step skipped ({in_a_row} in a row, "
+                      f"{self.guard.total} in all)", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.scheduler.lr
         self.scheduler.step()
-        progress = self.progress
         progress.step += 1
         progress.step_in_epoch += 1
         progress.clips_seen += clips * self.world
-        self.meter.step_done(clips, loss_sum)
-        self.last_loss = loss_sum
+        self.meter.step_done(clips, loss_sum if verdict == "step" else None)
+        if verdict == "step":
+            self.last_loss = loss_sum
+        if verdict == "rollback":
+            self.roll_back()
         return True
+
+    def roll_back(self) -> None:
+        """Every rank (they decide together) reloads the last checkpoint; under fp16 with a lower loss
+        scale. The data stream goes on: the batches that failed are not replayed."""
+        uri = self.last_checkpoint_uri
+        if uri is None:
+            raise NonFiniteTraining(
+                f"step {self.progress.step}: {self.guard.in_a_row_limit} non-finite steps in a row before "
+                "the first checkpoint, nothing to roll back to: lower optim.lr (or base_lr) or set "
+                "train.grad_clip"
+            )
+        with ckpt.fetched(uri) as directory:
+            loaded = self.load(directory)
+        if self.scaler:
+            self.scaler.update(new_scale=self.scaler.get_scale() / 2**self.guard.rollbacks)
+        for name, value in vars(loaded).items():  # in place: the epoch loop holds this object
+            setattr(self.progress, name, value)
+        self.progress.world_size = self.world
+        if self.rank == 0:
+            print(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
+                  f"rollback {self.guard.rollbacks} of at most {self.guard.rollback_limit}", flush=True)
 
     def after_step(self) -> None:
         step = self.progress.step
@@ -358,7 +459,9 @@ class TrainLoop:
         )
 
     def should_checkpoint(self, step: int) -> bool:
-        return step % self.cfg.checkpoint.every_steps == 0 or self.done(step)
+        """Never inside a run of non-finite steps: a rollback must go to weights from before it."""
+        due = step % self.cfg.checkpoint.every_steps == 0 or self.done(step)
+        return due and self.guard.in_a_row == 0
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
         if self.reporter and metrics:
@@ -369,7 +472,9 @@ class TrainLoop:
         window = self.meter.window(step)
         (loss_total,) = across_ranks([window["loss"]], self.device, dist.ReduceOp.SUM)
         (peak_max,) = across_ranks([peak_rss_mb()], self.device, dist.ReduceOp.MAX)
-        window.update(loss=loss_total / self.world, peak_rss_mb_max_worker=peak_max)
+        window.update(loss=loss_total / self.world, peak_rss_mb_max_worker=peak_max,
+                      nonfinite_steps=self.guard.total, nonfinite_rollbacks=self.guard.rollbacks,
+                      torn_checkpoints=self.torn_checkpoints)
         if self.reporter:
             self.reporter.log(step, self.progress.epoch, self.lr, window)
 
@@ -380,11 +485,15 @@ class TrainLoop:
             ckpt.save(tmp, rank=self.rank, model=self.model, optimizer=self.optimizer,
                       scheduler=self.scheduler, scaler=self.scaler, progress=progress,
                       job_config_yaml=self.args.config_yaml)
-            metrics = {"step": progress.step, "epoch": progress.epoch, "loss": float(self.last_loss),
+            loss = float(self.last_loss) if self.last_loss is not None else float("nan")
+            metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss,
                        "start_step": self.start_step, "clips_seen": progress.clips_seen,
                        "peak_rss_mb": peak_rss_mb()}
+            name = f"checkpoint_{progress.step:08d}"
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
+                             checkpoint_dir_name=name)
+        if self.args.run_dir:
+            self.last_checkpoint_uri = storage.join(self.args.run_dir, name)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

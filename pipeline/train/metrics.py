@@ -48,11 +48,13 @@ class StepMeter:
         self.total_wait += seconds
 
     def step_done(self, local_clips: int, loss: Any) -> None:
-        """One optimizer step of ``local_clips`` on this rank; ``loss`` a float or a device tensor."""
+        """One optimizer step of ``local_clips`` on this rank; ``loss`` a float or a device tensor, None
+        for a skipped (non-finite) step."""
         self._window_clips += local_clips * self.world_size
         self._window_steps += 1
-        self._loss_sum += loss
-        self._loss_count += 1
+        if loss is not None:
+            self._loss_sum += loss
+            self._loss_count += 1
 
     def window(self, step: int) -> dict[str, float]:
         """Metrics since the last call, and reset the window. ``step`` is the optimizer steps done."""
@@ -61,7 +63,7 @@ class StepMeter:
         done = step - self.start_step
         per_step = (now - self.started) / done if done else 0.0
         out = {
-            "loss": float(self._loss_sum) / max(self._loss_count, 1),
+            "loss": float(self._loss_sum) / self._loss_count if self._loss_count else float("nan"),
             "clips_per_s": self._window_clips / elapsed,
             "data_wait_fraction": min(1.0, self._window_wait / elapsed),
             "step_time_s": elapsed / max(self._window_steps, 1),

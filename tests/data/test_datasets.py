@@ -124,14 +124,14 @@ def test_ray_builders_stream_the_row_contract(ray_session, sample_videos):
     cfg = tiny(sample_videos, clips_per_video=2, decode_isolation="process", decode_concurrency=2,
                decode_resources={"decode": 1})  # the session's Ray advertises 2, as a decode node would
     ds = build_dataset(cfg, "pretrain", run_name="test-builders")
-    batches = list(ds.iter_torch_batches(batch_size=4))
+    batches = list(ds.iter_torch_batches(batch_size=4, collate_fn=torch_collate))
     assert sum(len(b["pixel_values"]) for b in batches) == 2 * 8
     first = batches[0]
     assert first["pixel_values"].dtype == torch.uint8 and first["bool_masked_pos"].dtype == torch.bool
     assert to_model_input(first["pixel_values"], cfg.mean, cfg.std).shape == (4, 4, 3, 32, 32)
 
     ft = build_dataset(tiny(sample_videos, hflip=False), "finetune", run_name="test-builders")
-    labels = torch.cat([b["labels"] for b in ft.iter_torch_batches(batch_size=8)])
+    labels = torch.cat([b["labels"] for b in ft.iter_torch_batches(batch_size=8, collate_fn=torch_collate)])
     assert sorted(labels.tolist()) == list(range(8))
 
     ev = build_dataset(tiny(sample_videos, split="test", eval_num_clips=2), "eval", run_name="test-builders")

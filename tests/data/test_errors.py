@@ -238,7 +238,7 @@ def test_streaming_check_fails_fast_on_broken_data_only():
 def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucket, sample_videos, huge_video):
     """A bucket of good and bad videos through the Ray Data pretrain builder: every good video yields
     its clips, every bad one is named in the report with its reason; then the budget stops a run."""
-    from pipeline.data.datasets import DataConfig, build_dataset
+    from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
 
     good = sorted((sample_videos / "videos").rglob("*.mp4"))[:14]
     for p in good:
@@ -270,7 +270,8 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     ledger = ErrorLedger.get_or_create("test-bad-s3")
 
     ds = build_dataset(cfg, "pretrain", ledger, rows=rows)
-    clips = sum(len(b["pixel_values"]) for b in ds.iter_torch_batches(batch_size=8))
+    batches = ds.iter_torch_batches(batch_size=8, collate_fn=torch_collate)
+    clips = sum(len(b["pixel_values"]) for b in batches)
     assert clips == 2 * len(good)
     snap = ledger.snapshot()
     assert snap["ok"] == len(good) and snap["errors"] == len(expected)
@@ -282,6 +283,6 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     strict = DataConfig(**{**cfg.__dict__, "max_error_fraction": 0.05})
     ds = build_dataset(strict, "pretrain", run_name="test-bad-s3-strict")
     with pytest.raises(Exception, match="max_error_fraction") as e:
-        for _ in ds.iter_torch_batches(batch_size=8):
+        for _ in ds.iter_torch_batches(batch_size=8, collate_fn=torch_collate):
             pass
     assert "by reason" in str(e.value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining
@@ -75,12 +78,34 @@ def test_checkpoint_is_a_model_directory_and_exports(tmp_path):
     assert VideoMAEForPreTraining.from_pretrained(out).config.hidden_size == 64
 
 
-def test_incomplete_checkpoint_is_named(tmp_path):
+def test_a_torn_checkpoint_is_found_and_refused(tmp_path):
+    """A checkpoint whose upload stopped: a file missing (S3) or cut short (a local copy)."""
     model, opt, sched, scaler = _setup()
-    (tmp_path / "config.json").write_text("{}")
-    try:
-        ckpt.load(tmp_path, rank=0, model=model, optimizer=opt, scheduler=sched, scaler=scaler)
-    except FileNotFoundError as e:
-        assert "model.safetensors" in str(e) and str(tmp_path) in str(e)
-    else:
-        raise AssertionError("an incomplete checkpoint loaded")
+    whole = tmp_path / "checkpoint_00000010"
+    ckpt.save(whole, rank=0, model=model, optimizer=opt, scheduler=sched, scaler=None,
+              progress=ckpt.Progress(step=10), job_config_yaml="a: 1\n")
+    assert ckpt.torn_reason(whole) is None
+    manifest = json.loads((whole / ckpt.MANIFEST).read_text())
+    assert manifest["step"] == 10 and set(manifest["files"]) == {"config.json", "model.safetensors",
+                                                                  "train_state.pt", "job_config.yaml"}
+    short = tmp_path / "short"
+    shutil.copytree(whole, short)
+    size = (short / "model.safetensors").stat().st_size
+    with open(short / "model.safetensors", "r+b") as f:
+        f.truncate(size // 2)
+    assert ckpt.torn_reason(short) == f"model.safetensors has {size // 2} of {size} bytes"
+    with pytest.raises(ckpt.TornCheckpoint, match="short is torn: model.safetensors has"):
+        ckpt.load(short, rank=0, model=model, optimizer=opt, scheduler=sched, scaler=scaler)
+    missing = tmp_path / "missing"
+    shutil.copytree(whole, missing)
+    (missing / "train_state.pt").unlink()
+    assert ckpt.torn_reason(missing) == "missing train_state.pt"
+    (missing / ckpt.MANIFEST).unlink()  # the manifest itself had not arrived
+    assert ckpt.torn_reason(missing) == "missing train_state.pt"
+    no_manifest = tmp_path / "no-manifest"
+    shutil.copytree(whole, no_manifest)
+    (no_manifest / ckpt.MANIFEST).unlink()
+    assert ckpt.torn_reason(no_manifest) == "no checkpoint.json"
+    names = ("a", "checkpoint_00000010", "checkpoint_12")
+    assert [ckpt.checkpoint_step(name) for name in names] == [None, 10, None]
+    assert ckpt.checkpoints_in(str(tmp_path)) == [(10, str(whole))]
