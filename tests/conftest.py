@@ -53,23 +53,65 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+class S3Server:
+    """moto_server on a fixed 127.0.0.1 port that a test can stop and start again (an outage); moto keeps
+    its objects in memory, so ``snapshot`` / ``restore`` carry them over a restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_http(self.endpoint + "/moto-api/")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def _client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def snapshot(self) -> dict[str, dict[str, bytes]]:
+        client, out = self._client(), {}
+        for bucket in client.list_buckets()["Buckets"]:
+            name, out[bucket["Name"]] = bucket["Name"], {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for obj in page.get("Contents", []):
+                    out[name][obj["Key"]] = client.get_object(Bucket=name, Key=obj["Key"])["Body"].read()
+        return out
+
+    def restore(self, snapshot: dict[str, dict[str, bytes]]) -> None:
+        client = self._client()
+        for name, objects in snapshot.items():
+            client.create_bucket(Bucket=name)
+            for key, body in objects.items():
+                client.put_object(Bucket=name, Key=key, Body=body)
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
+def s3_server() -> Iterator[S3Server]:
     """A real S3-compatible server (moto_server) on 127.0.0.1; AWS_ENDPOINT_URL points at it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    server = S3Server()
+    server.start()
     try:
-        wait_http(endpoint + "/moto-api/")
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
-        yield endpoint
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+        yield server
     finally:
         os.environ.pop("AWS_ENDPOINT_URL", None)
-        stop_process(proc)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: S3Server) -> str:
+    return s3_server.endpoint
 
 
 @pytest.fixture()

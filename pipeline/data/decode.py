@@ -9,7 +9,8 @@ indices given the video length, and decode the union of those frames once. Every
 wrong with it.
 
 The per-video time limit. A decoder can hang or crash inside C, and a Python thread cannot interrupt C
-code, so ``Decoder(isolation="process")`` (the default) runs ``read_and_decode`` in a long-lived helper
+code, so ``Decoder(isolation="process")`` (the default) reads the bytes itself (storage retries through an
+outage are not decode time, pipeline/data/storage.py) and runs ``decode_bytes`` in a long-lived helper
 process per decode worker (pipeline/data/child.py, the supervisor preprocessing uses too): the parent waits
 at most ``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
 ``timeout`` and starts a new helper on the next video. A segfault in the helper becomes ``decoder_crash``
@@ -42,7 +43,7 @@ Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    timeout_s: float = 60.0  # per video: read + probe + decode
+    timeout_s: float = 60.0  # per video: probe + decode (the read retries through outages: storage.py)
     max_pixels: int = 4096 * 2160  # larger frames are refused before decoding (too_large)
     min_frames: int = 2  # fewer frames are refused (too_short); shorter-than-clip videos repeat frames
     num_threads: int = 1  # decoder threads per video; parallelism comes from more decode workers
@@ -61,8 +62,12 @@ class DecodedVideo:
 
 
 def read_video_bytes(uri: str) -> bytes:
+    """The bytes of one video; ``VideoError`` for a missing, empty or refused object. An outage
+    (``storage.StorageUnavailable``, after the retry window) is raised as it is: it is not the video's."""
     try:
         data = storage.read_bytes(uri)
+    except storage.StorageUnavailable:
+        raise
     except storage.StorageError as e:
         reason = "not_found" if isinstance(e, storage.ObjectNotFound) else "storage"
         raise VideoError(uri, reason, str(e)) from None
@@ -180,18 +185,19 @@ class Decoder:
     def decode(
         self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1)
     ) -> DecodedVideo:
+        data = read_video_bytes(uri)  # here, not in the helper: storage retries are not decode time
         if self.isolation == "inline":
             start = time.monotonic()
-            video = read_and_decode(uri, sampler, seed, self.limits, window)
+            video = decode_bytes(uri, data, sampler, seed, self.limits, window)
             if time.monotonic() - start > self.limits.timeout_s:
                 raise VideoError(
                     uri, "timeout", f"took {time.monotonic() - start:.1f}s (inline, not stopped)"
                 )
             return video
-        return self._decode_isolated(uri, sampler, seed, window)
+        return self._decode_isolated(uri, data, sampler, seed, window)
 
     def _decode_isolated(
-        self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float]
+        self, uri: str, data: bytes, sampler: Sampler, seed: int, window: tuple[float, float]
     ) -> DecodedVideo:
         if self._child is None:
             self._buffer = _FrameBuffer()  # the helper maps the same descriptor, inherited at its start
@@ -201,7 +207,7 @@ class Decoder:
         self._request += 1
         buf, child = self._buffer, self._child
         try:
-            child.send((self._request, uri, sampler, seed, window, self.limits, buf.size))
+            child.send((self._request, uri, data, sampler, seed, window, self.limits, buf.size))
             deadline = time.monotonic() + self.limits.timeout_s  # after a (re)start: imports do not count
             while True:
                 msg = child.receive(deadline)
@@ -260,9 +266,9 @@ def serve() -> None:
             msg = recv.recv()
         except EOFError:
             return
-        request, uri, sampler, seed, window, limits, size = msg
+        request, uri, data, sampler, seed, window, limits, size = msg
         try:
-            video = read_and_decode(uri, sampler, seed, limits, window)
+            video = decode_bytes(uri, data, sampler, seed, limits, window)
         except VideoError as e:
             send.send((request, "error", e.reason, e.detail))
             continue

@@ -31,7 +31,7 @@ from pipeline.data import storage
 
 REASONS = {
     "not_found": "the object does not exist (deleted after listing?)",
-    "storage": "the object could not be read from storage",
+    "storage": "the object could not be read (permissions); outages are retried, not counted",
     "empty": "zero-byte file",
     "undecodable": "not a readable video container (random bytes, text, truncated file)",
     "no_video_stream": "the container has no video stream (audio-only?)",

@@ -3,20 +3,42 @@
 The S3 endpoint, region and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``), so MinIO, Ceph,
 moto and AWS all work without code changes. Credentials are never part of a URI we log.
+
+Outages: an S3 call that fails for a reason of the connection or the service (refused, timed out, 5xx,
+throttled) is retried with exponential backoff and jitter for ``VIDEOMAE_STORAGE_RETRY_S`` seconds
+(default 300) before it raises ``StorageUnavailable``; a missing object or a refused permission raises at
+once. Ray Train's checkpoint uploads go through ``s3_filesystem_for_uploads()``, a pyarrow filesystem
+whose every call retries the same way.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import posixpath
+import random
 import re
+import tempfile
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+RETRY_ENV = "VIDEOMAE_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 300.0
+# what the AWS SDK (through pyarrow) says when the connection or the service failed, not the request
+TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|curlCode|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|INTERNAL_FAILURE|REQUEST_TIMEOUT|"
+    r"RequestTimeout|Connection refused|timed out|HTTP response code: 5\d\d"
+)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp")
 
@@ -27,6 +49,45 @@ class StorageError(RuntimeError):
 
 class ObjectNotFound(StorageError):
     """The URI names nothing (a subclass, so callers can tell "missing" from "unreachable")."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage did not answer for the whole retry window: an outage, not a problem of the object."""
+
+
+def retry_window_s() -> float:
+    """Seconds a failing S3 call is retried (``VIDEOMAE_STORAGE_RETRY_S``, default 300)."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        value = os.environ[RETRY_ENV]
+        raise StorageError(f"{RETRY_ENV} must be a number of seconds, got {value!r}") from None
+
+
+def _retrying(what: str, uri: str, call: Callable, window_s: float | None = None):
+    """``call()``, retried while S3 fails transiently, for ``window_s`` (default: the retry window)."""
+    if not is_s3(uri):
+        return call()
+    window = retry_window_s() if window_s is None else window_s
+    deadline, delay, attempt = time.monotonic() + window, 0.5, 0
+    while True:
+        try:
+            return call()
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or not TRANSIENT.search(str(e)):
+                raise
+            attempt += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(
+                    f"cannot {what} {redact(uri)!r}: storage unreachable for {window:.0f} s ({attempt} "
+                    f"attempts; {RETRY_ENV} sets the window): {e}"
+                ) from e
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("storage unreachable (%s %s), retrying for up to %.0f s more: %s", what,
+                            redact(uri), left, str(e)[:200])
+            time.sleep(min(delay * random.uniform(0.5, 1.5), left))
+            delay = min(delay * 2, 15.0)
 
 
 def is_s3(uri: str) -> bool:
@@ -44,7 +105,9 @@ def s3_endpoint() -> str | None:
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region}
+    # a dead endpoint fails within seconds, and _retrying (not the SDK) paces the retries and logs them
+    kwargs: dict = {"region": region, "connect_timeout": 10, "request_timeout": 60,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -52,10 +115,116 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow S3 filesystem configured from the environment (credentials are read by the AWS SDK)."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(s3_endpoint(), region)
+    return _s3_filesystem(s3_endpoint(), _region())
+
+
+def s3_filesystem_for_uploads() -> pafs.FileSystem:
+    """The S3 filesystem for writers outside this module (Ray Train's checkpoint uploads and its run
+    state): every call retried through outages like this module's own (``RetryingS3``)."""
+    return pafs.PyFileSystem(RetryingS3())
+
+
+class RetryingS3(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler over ``s3_filesystem()`` whose calls retry through outages.
+
+    Writes are spooled (memory, then a temporary file) and uploaded whole on close, so an upload cut off
+    by an outage is retried as a whole object, never left half-written. It pickles without credentials:
+    each process builds its S3 client from its own environment (Ray pickles the filesystem it is given,
+    and a pickled ``pyarrow.fs.S3FileSystem`` keeps neither its retry strategy nor its secrets private).
+    """
+
+    def __reduce__(self):
+        return RetryingS3, ()
+
+    @property
+    def fs(self) -> pafs.S3FileSystem:
+        return s3_filesystem()
+
+    def _call(self, what: str, path: str, fn: Callable):
+        return _retrying(what, "s3://" + path, fn)
+
+    def get_type_name(self) -> str:
+        return "retrying-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def equals(self, other) -> bool:
+        return isinstance(other, RetryingS3)
+
+    def get_file_info(self, paths):
+        return self._call("reach", paths[0] if paths else "", lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self._call("list", selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self._call("create", path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self._call("delete", path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._call("delete", path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise StorageError("refusing to delete the contents of every bucket")
+
+    def delete_file(self, path):
+        self._call("delete", path, lambda: self.fs.delete_file(path))
+
+    def move(self, src, dest):
+        self._call("move", src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src, dest):
+        self._call("copy", src, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        return self._call("read", path, lambda: self.fs.open_input_stream(path))
+
+    def open_input_file(self, path):
+        return self._call("read", path, lambda: self.fs.open_input_file(path))
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_SpooledUpload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise StorageError(f"S3 cannot append to {path!r}")
+
+
+class _SpooledUpload(io.RawIOBase):
+    """The file object behind ``RetryingS3.open_output_stream``: collects the bytes, uploads on close."""
+
+    def __init__(self, handler: RetryingS3, path: str, metadata) -> None:
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 - closed in close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            def put() -> None:
+                self.spool.seek(0)
+                with self.handler.fs.open_output_stream(self.path, metadata=self.metadata) as out:
+                    while chunk := self.spool.read(8 << 20):
+                        out.write(chunk)
+
+            self.handler._call("write", self.path, put)
+        finally:
+            self.spool.close()
+            super().close()
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -98,7 +267,7 @@ def relative_to(uri: str, root: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return _retrying("reach", uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
 
@@ -106,7 +275,7 @@ def exists(uri: str) -> bool:
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(path).type == pafs.FileType.Directory
+        return _retrying("reach", uri, lambda: fs.get_file_info(path)).type == pafs.FileType.Directory
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
 
@@ -115,8 +284,9 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
     """Every file below ``uri`` (recursively) as sorted ``(uri, size_bytes)``, filtered by suffix."""
     fs, path = resolve(uri)
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=False)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=False))
+        infos = _retrying("list", uri, lambda: fs.get_file_info(selector))
     except FileNotFoundError as e:
         raise StorageError(f"nothing to list at {redact(uri)!r}: not found") from e
     except OSError as e:
@@ -132,9 +302,13 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _retrying("read", uri, read)
     except FileNotFoundError as e:
         raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
     except OSError as e:
@@ -148,7 +322,7 @@ def read_text(uri: str) -> str:
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     try:
-        fs.create_dir(path, recursive=True)
+        _retrying("create", uri, lambda: fs.create_dir(path, recursive=True))
     except OSError as e:
         raise StorageError(f"cannot create {redact(uri)!r}: {e}") from e
 
@@ -159,10 +333,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     S3 PUTs are atomic already; locally we write a temporary sibling and rename it into place.
     """
     fs, path = resolve(uri)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
     try:
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            _retrying("write", uri, put)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -191,21 +369,21 @@ def upload_file(local_path: str, uri: str) -> None:
 
 def delete(uri: str, recursive: bool = False) -> None:
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
+    info = _retrying("reach", uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.Directory:
         if not recursive:
             raise StorageError(f"{redact(uri)!r} is a directory; pass recursive=True")
-        fs.delete_dir(path)
+        _retrying("delete", uri, lambda: fs.delete_dir(path))
     elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+        _retrying("delete", uri, lambda: fs.delete_file(path))
 
 
 def check_reachable(uri: str) -> None:
     """Fail early with a clear message when the bucket (or local parent) of ``uri`` does not exist."""
     fs, path = resolve(uri)
     root = path.split("/", 1)[0] if is_s3(uri) else os.path.dirname(path.rstrip("/")) or "/"
-    try:
-        info = fs.get_file_info(root)
+    try:  # a start-up check: a short retry, so a wrong endpoint fails in seconds, not minutes
+        info = _retrying("reach", uri, lambda: fs.get_file_info(root), window_s=min(10.0, retry_window_s()))
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
     if info.type == pafs.FileType.NotFound:

@@ -1,0 +1,84 @@
+"""The object store goes away mid-run: pretraining reads its videos from S3 and writes its checkpoints
+there; the S3 server is stopped for longer than a video's decode time limit and started again with its
+objects. The outage starts in the first epoch (12 steps, a few seconds) and lasts past its end, so the
+second epoch's video reads, and the checkpoint uploads, meet it. The run finishes at its planned step, no
+video is blamed for the outage, no checkpoint is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+from train.test_pretrain_run import tiny_config
+
+from pipeline.data import storage
+from pipeline.train import checkpointing
+from pipeline.train.pretrain import run_pretrain
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_S = 20.0
+
+
+def test_a_storage_outage_is_waited_out_without_bad_videos_or_lost_checkpoints(
+    ray_session, s3_server, s3_bucket, sample_videos, tmp_path
+):
+    for path in sorted((sample_videos / "videos").rglob("*.mp4")):
+        storage.upload_file(str(path), f"{s3_bucket}/videos/{path.parent.name}/{path.name}")
+    sets = {"run_name": "outage", "storage_path": f"{s3_bucket}/runs", "data.decode_isolation": "process",
+            "data.decode_timeout_s": "5", "train.max_steps": "40", "checkpoint.every_steps": "15",
+            "checkpoint.keep_last": "20", "data.max_error_fraction": "0.05"}
+    cfg = tiny_config(tmp_path, f"{s3_bucket}/videos", **sets)
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run_pretrain(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = e
+
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+
+    def checkpoints() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="runs/outage/").get("Contents", [])
+        return {o["Key"].split("/")[2] for o in listed if o["Key"].endswith(checkpointing.MANIFEST)}
+
+    mlflow = MlflowClient(cfg.tracking.tracking_uri)
+
+    def steps_logged() -> int:
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        runs = mlflow.search_runs([experiment.experiment_id]) if experiment else []
+        history = [m for r in runs for m in mlflow.get_metric_history(r.info.run_id, "loss")]
+        return max((m.step for m in history), default=0)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and steps_logged() < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert thread.is_alive(), outcome.get("error") or "the run ended before the outage"
+    before = checkpoints()
+    snapshot = s3_server.snapshot()
+    s3_server.stop()  # the outage: every read, listing and upload now fails to connect
+    time.sleep(OUTAGE_S)
+    s3_server.start()
+    s3_server.restore(snapshot)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after storage came back"
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+
+    assert result.final_step == 40
+    report = storage.read_text(result.error_report_uri)
+    assert report == "", f"videos were blamed for the outage: {report[:500]}"
+    after = checkpoints()
+    assert before <= after and after >= {"checkpoint_00000015", "checkpoint_00000030", "checkpoint_00000040"}
+    with checkpointing.fetched(f"{s3_bucket}/runs/outage/checkpoint_00000040") as directory:
+        assert checkpointing.torn_reason(Path(directory)) is None
