@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +38,42 @@ from pipeline.train.optim import scaled_lr
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool | None = None  # None: GPUs if the cluster has at least num_workers of them
+    # Ray Train workers (DDP ranks): a count, or [min, max] for elastic training: a lost node shrinks the
+    # group to the workers left (not below min), returning capacity grows it back (docs/training.md)
+    num_workers: int | tuple[int, int] = 1
+    use_gpu: bool | None = None  # None: GPUs if the cluster has at least min workers' worth of them
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict = field(default_factory=dict)  # custom resources too, e.g. {"train_slot": 1}
     max_failures: int = 3  # worker failures Ray Train recovers from (restart from the last checkpoint)
     ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
 
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
     def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.min_workers < 1 or self.max_workers < self.min_workers:
+            raise ConfigError(f"scaling.num_workers must be >= 1, or [min, max] with 1 <= min <= max, got "
+                              f"{self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+    def ray_scaling(self, use_gpu: bool):
+        """Ray Train's ScalingConfig: a fixed group, or an elastic (min, max) one."""
+        import ray.train
+
+        workers = self.num_workers if isinstance(self.num_workers, int) else tuple(self.num_workers)
+        if workers == (self.min_workers,) * 2:
+            workers = self.min_workers
+        return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                       resources_per_worker={"CPU": self.cpus_per_worker,
+                                                             **self.resources_per_worker})
 
 
 def checked_storage(storage_path: str) -> str:
@@ -75,7 +98,7 @@ def plan_run(cfg: Any, num_clips: int) -> Plan:
     ``warmup_lr`` are all scaled by that / 256. An absolute ``optim.lr`` is used as given, with the
     configured ``min_lr`` and ``warmup_lr``.
     """
-    t, world = cfg.train, cfg.scaling.num_workers
+    t, world = cfg.train, cfg.scaling.max_workers
     global_batch = t.batch_size * world * t.grad_accum_steps
     per_epoch = t.steps_per_epoch or (num_clips // world) // t.batch_size // t.grad_accum_steps
     if per_epoch < 1:
@@ -101,7 +124,7 @@ def resolve_use_gpu(scaling: ScalingSection) -> bool:
         return scaling.use_gpu
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= scaling.num_workers
+    return ray.cluster_resources().get("GPU", 0) >= scaling.min_workers
 
 
 @dataclass
@@ -142,9 +165,7 @@ class Session:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"args": args},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                                   use_gpu=resolve_use_gpu(cfg.scaling),
-                                                   resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            scaling_config=cfg.scaling.ray_scaling(resolve_use_gpu(cfg.scaling)),
             run_config=ray.train.RunConfig(
                 name=cfg.run_name,
                 storage_path=path,

@@ -108,6 +108,19 @@ class LoopArgs:
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
 
 
+def micro_steps(global_batch: int, batch_size: int, world: int, rank: int) -> int:
+    """This rank's micro-steps per optimizer step: the plan's global batch split over ``world`` ranks, the
+    remainder to the first ranks (elastic training: the global batch is the config's at any group size)."""
+    total = global_batch // batch_size
+    return total // world + (rank < total % world)
+
+
+def micro_loss_weight(global_batch: int, batch_size: int, world: int) -> float:
+    """The factor on each micro-batch's mean loss so that DDP's average of the ranks' summed gradients is
+    the gradient of the mean loss over the global batch, however unevenly the ranks split it."""
+    return world * batch_size / global_batch
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from integers (the run's seed, a rank, an epoch, ...): different parts give
     independent streams, the same parts the same one, so a resumed run repeats its randomness."""
@@ -200,6 +213,11 @@ class TrainLoop:
         self.args, self.cfg, self.plan = args, args.config, args.plan
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the plan's
+        batch, world = self.cfg.train.batch_size, self.world
+        self.accum = micro_steps(args.plan.global_batch, batch, world, self.rank)
+        self.even = (args.plan.global_batch // batch) % world == 0  # every rank the same micro-steps
+        self.loss_weight = micro_loss_weight(args.plan.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
@@ -301,7 +319,8 @@ class TrainLoop:
         where = f"resuming from step {progress.step} (epoch {progress.epoch})" if self.resumed else "starting"
         print(
             f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
-            f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) on "
+            f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) x {self.accum} "
+            f"micro-step(s) on "
             f"{self.device}, precision {self.amp_dtype or torch.float32}",
             flush=True,
         )
@@ -340,16 +359,36 @@ class TrainLoop:
             progress.epoch += 1
             progress.step_in_epoch = 0
 
-    def train_step(self, batches) -> bool:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; False when the shard ran out (every
-        rank's shard holds the same number of batches, so all ranks stop at the same step)."""
-        cfg = self.cfg
-        accum = cfg.train.grad_accum_steps
-        loss_sum, clips, videos = torch.zeros((), device=self.device), 0, []
-        for micro in range(accum):
+    def next_batches(self, batches):
+        """This step's micro-batches, lazily; None when the shard ran out. With every rank taking the same
+        number of micro-batches the shards run out at the same step; with uneven counts (an elastic group
+        whose size does not divide the global batch) the step's batches are fetched first and the ranks
+        agree that all have theirs before any computes (else one would wait in DDP's all-reduce)."""
+
+        def fetch():
             waited = time.perf_counter()
             batch = next(batches, None)
             self.meter.data_wait(time.perf_counter() - waited)
+            return batch
+
+        if self.even:
+            return (fetch() for _ in range(self.accum))
+        fetched = [fetch() for _ in range(self.accum)]
+        have_all = float(all(b is not None for b in fetched))
+        (everyone,) = across_ranks([have_all], self.device, dist.ReduceOp.MIN)
+        return iter(fetched) if everyone else None
+
+    def train_step(self, batches) -> bool:
+        """One optimizer step over this rank's micro-batches; False when a shard ran out (then on every
+        rank at the same step)."""
+        cfg = self.cfg
+        accum = self.accum
+        loss_sum, clips, videos = torch.zeros((), device=self.device), 0, []
+        step_batches = self.next_batches(batches)
+        if step_batches is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        for micro, batch in enumerate(step_batches):
             if batch is None:
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
@@ -361,7 +400,7 @@ class TrainLoop:
                 loss, self.last_batch = self.objective.loss(
                     self.model, batch, pixel_values, self.progress.step, micro
                 )
-                loss = loss / accum
+                loss = loss * self.loss_weight  # 1 / micro-steps when every rank takes as many
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()  # NOTE: no .item() here: that would sync the host every micro-step
             clips += pixel_values.shape[0]
@@ -397,7 +436,7 @@ class TrainLoop:
         self.scheduler.step()
         progress.step += 1
         progress.step_in_epoch += 1
-        progress.clips_seen += clips * self.world
+        progress.clips_seen += self.plan.global_batch  # (uneven micro-steps: not clips x world)
         self.meter.step_done(clips, loss_sum if verdict == "step" else None)
         if verdict == "step":
             self.last_loss = loss_sum

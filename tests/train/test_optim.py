@@ -83,3 +83,28 @@ def test_derived_seeds_are_repeatable_and_independent():
     seeds = {derive_seed(0, rank, epoch) for rank in range(4) for epoch in range(50)}
     assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
     assert derive_seed(1, 0) != derive_seed(0, 1)  # the order of the parts matters
+
+
+def test_an_uneven_split_of_the_global_batch_gives_the_full_batch_gradient():
+    """Elastic groups: 3 micro-batches of 2 clips on 2 ranks (2 + 1), each micro-loss weighted, averaged
+    over ranks as DDP does, equals the gradient of the mean loss over all 6 clips."""
+    from pipeline.train.loop import micro_loss_weight, micro_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = torch.randn(6, 5), torch.randn(6, 1)
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    full = model.weight.grad.clone()
+
+    counts = [micro_steps(6, 2, 2, rank) for rank in range(2)]
+    assert counts == [2, 1] and [micro_steps(512, 8, 6, r) for r in range(6)] == [11] * 4 + [10] * 2
+    weight, start, per_rank = micro_loss_weight(6, 2, 2), 0, []
+    for count in counts:
+        model.zero_grad()
+        for _ in range(count):
+            xs, ys = x[start : start + 2], y[start : start + 2]
+            (torch.nn.functional.mse_loss(model(xs), ys) * weight).backward()
+            start += 2
+        per_rank.append(model.weight.grad.clone())
+    torch.testing.assert_close(sum(per_rank) / len(per_rank), full)

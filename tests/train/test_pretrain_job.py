@@ -38,12 +38,14 @@ def _ray(args: list[str], env: dict, timeout: float = 120, check: bool = True) -
     return proc
 
 
-def _start_head(env: dict, temp_dir: str, dashboard: int) -> subprocess.Popen:
+def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None = None,
+                extra: list[str] = ()) -> subprocess.Popen:
     """``ray start --head --block`` on fresh ports; returns once the whole node is up (or raises)."""
     worker_base = random.randrange(20000, 60000, 200)
     cmd = [RAY, "start", "--head", "--block", "--temp-dir", temp_dir, "--num-cpus", "4",
-           "--node-ip-address", "127.0.0.1",
-           "--port", str(free_port()), "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1",
+           "--node-ip-address", "127.0.0.1", *extra,
+           "--port", str(gcs_port or free_port()), "--dashboard-port", str(dashboard),
+           "--dashboard-host", "127.0.0.1",
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
            "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()),

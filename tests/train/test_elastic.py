@@ -1,0 +1,105 @@
+"""Elastic training on a two-node local Ray cluster: a head with two training slots and a second
+``ray start --address`` node with one, on 127.0.0.1; ``ray job submit`` runs pretraining with
+``scaling.num_workers=[2, 3]`` spread over both; the second node is killed for good mid-run. The run
+finishes on the two workers left, at the planned step count, with the same global batch: its 3
+micro-batches split 2 + 1 instead of 1 + 1 + 1."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port
+from train.test_pretrain_job import RAY, _committed_step, _ray, _start_head, _stop_head
+
+from pipeline.train import checkpointing
+
+pytestmark = pytest.mark.integration
+
+
+def _start_node(env: dict, gcs: str, log_path: Path) -> subprocess.Popen:
+    worker_base = random.randrange(20000, 60000, 200)
+    cmd = [RAY, "start", "--address", gcs, "--block", "--num-cpus", "2", "--resources", '{"train_slot": 1}',
+           "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()),
+           "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--min-worker-port", str(worker_base),
+           "--max-worker-port", str(worker_base + 199), "--disable-usage-stats"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "block forever" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the second node did not come up:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """The node is lost, not stopped: SIGKILL to its raylet, its workers and everything else it runs."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp_path, sample_videos):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
+    env.pop("RAY_ADDRESS", None)
+    storage = tmp_path / "runs"
+    sets = {"run_name": "elastic", "storage_path": storage, "data.uri": sample_videos,
+            "data.clips_per_video": 2, "train.batch_size": 2, "train.max_steps": 60,
+            "train.log_every_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 20,
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optim.warmup_steps": 2,
+            "probe.every_steps": 0, "scaling.num_workers": "[2,3]", "scaling.cpus_per_worker": 1,
+            "scaling.resources_per_worker": '{"train_slot": 1}', "scaling.max_failures": 3}
+    job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
+    job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    temp_dir = tempfile.mkdtemp(prefix="rayelastic-", dir="/tmp")
+    dashboard, gcs_port = free_port(), free_port()
+    head = _start_head(env, temp_dir, dashboard, gcs_port, ["--resources", '{"train_slot": 2}'])
+    node = None
+    try:
+        node = _start_node(env, f"127.0.0.1:{gcs_port}", Path(temp_dir) / "node2.log")
+        address = f"http://127.0.0.1:{dashboard}"
+        submit = ["job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "elastic",
+                  "--no-wait", "--", *job_args]
+        _ray(submit, env)
+        deadline = time.monotonic() + 300
+        while _committed_step(storage / "elastic") < 10:  # three workers have trained a while
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.5)
+        lost_at = _committed_step(storage / "elastic")
+        _kill_node(node)
+        node = None
+        deadline = time.monotonic() + 600
+        while True:
+            status = _ray(["job", "status", "--address", address, "elastic"], env, check=False).stdout
+            if "SUCCEEDED" in status or "FAILED" in status or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        logs = _ray(["job", "logs", "--address", address, "elastic"], env).stdout
+        assert "SUCCEEDED" in status, logs[-4000:]
+    finally:
+        if node is not None:
+            _kill_node(node)
+        _stop_head(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    assert lost_at < 60
+    assert "3 worker(s) x 1 micro-step(s)" in logs and "2 worker(s) x 2 micro-step(s)" in logs  # rank 0
+    assert logs.count("global batch 6,") >= 2  # the same global batch before and after the loss
+    assert "finished at step 60" in logs
+    final = checkpointing.read_progress(storage / "elastic" / "checkpoint_00000060")
+    assert final.step == 60 and final.world_size == 2 and final.clips_seen == 60 * 6
