@@ -9,14 +9,15 @@ indices given the video length, and decode the union of those frames once. Every
 wrong with it.
 
 The per-video time limit. A decoder can hang or crash inside C, and a Python thread cannot interrupt C
-code, so ``Decoder(isolation="process")`` (the default) reads the bytes itself (storage retries through an
-outage are not decode time, pipeline/data/storage.py) and runs ``decode_bytes`` in a long-lived helper
-process per decode worker (pipeline/data/child.py, the supervisor preprocessing uses too): the parent waits
-at most ``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
+code, so ``Decoder(isolation="process")`` (the default) decodes in a long-lived helper process per decode
+worker (pipeline/data/child.py, the supervisor preprocessing uses too): the parent waits at most
+``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
 ``timeout`` and starts a new helper on the next video. A segfault in the helper becomes ``decoder_crash``
-instead of killing the Ray worker. Frames come back
-through a shared memory map (an unlinked file in /dev/shm whose descriptor the helper inherits), not a
-pipe, so the isolation costs one memcpy of the decoded frames (see benchmarks/data_throughput.py).
+instead of killing the Ray worker. S3 bytes are read by the worker before, so retries through an outage
+(pipeline/data/storage.py) are not decode time; local files are read in the helper, so a read that hangs
+(a stuck network mount) is stopped too. Frames come back through a shared memory map (an unlinked file
+in /dev/shm whose descriptor the helper inherits), not a pipe, so the isolation costs one memcpy of the
+decoded frames (see benchmarks/data_throughput.py).
 ``isolation="inline"`` decodes in-process: no hard limit (an overrun is only detected after the fact).
 """
 
@@ -185,10 +186,14 @@ class Decoder:
     def decode(
         self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1)
     ) -> DecodedVideo:
-        data = read_video_bytes(uri)  # here, not in the helper: storage retries are not decode time
+        # S3 bytes are read here, not in the helper: retries through an outage are not decode time (each
+        # attempt is bounded by the S3 client's timeouts). A local read stays in the helper, where the
+        # time limit also stops a read that hangs (a stuck network mount, a FIFO).
+        data = read_video_bytes(uri) if storage.is_s3(uri) else None
         if self.isolation == "inline":
             start = time.monotonic()
-            video = decode_bytes(uri, data, sampler, seed, self.limits, window)
+            video = (decode_bytes(uri, data, sampler, seed, self.limits, window) if data is not None
+                     else read_and_decode(uri, sampler, seed, self.limits, window))
             if time.monotonic() - start > self.limits.timeout_s:
                 raise VideoError(
                     uri, "timeout", f"took {time.monotonic() - start:.1f}s (inline, not stopped)"
@@ -197,7 +202,7 @@ class Decoder:
         return self._decode_isolated(uri, data, sampler, seed, window)
 
     def _decode_isolated(
-        self, uri: str, data: bytes, sampler: Sampler, seed: int, window: tuple[float, float]
+        self, uri: str, data: bytes | None, sampler: Sampler, seed: int, window: tuple[float, float]
     ) -> DecodedVideo:
         if self._child is None:
             self._buffer = _FrameBuffer()  # the helper maps the same descriptor, inherited at its start
@@ -268,7 +273,10 @@ def serve() -> None:
             return
         request, uri, data, sampler, seed, window, limits, size = msg
         try:
-            video = decode_bytes(uri, data, sampler, seed, limits, window)
+            if data is None:
+                video = read_and_decode(uri, sampler, seed, limits, window)
+            else:
+                video = decode_bytes(uri, data, sampler, seed, limits, window)
         except VideoError as e:
             send.send((request, "error", e.reason, e.detail))
             continue

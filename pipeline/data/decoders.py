@@ -114,6 +114,8 @@ class _PyAV:
         if not streams:
             raise ValueError("no video stream")
         self._stream = stream = streams[0]
+        if stream.codec_context is None:  # FFmpeg knows the container, not the codec
+            raise ValueError(f"no decoder for codec tag {getattr(stream, 'codec_tag', '?')!r}")
         stream.thread_type = "AUTO" if num_threads > 1 else "SLICE"
         pts, keyframes = [], []
         for packet in self._container.demux(stream):
