@@ -5,10 +5,12 @@ Each server binds 127.0.0.1 on a free port and is stopped when the session ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,60 +55,103 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+class _Forwarder:
+    """A TCP forwarder on 127.0.0.1:``port`` to ``target``: what clients see as the S3 server. Closing it
+    (listener and open connections) is an outage with the objects kept, as a real store comes back."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self.listener: socket.socket | None = None
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed: the outage began
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(OSError):  # wakes the accepting thread (close alone would not)
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self.listener = None
+        with self.lock:
+            for connection in self.connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self.connections = []
+
+
 class S3Server:
-    """moto_server on a fixed 127.0.0.1 port that a test can stop and start again (an outage); moto keeps
-    its objects in memory, so ``snapshot`` / ``restore`` carry them over a restart."""
+    """moto_server behind a forwarder on a fixed 127.0.0.1 port; ``stop()`` / ``start()`` take the
+    endpoint away and bring it back, the objects kept (an outage of the store, not a loss of its data)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port, self._moto_port = free_port(), free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+        self._moto = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self._moto_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        self._forwarder = _Forwarder(self.port, self._moto_port)
+        wait_http(f"http://127.0.0.1:{self._moto_port}/moto-api/")
+        self.start()
+
+    def start(self) -> None:
+        self._forwarder.open()
         wait_http(self.endpoint + "/moto-api/")
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self._forwarder.close()
 
-    def _client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint)
-
-    def snapshot(self) -> dict[str, dict[str, bytes]]:
-        client, out = self._client(), {}
-        for bucket in client.list_buckets()["Buckets"]:
-            name, out[bucket["Name"]] = bucket["Name"], {}
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-                for obj in page.get("Contents", []):
-                    out[name][obj["Key"]] = client.get_object(Bucket=name, Key=obj["Key"])["Body"].read()
-        return out
-
-    def restore(self, snapshot: dict[str, dict[str, bytes]]) -> None:
-        client = self._client()
-        for name, objects in snapshot.items():
-            client.create_bucket(Bucket=name)
-            for key, body in objects.items():
-                client.put_object(Bucket=name, Key=key, Body=body)
+    def shutdown(self) -> None:
+        self._forwarder.close()
+        stop_process(self._moto)
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A real S3-compatible server (moto_server) on 127.0.0.1; AWS_ENDPOINT_URL points at it."""
     server = S3Server()
-    server.start()
     try:
         os.environ["AWS_ENDPOINT_URL"] = server.endpoint
         yield server
     finally:
         os.environ.pop("AWS_ENDPOINT_URL", None)
-        server.stop()
+        server.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -77,8 +77,8 @@ def read_video_bytes(uri: str) -> bytes:
     return data
 
 
-def check_container(uri: str, data: bytes, limits: DecodeSettings) -> None:
-    """Name what is wrong with a file from its headers before decord sees it."""
+def check_container(uri: str, data: bytes, limits: DecodeSettings) -> tuple[int, int]:
+    """Name what is wrong with a file from its headers before a decoder sees it; (width, height)."""
     import av
 
     try:
@@ -97,6 +97,7 @@ def check_container(uri: str, data: bytes, limits: DecodeSettings) -> None:
         raise VideoError(uri, "undecodable", f"{type(e).__name__}: {e}"[:300]) from None
     if width * height > limits.max_pixels:
         raise VideoError(uri, "too_large", f"{width}x{height} > max_pixels {limits.max_pixels}")
+    return width, height
 
 
 def frame_window(length: int, fps: float, window: tuple[float, float]) -> tuple[int, int]:
@@ -113,10 +114,11 @@ def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: Dec
     them (pipeline/data/decoders.py); every failure is a ``VideoError``."""
     size = mp4.frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
     if size is None:
-        check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
+        size = check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:
         raise VideoError(uri, "too_large", f"{size[0]}x{size[1]} > max_pixels {limits.max_pixels}")
-    names = decoders.candidates(limits.decoder, limits.device)  # DecoderUnavailable: the setup, not the video
+    # DecoderUnavailable (a backend this node cannot run) is the setup's problem, not the video's
+    names = decoders.candidates(limits.decoder, limits.device, size[0] * size[1])
     failed: list[str] = []
     opened = False
     for name in names:

@@ -16,10 +16,11 @@ by frame on H.264, HEVC, VP9, AV1 and variable-frame-rate files):
 - ``torchcodec``: PyTorch's decoder (``seek_mode="exact"``), on the CPU or, with ``decode_device: cuda``,
   NVDEC; its PyPI wheel is a CUDA build, so it imports on GPU nodes only.
 
-``auto`` tries the available backends in ``AUTO_ORDER``: PyAV first (exact on every GOP, and the
-fastest in benchmarks/decoders.py from 640x360 up, level below), then decord; a video the first cannot
-open or decode is retried with the next before it counts as bad, and ``DecodedVideo.backend`` says which
-one read it.
+``auto`` tries the available backends in order, by frame size: below ``PYAV_FIRST_PIXELS`` decord first
+(``AUTO_ORDER``; 1.3-1.6x PyAV on small videos, where PyAV's per-video overhead dominates), from there
+PyAV first (1.1-1.4x decord from 640x360 up; benchmarks/decoders.py, docs/data.md). A video the first
+cannot open or decode (decord refuses open GOPs) is retried with the next before it counts as bad, and
+``DecodedVideo.backend`` says which one read it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import numpy as np
 from pipeline.data import mp4
 
 BACKENDS = ("decord", "pyav", "torchcodec")
-AUTO_ORDER = ("pyav", "decord", "torchcodec")  # PyAV: exact on every GOP, the fastest (docs/data.md)
+AUTO_ORDER = ("decord", "pyav", "torchcodec")  # below PYAV_FIRST_PIXELS
+LARGE_ORDER = ("pyav", "decord", "torchcodec")  # from PYAV_FIRST_PIXELS up
+PYAV_FIRST_PIXELS = 200_000  # measured crossover: equal at 320x240, PyAV 1.04x at 568x320, 1.15x at 640x360
 
 
 class DecoderUnavailable(RuntimeError):
@@ -207,16 +210,18 @@ def unavailable_reason(name: str, device: str = "cpu") -> str | None:
     return None
 
 
-def candidates(decoder: str, device: str = "cpu") -> list[str]:
-    """The backends to try, in order, for the ``data.decoder`` setting; DecoderUnavailable if none can."""
+def candidates(decoder: str, device: str = "cpu", pixels: int | None = None) -> list[str]:
+    """The backends to try, in order, for the ``data.decoder`` setting and a video of ``pixels`` per frame
+    (None: unknown, the small-video order); DecoderUnavailable if none can run here."""
     if decoder != "auto":
         reason = unavailable_reason(decoder, device)
         if reason:
             raise DecoderUnavailable(reason)
         return [decoder]
-    names = [n for n in AUTO_ORDER if unavailable_reason(n, device) is None]
+    order = LARGE_ORDER if pixels and pixels >= PYAV_FIRST_PIXELS else AUTO_ORDER
+    names = [n for n in order if unavailable_reason(n, device) is None]
     if not names:
-        reasons = "; ".join(unavailable_reason(n, device) for n in AUTO_ORDER)
+        reasons = "; ".join(unavailable_reason(n, device) for n in order)
         raise DecoderUnavailable(f"no decoder is usable here: {reasons}")
     return names
 

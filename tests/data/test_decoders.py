@@ -128,8 +128,8 @@ def _frames_asked(sampler, length: int) -> list[int]:
 def test_auto_reads_what_decord_refuses_or_mishandles_with_exact_frames(videos, tmp_path, monkeypatch,
                                                                         case, order):
     """Open GOPs (decord misnumbers them), a 48x48 H.264 (decord copies 4 channels into 3) and AV1 (decord
-    0.6 finds no stream): ``auto`` reads each exactly. With PyAV first (the default) it needs no fallback;
-    with decord first the video falls back to PyAV and the run learns why decord could not."""
+    0.6 finds no stream): ``auto`` reads each exactly. With decord first (the default at these sizes) the
+    video falls back to PyAV and the run learns why decord could not; with PyAV first it needs none."""
     if case == "small":
         path = write_codec_video(tmp_path / "small.mp4", "h264", size=(48, 48))
         reference = reference_frames(path)
@@ -150,7 +150,8 @@ def test_auto_reads_what_decord_refuses_or_mishandles_with_exact_frames(videos, 
 def test_an_unusable_decoder_is_named_before_any_video(monkeypatch):
     with pytest.raises(decoders.DecoderUnavailable, match="unknown decoder 'ffmpeg'"):
         decoders.candidates("ffmpeg")
-    assert decoders.candidates("auto")[:2] == ["pyav", "decord"]  # PyAV first: exact on every GOP
+    assert decoders.candidates("auto")[:2] == ["decord", "pyav"]  # small (or unknown) frames: decord first
+    assert decoders.candidates("auto", pixels=640 * 360)[:2] == ["pyav", "decord"]  # larger: PyAV first
     reason = decoders.unavailable_reason("pyav", "cuda")
     assert reason == "decode_device 'cuda' needs decoder 'torchcodec', not 'pyav'"
     with pytest.raises(ValueError, match="decoder must be one of"):

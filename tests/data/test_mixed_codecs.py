@@ -3,6 +3,7 @@ decoder and preprocesses for any training decoder, and no video is lost to its c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,12 @@ def test_a_mixed_codec_folder_pretrains_with_the_default_decoder_and_loses_nothi
     metrics = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
     assert metrics["data/errors_total"] == 0 and metrics["data/videos_total"] >= 8
     read_by = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("data/decoded_by_total/")}
-    assert set(read_by) == {"pyav"} and read_by["pyav"] >= 8, read_by  # PyAV, first in auto, read them all
-    assert not (Path(result.run_dir) / "data_errors_fallbacks.jsonl").exists()  # no video needed another
+    assert read_by.get("pyav", 0) >= 2, read_by  # at least the open-GOP HEVC videos, which decord refuses
+    # the videos another decoder read are named, with why the first could not
+    fallbacks = [json.loads(line) for line in
+                 (Path(result.run_dir) / "data_errors_fallbacks.jsonl").read_text().splitlines()]
+    assert {Path(f["uri"]).parent.name for f in fallbacks} >= {"hevc"}
+    assert all(f["failed"][0].startswith("decord: ") for f in fallbacks)
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])

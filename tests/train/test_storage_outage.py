@@ -1,5 +1,5 @@
 """The object store goes away mid-run: pretraining reads its videos from S3 and writes its checkpoints
-there; the S3 server is stopped for longer than a video's decode time limit and started again with its
+there; the S3 endpoint goes away for longer than a video's decode time limit and comes back with its
 objects. The outage starts in the first epoch (12 steps, a few seconds) and lasts past its end, so the
 second epoch's video reads, and the checkpoint uploads, meet it. The run finishes at its planned step, no
 video is blamed for the outage, no checkpoint is lost.
@@ -64,11 +64,9 @@ def test_a_storage_outage_is_waited_out_without_bad_videos_or_lost_checkpoints(
         time.sleep(0.3)
     assert thread.is_alive(), outcome.get("error") or "the run ended before the outage"
     before = checkpoints()
-    snapshot = s3_server.snapshot()
     s3_server.stop()  # the outage: every read, listing and upload now fails to connect
     time.sleep(OUTAGE_S)
     s3_server.start()
-    s3_server.restore(snapshot)
     thread.join(timeout=600)
     assert not thread.is_alive(), "the run did not finish after storage came back"
     if "error" in outcome:
