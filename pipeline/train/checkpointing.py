@@ -56,10 +56,15 @@ class TornCheckpoint(RuntimeError):
 class CheckpointSection:
     every_steps: int = 1000  # also at the end of training
     keep_last: int = 3  # Ray Train deletes older checkpoints
+    # async: the upload runs in the background while training goes on (Ray Train's ASYNC mode; the run
+    # waits for it at the end); sync: every rank waits for its upload (benchmarks/checkpoint_stall.py)
+    upload: str = "async"
 
     def validate(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
             raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+        if self.upload not in ("async", "sync"):
+            raise ConfigError(f"checkpoint.upload must be 'async' or 'sync', got {self.upload!r}")
 
 
 @dataclass
@@ -167,6 +172,21 @@ def checkpoint_step(name: str) -> int | None:
     """The step in a checkpoint folder's name (``checkpoint_00001000``), None for other names."""
     match = CHECKPOINT_NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+def newest_complete(run_dir: str, at_most: int | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """(URI of the newest whole checkpoint below ``run_dir`` at step <= ``at_most``, or "" if none; the
+    torn ones passed on the way, as (URI, why))."""
+    torn = []
+    for step, uri in checkpoints_in(run_dir):
+        if at_most is not None and step > at_most:
+            continue
+        with fetched(uri) as directory:
+            why = torn_reason(directory)
+        if why is None:
+            return uri, torn
+        torn.append((uri, why))
+    return "", torn
 
 
 def checkpoints_in(run_dir: str) -> list[tuple[int, str]]:

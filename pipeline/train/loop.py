@@ -278,18 +278,14 @@ class TrainLoop:
         """Resume from the newest complete checkpoint older than a torn one; rank 0 reports and removes the
         torn ones it passes."""
         torn_step = ckpt.checkpoint_step(torn_uri.rstrip("/").rsplit("/", 1)[-1])
-        torn = [(torn_uri, reason)]
+        at_most = None if torn_step is None else torn_step - 1
+        uri, passed = ckpt.newest_complete(self.args.run_dir or "", at_most)
+        torn = [(torn_uri, reason), *passed]
         progress = None
-        for step, uri in ckpt.checkpoints_in(self.args.run_dir or ""):
-            if uri == torn_uri or (torn_step is not None and step > torn_step):
-                continue
+        if uri:
             with ckpt.fetched(uri) as directory:
-                why = ckpt.torn_reason(directory)
-                if why is None:
-                    progress = self.load(directory)
-                    self.last_checkpoint_uri = uri
-                    break
-            torn.append((uri, why))
+                progress = self.load(directory)
+            self.last_checkpoint_uri = uri
         if self.rank == 0:
             for bad, why in torn:
                 print(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
@@ -444,11 +440,26 @@ class TrainLoop:
             self.roll_back()
         return True
 
+    @staticmethod
+    def wait_until_whole(uri: str, timeout_s: float = 120.0) -> bool:
+        """Whether the checkpoint at ``uri`` is (or within ``timeout_s`` becomes) whole: an asynchronous
+        upload may still be on its way."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(storage.StorageError), ckpt.fetched(uri) as directory:
+                if ckpt.torn_reason(directory) is None:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+
     def roll_back(self) -> None:
         """Every rank (they decide together) reloads the last checkpoint; under fp16 with a lower loss
         scale. The data stream goes on: the batches that failed are not replayed."""
         uri = self.last_checkpoint_uri
-        if uri is None:
+        if uri and self.args.run_dir and not self.wait_until_whole(uri):  # its upload failed: an older one
+            uri, _ = ckpt.newest_complete(self.args.run_dir, ckpt.checkpoint_step(uri.rsplit("/", 1)[-1]))
+        if not uri:
             raise NonFiniteTraining(
                 f"step {self.progress.step}: {self.guard.in_a_row_limit} non-finite steps in a row before "
                 "the first checkpoint, nothing to roll back to: lower optim.lr (or base_lr) or set "
@@ -518,19 +529,23 @@ class TrainLoop:
             self.reporter.log(step, self.progress.epoch, self.lr, window)
 
     def checkpoint(self) -> None:
-        """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint."""
+        """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint, in
+        the background under ``checkpoint.upload: async`` (training goes on meanwhile), and then deletes
+        the local folder."""
         progress = self.progress
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt.save(tmp, rank=self.rank, model=self.model, optimizer=self.optimizer,
-                      scheduler=self.scheduler, scaler=self.scaler, progress=progress,
-                      job_config_yaml=self.args.config_yaml)
-            loss = float(self.last_loss) if self.last_loss is not None else float("nan")
-            metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss,
-                       "start_step": self.start_step, "clips_seen": progress.clips_seen,
-                       "peak_rss_mb": peak_rss_mb()}
-            name = f"checkpoint_{progress.step:08d}"
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+        local = tempfile.mkdtemp(prefix="videomae-checkpoint-")
+        ckpt.save(local, rank=self.rank, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                  scaler=self.scaler, progress=progress, job_config_yaml=self.args.config_yaml)
+        loss = float(self.last_loss) if self.last_loss is not None else float("nan")
+        metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss,
+                   "start_step": self.start_step, "clips_seen": progress.clips_seen,
+                   "peak_rss_mb": peak_rss_mb()}
+        name = f"checkpoint_{progress.step:08d}"
+        modes = ray.train.CheckpointUploadMode
+        mode = modes.ASYNC if self.cfg.checkpoint.upload == "async" else modes.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
         if self.args.run_dir:
             self.last_checkpoint_uri = storage.join(self.args.run_dir, name)
 
