@@ -41,7 +41,7 @@ def _ray(args: list[str], env: dict, timeout: float = 120, check: bool = True) -
 def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None = None,
                 extra: list[str] = ()) -> subprocess.Popen:
     """``ray start --head --block`` on fresh ports; returns once the whole node is up (or raises)."""
-    worker_base = random.randrange(20000, 60000, 200)
+    worker_base = random.randrange(12000, 32000, 200)  # below the ephemeral range free_port() draws from
     cmd = [RAY, "start", "--head", "--block", "--temp-dir", temp_dir, "--num-cpus", "4",
            "--node-ip-address", "127.0.0.1", *extra,
            "--port", str(gcs_port or free_port()), "--dashboard-port", str(dashboard),
