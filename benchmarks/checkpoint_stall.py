@@ -6,7 +6,9 @@ parameters, so a checkpoint of model + AdamW moments is about 1.1 GB) on small c
 short and the checkpoint large, as on a GPU node where a step takes a fraction of a second and the
 checkpoint gigabytes. Checkpoints go to S3 (a local ``moto_server``, started here), every
 ``--every`` steps. Per-step times come from the run's MLflow metrics (``step_time_s`` at every step);
-the checkpoint's cost lands in the step after it. The stall is that step's time minus the median step.
+the checkpoint's cost lands in the step after it. The stall is that step's time minus the median step;
+"run s" is the whole job (start-up, training, the final upload), as a check that the stall is not just
+moved elsewhere.
 
     python benchmarks/checkpoint_stall.py            # about 4 minutes here
     python benchmarks/checkpoint_stall.py --steps 24 --every 8
@@ -104,12 +106,12 @@ def main() -> int:
     print(f"\ncheckpoint stall ({os.cpu_count()} CPUs; ViT-B-sized model, 1 worker, checkpoints to S3 every "
           f"{args.every} of {args.steps} steps)")
     header = (f"{'upload':8} {'checkpoint GB':>13} {'median step s':>13} {'stall s':>8} "
-              f"{'per checkpoint':>22} {'vs sync':>8}")
+              f"{'per checkpoint':>22} {'vs sync':>8} {'run s':>6}")
     print(header + "\n" + "-" * len(header))
     for r in results:
         per = ", ".join(f"{s:.1f}" for s in r["stalls"])
         print(f"{r['mode']:8} {r['checkpoint_gb']:>13.2f} {r['median_step_s']:>13.2f} {r['stall_s']:>8.1f} "
-              f"{per:>22} {r['stall_s'] / sync['stall_s']:>7.2f}x")
+              f"{per:>22} {r['stall_s'] / sync['stall_s']:>7.2f}x {r['wall_s']:>6.0f}")
     return 0
 
 
