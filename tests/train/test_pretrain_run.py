@@ -45,6 +45,22 @@ def tiny_config(tmp_path: Path, data_uri: str, **overrides: str) -> PretrainConf
     return C.load(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()])
 
 
+def pretrain_in_thread(cfg: PretrainConfig) -> tuple[threading.Thread, dict]:
+    """``run_pretrain(cfg)`` started in a thread, so the test can act on the run meanwhile; the dict gets
+    ``result`` or ``error`` (re-raise it in the test)."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run_pretrain(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    return thread, outcome
+
+
 def data_with_broken_videos(sample_videos: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -83,17 +99,7 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     data = data_with_broken_videos(sample_videos, tmp_path)
     probe = {"probe.every_steps": "6", "probe.data.uri": str(sample_videos),
              "probe.data.decode_isolation": "inline"}
-    cfg = tiny_config(tmp_path, str(data), **probe)
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = run_pretrain(cfg)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=fit)
-    thread.start()
+    thread, outcome = pretrain_in_thread(tiny_config(tmp_path, str(data), **probe))
     run_dir = tmp_path / "runs" / "kill-test"
     killed = None
     deadline = time.monotonic() + 240

@@ -7,18 +7,16 @@ video is blamed for the outage, no checkpoint is lost.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 from mlflow.tracking import MlflowClient
-from train.test_pretrain_run import tiny_config
+from train.test_pretrain_run import pretrain_in_thread, tiny_config
 
 from pipeline.data import storage
 from pipeline.train import checkpointing
-from pipeline.train.pretrain import run_pretrain
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +32,6 @@ def test_a_storage_outage_is_waited_out_without_bad_videos_or_lost_checkpoints(
             "data.decode_timeout_s": "5", "train.max_steps": "40", "checkpoint.every_steps": "15",
             "checkpoint.keep_last": "20", "data.max_error_fraction": "0.05"}
     cfg = tiny_config(tmp_path, f"{s3_bucket}/videos", **sets)
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = run_pretrain(cfg)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            outcome["error"] = e
 
     bucket = s3_bucket.removeprefix("s3://")
     client = boto3.client("s3", endpoint_url=s3_server.endpoint)
@@ -57,8 +48,7 @@ def test_a_storage_outage_is_waited_out_without_bad_videos_or_lost_checkpoints(
         history = [m for r in runs for m in mlflow.get_metric_history(r.info.run_id, "loss")]
         return max((m.step for m in history), default=0)
 
-    thread = threading.Thread(target=fit)
-    thread.start()
+    thread, outcome = pretrain_in_thread(cfg)
     deadline = time.monotonic() + 300
     while thread.is_alive() and steps_logged() < 2 and time.monotonic() < deadline:
         time.sleep(0.3)
