@@ -122,7 +122,8 @@ class _PyAV:
         stream.thread_type = "AUTO" if num_threads > 1 else "SLICE"
         pts, keyframes = [], []
         for packet in self._container.demux(stream):
-            if packet.pts is not None and packet.size:
+            # edit-list pre-roll (AV_PKT_FLAG_DISCARD) is decoded but never shown: not a frame
+            if packet.pts is not None and packet.size and not getattr(packet, "is_discard", False):
                 pts.append(packet.pts)
                 if packet.is_keyframe:
                     keyframes.append(packet.pts)

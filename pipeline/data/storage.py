@@ -37,7 +37,7 @@ DEFAULT_RETRY_S = 300.0
 # what the AWS SDK (through pyarrow) says when the connection or the service failed, not the request
 TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|INTERNAL_FAILURE|REQUEST_TIMEOUT|"
-    r"RequestTimeout|Connection refused|timed out|HTTP response code: 5\d\d"
+    r"RequestTimeout|Connection refused|timed out|HTTP (?:status|response code:?) 5\d\d"
 )
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp")

@@ -194,7 +194,9 @@ def checkpoints_in(run_dir: str) -> list[tuple[int, str]]:
     folders: dict[str, int] = {}
     try:
         files = storage.list_files(run_dir)
-    except storage.StorageError:
+    except storage.StorageUnavailable:
+        raise  # an outage is not "no checkpoints": resuming from step 0 would throw the run away
+    except storage.StorageError:  # nothing there yet
         return []
     for uri, _ in files:
         name = storage.relative_to(uri, run_dir).split("/", 1)[0]

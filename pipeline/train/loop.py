@@ -20,6 +20,7 @@ cost as much as training on them). The per-worker shuffle buffer is seeded by (s
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -232,6 +233,7 @@ class TrainLoop:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.last_checkpoint_uri: str | None = None  # where a rollback goes
         self.torn_checkpoints = 0  # found (and passed over) at the start
+        self.rolled_back = False  # the last step ended in a rollback
         t = self.cfg.train
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
         self.resumed, self.progress = self.restore()
@@ -246,22 +248,42 @@ class TrainLoop:
 
     def restore(self) -> tuple[bool, ckpt.Progress]:
         """(resumed?, progress): the last checkpoint Ray Train hands over, or, when that one is torn (its
-        upload was cut off), the newest complete one before it; else a fresh start."""
+        upload was cut off), the newest complete one before it; else a fresh start. Rank 0 decides which,
+        so every rank loads the same one."""
         restored = ray.train.get_checkpoint()
         if not restored:
             return False, ckpt.Progress(world_size=self.world)
         uri = self.uri_of(restored.path)
-        with restored.as_directory() as directory:
-            reason = ckpt.torn_reason(directory)
-            progress = self.load(directory) if reason is None else None
-        if progress is None:
-            progress = self.restore_before_torn(uri, reason)
-        else:
+
+        def verdict() -> str | None:
+            try:
+                with restored.as_directory() as directory:
+                    return ckpt.torn_reason(directory)
+            except storage.StorageUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - gone (removed as torn before) or unreadable
+                return f"unreadable ({type(e).__name__}: {str(e)[:100]})"
+
+        reason = self.agree_on(verdict())
+        if reason is None:
+            with restored.as_directory() as directory:
+                progress = self.load(directory)
             self.last_checkpoint_uri = uri
+        else:
+            progress = self.restore_before_torn(uri, reason)
         if progress is None:
             return False, ckpt.Progress(world_size=self.world)
         progress.world_size = self.world
         return True, progress
+
+    @staticmethod
+    def agree_on(value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (which checkpoint to load must be one answer for all)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def uri_of(self, path: str) -> str:
         """The storage URI of a path in Ray Train's storage filesystem."""
@@ -275,17 +297,20 @@ class TrainLoop:
         return progress
 
     def restore_before_torn(self, torn_uri: str, reason: str) -> ckpt.Progress | None:
-        """Resume from the newest complete checkpoint older than a torn one; rank 0 reports and removes the
-        torn ones it passes."""
+        """Resume from the newest complete checkpoint older than a torn one (rank 0 chooses); once every
+        rank has loaded it, rank 0 reports and removes the torn ones it passed."""
         torn_step = ckpt.checkpoint_step(torn_uri.rstrip("/").rsplit("/", 1)[-1])
         at_most = None if torn_step is None else torn_step - 1
-        uri, passed = ckpt.newest_complete(self.args.run_dir or "", at_most)
+        choice = ckpt.newest_complete(self.args.run_dir or "", at_most) if self.rank == 0 else None
+        uri, passed = self.agree_on(choice)
         torn = [(torn_uri, reason), *passed]
         progress = None
         if uri:
             with ckpt.fetched(uri) as directory:
                 progress = self.load(directory)
             self.last_checkpoint_uri = uri
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # nobody still reads what rank 0 removes
         if self.rank == 0:
             for bad, why in torn:
                 print(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
@@ -344,6 +369,9 @@ class TrainLoop:
             if not self.train_step(batches):
                 break
             steps_this_epoch += 1
+            if self.rolled_back:  # back at a step already checkpointed and logged: nothing to redo there
+                self.rolled_back = False
+                continue
             self.after_step()
         if steps_this_epoch == 0:
             raise RuntimeError(
@@ -409,7 +437,8 @@ class TrainLoop:
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads)
         progress = self.progress
-        if self.guard.finite(loss_sum, grad_norm):
+        loss_ok, grads_ok = self.guard.check(loss_sum, grad_norm)
+        if loss_ok and grads_ok:
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -417,6 +446,9 @@ class TrainLoop:
                 self.optimizer.step()
             self.guard.stepped()
             verdict = "step"
+        elif loss_ok and self.scaler:  # fp16 overflow: GradScaler skips the step and lowers its scale
+            self.scaler.update()
+            verdict = "overflow"
         else:  # weights and optimizer state untouched; under fp16 the scaler lowers its scale
             if self.scaler:
                 self.scaler.update()
@@ -433,8 +465,8 @@ class TrainLoop:
         progress.step += 1
         progress.step_in_epoch += 1
         progress.clips_seen += self.plan.global_batch  # (uneven micro-steps: not clips x world)
-        self.meter.step_done(clips, loss_sum if verdict == "step" else None)
-        if verdict == "step":
+        self.meter.step_done(clips, loss_sum if verdict in ("step", "overflow") else None)
+        if verdict in ("step", "overflow"):
             self.last_loss = loss_sum
         if verdict == "rollback":
             self.roll_back()
@@ -446,9 +478,14 @@ class TrainLoop:
         upload may still be on its way."""
         deadline = time.monotonic() + timeout_s
         while True:
-            with contextlib.suppress(storage.StorageError), ckpt.fetched(uri) as directory:
-                if ckpt.torn_reason(directory) is None:
-                    return True
+            try:
+                with ckpt.fetched(uri) as directory:
+                    if ckpt.torn_reason(directory) is None:
+                        return True
+            except storage.StorageUnavailable:
+                raise
+            except storage.StorageError:  # not there yet
+                pass
             if time.monotonic() > deadline:
                 return False
             time.sleep(1.0)
@@ -457,8 +494,9 @@ class TrainLoop:
         """Every rank (they decide together) reloads the last checkpoint; under fp16 with a lower loss
         scale. The data stream goes on: the batches that failed are not replayed."""
         uri = self.last_checkpoint_uri
-        if uri and self.args.run_dir and not self.wait_until_whole(uri):  # its upload failed: an older one
+        if self.rank == 0 and uri and self.args.run_dir and not self.wait_until_whole(uri):
             uri, _ = ckpt.newest_complete(self.args.run_dir, ckpt.checkpoint_step(uri.rsplit("/", 1)[-1]))
+        uri = self.agree_on(uri)  # its upload may have failed: then an older one, the same on every rank
         if not uri:
             raise NonFiniteTraining(
                 f"step {self.progress.step}: {self.guard.in_a_row_limit} non-finite steps in a row before "
@@ -471,6 +509,7 @@ class TrainLoop:
             self.scaler.update(new_scale=self.scaler.get_scale() / 2**self.guard.rollbacks)
         for name, value in vars(loaded).items():  # in place: the epoch loop holds this object
             setattr(self.progress, name, value)
+        self.rolled_back = True
         self.progress.world_size = self.world
         if self.rank == 0:
             print(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
@@ -509,9 +548,9 @@ class TrainLoop:
         )
 
     def should_checkpoint(self, step: int) -> bool:
-        """Never inside a run of non-finite steps: a rollback must go to weights from before it."""
-        due = step % self.cfg.checkpoint.every_steps == 0 or self.done(step)
-        return due and self.guard.in_a_row == 0
+        """Never inside a run of non-finite steps (a rollback must go to weights from before it), except at
+        the end: skipped steps leave the weights as they were."""
+        return self.done(step) or (step % self.cfg.checkpoint.every_steps == 0 and self.guard.in_a_row == 0)
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
         if self.reporter and metrics:
@@ -543,9 +582,13 @@ class TrainLoop:
         name = f"checkpoint_{progress.step:08d}"
         modes = ray.train.CheckpointUploadMode
         mode = modes.ASYNC if self.cfg.checkpoint.upload == "async" else modes.SYNC
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=name, checkpoint_upload_mode=mode,
-                         delete_local_checkpoint_after_upload=True)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)  # Ray deletes it only after an upload
+            raise
         if self.args.run_dir:
             self.last_checkpoint_uri = storage.join(self.args.run_dir, name)
 

@@ -5,7 +5,8 @@ multi-day run at once. Per optimizer step, after the gradients are all-reduced:
 
 - the step is **skipped** when the loss or the global gradient norm is not finite on any rank: no
   optimizer update (weights and Adam moments untouched), the LR schedule and data move on as for any
-  step; under fp16 the GradScaler lowers its scale as it does for an overflow;
+  step; under fp16 the GradScaler lowers its scale, and a finite loss with overflowing gradients is its
+  ordinary calibration, not counted here;
 - ``in_a_row`` skipped steps in a row **roll back** every rank to the last checkpoint (under fp16 with the
   loss scale halved once more per rollback);
 - past ``rollbacks`` rollbacks the run **stops** with ``NonFiniteTraining``, naming the step and the
@@ -36,12 +37,14 @@ class NonFiniteGuard:
         self.rollbacks = 0
 
     @staticmethod
-    def finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether loss and gradient norm are finite on every rank (all ranks get the same answer)."""
-        bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm.detach())).float().reshape(1)
+    def check(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(loss finite, gradient norm finite) on every rank: all ranks get the same answer. Under fp16 a
+        finite loss with a non-finite gradient is GradScaler's overflow, which it handles itself."""
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm.detach())]).float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+        loss_bad, grads_bad = bad.tolist()
+        return not loss_bad, not grads_bad
 
     def stepped(self) -> None:
         self.in_a_row = 0

@@ -87,9 +87,9 @@ def test_non_finite_steps_past_the_bound_stop_the_run_naming_step_and_videos(
 
 def test_the_guard_counts_and_decides():
     guard = NonFiniteGuard(in_a_row=2, rollbacks=1)
-    assert guard.finite(torch.tensor(1.0), torch.tensor(3.0))
-    assert not guard.finite(torch.tensor(float("nan")), torch.tensor(3.0))
-    assert not guard.finite(torch.tensor(1.0), torch.tensor(float("inf")))
+    assert guard.check(torch.tensor(1.0), torch.tensor(3.0)) == (True, True)
+    assert guard.check(torch.tensor(float("nan")), torch.tensor(3.0)) == (False, True)
+    assert guard.check(torch.tensor(1.0), torch.tensor(float("inf"))) == (True, False)  # fp16: an overflow
     assert guard.skipped(5, ["a.mp4"]) == "skip"
     guard.stepped()
     assert guard.skipped(7, ["a.mp4"]) == "skip" and guard.skipped(8, ["a.mp4"]) == "rollback"
