@@ -14,6 +14,7 @@ import sys
 
 from pipeline.data.annotations import FORMATS, AnnotationError
 from pipeline.data.preprocess import PreprocessConfig, run
+from pipeline.data.shards import parse_size
 from pipeline.data.storage import StorageError
 
 
@@ -80,6 +81,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[PreprocessConfig, float]:
         type=float,
         default=600.0,
         help="seconds per video before its worker process is killed and the video marked 'timeout'",
+    )
+    s = p.add_argument_group("shards (WebDataset tars for streaming training)")
+    s.add_argument(
+        "--shards",
+        action="store_true",
+        help="also pack the ok videos into WebDataset tar shards (<output>/shards/<split>-NNNNNN.tar) with "
+        "an index.parquet of each video's byte range",
+    )
+    s.add_argument(
+        "--shard-size",
+        dest="shard_bytes",
+        type=parse_size,
+        default="1GiB",
+        metavar="SIZE",
+        help="target size of one shard: 1GiB, 256MiB, 500MB or bytes",
     )
     a = p.add_argument_group("annotations (labels and splits into the manifest)")
     a.add_argument(

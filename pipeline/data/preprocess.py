@@ -11,7 +11,10 @@ local folder or an S3 prefix:
    transcodes with a time limit per video;
 3. stream the result rows back to the driver, which appends them to partial manifests every few
    seconds (so an interruption loses nothing already written), prints progress, and finally writes
-   ``manifest.parquet``, ``report.json`` and the MLflow summary.
+   ``manifest.parquet``, ``report.json`` and the MLflow summary;
+4. with ``--shards``, pack the ok videos into WebDataset tar shards (:mod:`pipeline.data.shards`), one
+   Ray task per shard, and write their index: streaming training then reads a few hundred videos per
+   object instead of paying one GET per clip.
 
 Output layout under ``--output``::
 
@@ -20,6 +23,7 @@ Output layout under ``--output``::
     report.json                                           counts, hours, bytes, throughput
     unmatched_annotations.csv                             annotation rows that name no video
     _preprocess/parts/*.parquet                           partial manifests of an unfinished run
+    shards/<split>-NNNNNN.tar, shards/index.parquet       with --shards (``shard-`` for rows without split)
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import logging
 import math
 import os
 import posixpath
+import random
+import re
 import tempfile
 import time
 import uuid
@@ -42,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import runtime
-from pipeline.data import decoders, storage
+from pipeline.data import decoders, shards, storage
 from pipeline.data.annotations import Matched, load_annotations, match
 from pipeline.data.decode import DecodeSettings
 from pipeline.data.transcode import TRANSIENT_REASONS, VideoSettings
@@ -54,6 +60,9 @@ MANIFEST = "manifest.parquet"
 REPORT = "report.json"
 UNMATCHED = "unmatched_annotations.csv"
 PARTS_DIR = "_preprocess/parts"
+SHARDS_DIR = "shards"
+PACK_SEED = 0  # the order that mixes classes into shards: fixed, so a rerun plans the same shards
+TAR_OVERHEAD = 2048  # per video in a shard: two headers, the .json, padding (the plan's size estimate)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -117,6 +126,8 @@ class PreprocessConfig:
     flush_s: float = 10.0  # seconds between partial manifests
     mlflow: str | None = None  # tracking URI; default MLFLOW_TRACKING_URI if set, else no tracking
     experiment: str = "preprocess"
+    shards: bool = False  # also pack the ok videos into WebDataset tar shards below <output>/shards
+    shard_bytes: int = 1 << 30  # target size of one shard
 
     def settings(self) -> VideoSettings:
         default_pixels = 7680 * 4320 if self.transcode else DecodeSettings().max_pixels
@@ -135,6 +146,8 @@ class PreprocessConfig:
             raise ValueError("gop_seconds and timeout_s must be positive")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.shard_bytes <= 0:
+            raise ValueError(f"shard_bytes must be positive, got {self.shard_bytes}")
         try:
             decoders.candidates(self.decoder)
         except decoders.DecoderUnavailable as e:
@@ -342,6 +355,128 @@ def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) 
     return workers, time.monotonic() - start
 
 
+def _plan_shards(rows: list[dict], shard_bytes: int, output_root: str) -> list[dict]:
+    """The ok videos assigned to shards by cumulative size: one shard set per split (``train-NNNNNN.tar``,
+    ...; ``shard-`` without a split), so a job reads only its split's shards; within a set a seeded
+    shuffle, so a shard is not one class when the input is sorted by label."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["original_path"])
+    random.Random(PACK_SEED).shuffle(ok)
+    plans: list[dict] = []
+    for prefix in sorted({_shard_prefix(r) for r in ok}):
+        current, size, number = None, 0, 0
+        for r in (r for r in ok if _shard_prefix(r) == prefix):
+            item = _shard_item(r, output_root)
+            if current is not None and size + item["bytes"] + TAR_OVERHEAD > shard_bytes:
+                current = None
+            if current is None:
+                current = {"name": shards.shard_name(prefix, number), "prefix": prefix, "number": number,
+                           "items": []}  # fmt: skip
+                plans.append(current)
+                size, number = 0, number + 1
+            current["items"].append(item)
+            size += item["bytes"] + TAR_OVERHEAD
+    return plans
+
+
+def _shard_item(row: dict, output_root: str) -> dict:
+    """What a pack task needs of one video: where to read it, its key, and the metadata for its .json."""
+    path = row["path"]
+    meta = {
+        "label": row.get("label"), "label_name": row.get("label_name"), "split": row.get("split"),
+        "frames": row.get("out_frames") or row.get("frames"), "fps": row.get("fps"),
+        "duration": row.get("duration"), "width": row.get("out_width") or row.get("width"),
+        "height": row.get("out_height") or row.get("height"), "path": row["relative_path"],
+    }  # fmt: skip
+    return {
+        "uri": path if storage.is_s3(path) or os.path.isabs(path) else storage.join(output_root, path),
+        "key": row["relative_path"],  # unique per input; shards.safe_key maps it to a WebDataset key
+        "ext": posixpath.splitext(path)[1],
+        "bytes": row.get("out_bytes") or row["bytes"],  # the file read: the output, or the original
+        "meta": {k: v for k, v in meta.items() if v is not None},
+    }
+
+
+def _shard_prefix(row: dict) -> str:
+    split = row.get("split")
+    return re.sub(r"[^A-Za-z0-9_]+", "_", split) if split else "shard"
+
+
+def _write_shard(root: str, prefix: str, number: int, items: list[dict]) -> list[dict]:
+    """One pack task (a Ray task): read the shard's videos in order, publish them as one tar, return its
+    index rows."""
+    with shards.ShardWriter(root, shard_bytes=None, prefix=prefix, first=number) as writer:
+        for item in items:
+            writer.add(item["key"], storage.read_bytes(item["uri"]), item["ext"], item["meta"])
+    return writer.rows
+
+
+def _pack(cfg: PreprocessConfig, rows: list[dict], output_root: str) -> dict:
+    """Write the planned shards below ``<output>/shards`` in parallel Ray tasks, then their index.
+
+    Resumable: a shard the existing index lists with the same videos, and whose file has the size the
+    index recorded, is kept. Shards of an earlier plan that this one has no more are removed."""
+    import ray
+
+    start = time.monotonic()
+    root = storage.join(output_root, SHARDS_DIR)
+    index_uri = storage.join(root, shards.INDEX)
+    plans = _plan_shards(rows, cfg.shard_bytes, output_root)
+    previous: dict[str, list[dict]] = {}
+    if storage.exists(index_uri):
+        for r in sorted(shards.read_index(index_uri), key=lambda r: r["offset"]):
+            previous.setdefault(r["shard"], []).append(r)
+    present = {}
+    if storage.exists(root):
+        present = {storage.relative_to(u, root): size for u, size in storage.list_files(root, (".tar",))}
+    done: dict[str, list[dict]] = {}
+    todo = []
+    for plan in plans:
+        old = previous.get(plan["name"])
+        wanted = [(shards.safe_key(i["key"]), i["bytes"]) for i in plan["items"]]
+        complete = old and present.get(plan["name"]) == old[0]["shard_size"]
+        if complete and [(r["key"], r["bytes"]) for r in old] == wanted:
+            done[plan["name"]] = old
+        else:
+            todo.append(plan)
+    kept = len(done)
+    videos = sum(len(p["items"]) for p in plans)
+    log.info("packing %d videos into %d shards below %s: %d to write, %d complete from an earlier run",
+             videos, len(plans), storage.redact(root), len(todo), kept)  # fmt: skip
+    errors: list[Exception] = []
+    if todo:
+        runtime.init_ray()
+        task = ray.remote(num_cpus=1)(_write_shard)
+        refs = {task.remote(root, p["prefix"], p["number"], p["items"]): p for p in todo}
+        pending = list(refs)
+        total = sum(i["bytes"] for p in todo for i in p["items"])
+        packed = 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.progress_s)
+            for ref in ready:
+                plan = refs[ref]
+                try:
+                    done[plan["name"]] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    log.error("shard %s failed: %s", plan["name"], e)
+                    errors.append(e)
+                packed += sum(i["bytes"] for i in plan["items"])
+            rate = packed / 2**20 / max(time.monotonic() - start, 1e-9)
+            log.info("%d/%d shards written (%d failed), %.2f/%.2f GiB, %.1f MiB/s", len(done) - kept,
+                     len(todo), len(errors), packed / 1024**3, total / 1024**3, rate)  # fmt: skip
+    index = [r for name in sorted(done) for r in done[name]]
+    shards.write_index(index, index_uri)  # also after a failure: a rerun keeps the shards that were written
+    if errors:
+        raise errors[0]
+    for stale in sorted(set(present) - {p["name"] for p in plans}):
+        storage.delete(storage.join(root, stale))
+    sizes = {r["shard"]: r["shard_size"] for r in index}
+    return {
+        "count": len(plans), "videos": len(index), "bytes": sum(sizes.values()), "written": len(todo),
+        "kept": kept, "sets": dict(Counter(p["prefix"] for p in plans)),
+        "index": f"{SHARDS_DIR}/{shards.INDEX}", "seconds": time.monotonic() - start,
+    }  # fmt: skip
+
+
 def summarize(rows: list[dict], seconds: float, processed: int, workers: int, cfg: PreprocessConfig,
               plan: _Plan) -> dict:  # fmt: skip
     """The run report: counts by status and codec, hours, bytes, throughput, annotation coverage."""
@@ -404,6 +539,13 @@ def format_report(report: dict) -> str:
             f"{a['unmatched_rows']} name no video, "
             f"{a['duplicate_rows']} duplicates, {a['videos_without_annotation']} videos without annotation"
         )
+    if "shards" in report:
+        sh = report["shards"]
+        lines.append(
+            f"shards            {sh['count']} ({', '.join(f'{k}: {v}' for k, v in sh['sets'].items())}), "
+            f"{sh['videos']} videos, {sh['bytes'] / gib:.3f} GiB; {sh['written']} written now, "
+            f"{sh['kept']} kept; index {sh['index']}"
+        )
     return "\n".join(lines)
 
 
@@ -424,6 +566,8 @@ def _log_mlflow(cfg: PreprocessConfig, report: dict) -> None:
             "videos_per_s", "videos_per_s_per_worker")  # fmt: skip
     metrics = {k: float(report[k]) for k in keys}
     metrics.update({f"status_{k}": float(v) for k, v in report["status_counts"].items()})
+    if "shards" in report:
+        metrics.update(shards=float(report["shards"]["count"]), shard_bytes=float(report["shards"]["bytes"]))
     if "annotations" in report:
         metrics.update(
             {f"annotations_{k}": float(v) for k, v in report["annotations"].items() if isinstance(v, int)}
@@ -452,7 +596,10 @@ def run(cfg: PreprocessConfig) -> dict:
     parts = storage.join(output_root, PARTS_DIR)
     if storage.exists(parts):
         storage.delete(parts, recursive=True)  # the manifest now holds every row they held
+    packed = _pack(cfg, rows, output_root) if cfg.shards else None
     report = summarize(rows, seconds, len(plan.tasks), workers, cfg, plan)
+    if packed is not None:
+        report["shards"] = packed
     report["total_seconds"] = time.monotonic() - start
     storage.write_text(storage.join(output_root, REPORT), json.dumps(report, indent=2, default=str))
     if plan.annotations is not None:

@@ -4,6 +4,7 @@ pack step on real local Ray."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
 import tarfile
@@ -11,9 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import storage
+from pipeline.data.decode import DecodeSettings, decode_bytes
+from pipeline.data.preprocess import PreprocessConfig, format_report, run
+from pipeline.data.sampling import DenseSampler
 from pipeline.data.shards import (
     INDEX,
     CorruptShard,
@@ -26,6 +31,12 @@ from pipeline.data.shards import (
     safe_key,
     write_index,
 )
+
+_spec = importlib.util.spec_from_file_location(
+    "preprocess_job", Path(__file__).parents[2] / "jobs/preprocess.py"
+)
+preprocess_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(preprocess_job)
 
 # WebDataset's own split of a member name into key and extension (webdataset.tariterators.base_plus_ext)
 WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -203,10 +214,64 @@ def test_an_outage_mid_stream_resumes_where_it_stopped(s3_server, s3_bucket, sam
         s3_server.start()
 
 
-def test_parse_size():
+def test_preprocess_packs_shards_and_a_rerun_keeps_the_complete_ones(tmp_path, sample_videos, ray_session):
+    out = tmp_path / "out"
+    biggest = max(p.stat().st_size for p in (sample_videos / "videos").rglob("*.mp4"))
+    cfg = PreprocessConfig(
+        input=str(sample_videos), output=str(out), short_side=32, workers=2, shards=True,
+        shard_bytes=2 * biggest,
+        annotations=[str(sample_videos / f"{s}.csv") for s in ("train", "val", "test")],
+    )  # fmt: skip
+    report = run(cfg)
+    manifest = {r["relative_path"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert len(manifest) == 24 and all(r["status"] == "ok" for r in manifest.values())
+
+    tars = sorted((out / "shards").glob("*.tar"))
+    packed = report["shards"]
+    assert packed["count"] == len(tars) >= 6 and packed["sets"].keys() == {"train", "val", "test"}
+    assert (packed["videos"], packed["written"], packed["kept"]) == (24, len(tars), 0)
+    assert packed["bytes"] == sum(p.stat().st_size for p in tars) and "shards  " in format_report(report)
+    index = read_index(str(out / "shards" / INDEX))
+    assert sorted(r["path"] for r in index) == sorted(manifest)
+    for row in index:
+        video = manifest[row["path"]]
+        assert row["shard"].startswith(video["split"] + "-") and row["split"] == video["split"]
+        assert (row["label"], row["frames"]) == (video["label"], video["out_frames"])
+        data = read_sample(str(out / "shards" / row["shard"]), row["offset"], row["bytes"])
+        assert data == (out / video["path"]).read_bytes()
+        decoded = decode_bytes(row["path"], data, DenseSampler(4, 2), 0, DecodeSettings())
+        assert decoded.frames.shape[0] == 4
+    train_labels = [r["label"] for r in index if r["split"] == "train"]
+    assert train_labels != sorted(train_labels)  # shuffled: a shard is not one class
+    for tar in tars:
+        for sample in iter_shard(str(tar)):
+            video = manifest[sample.meta["path"]]
+            assert sample.label == video["label"] and sample.video == (out / video["path"]).read_bytes()
+
+    def stats() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").glob("*.tar")}
+
+    before = stats()
+    again = run(cfg)["shards"]
+    assert (again["written"], again["kept"]) == (0, len(tars)) and stats() == before
+    tars[1].unlink()
+    third = run(cfg)["shards"]
+    assert third["written"] == 1 and read_index(str(out / "shards" / INDEX)) == index
+    after = stats()
+    assert {k: v for k, v in after.items() if k != tars[1].name} == {
+        k: v for k, v in before.items() if k != tars[1].name
+    }
+
+
+def test_parse_size_and_the_cli():
     assert [parse_size(s) for s in ("1GiB", "256MiB", "500MB", "4096", "1.5KiB")] == [
         1 << 30, 256 << 20, 500 * 10**6, 4096, 1536
     ]  # fmt: skip
     for bad in ("1 GiX", "", "-1", "0"):
         with pytest.raises(ValueError):
             parse_size(bad)
+    cfg, _ = preprocess_job.parse_args(
+        ["--input", "in", "--output", "out", "--shards", "--shard-size", "256MiB"]
+    )
+    assert cfg.shards and cfg.shard_bytes == 256 << 20
+    assert preprocess_job.parse_args(["--input", "in", "--output", "out"])[0].shard_bytes == 1 << 30
