@@ -114,6 +114,12 @@ def _padded(n: int) -> int:
     return -(-n // _BLOCK) * _BLOCK
 
 
+def _closed_size(offset: int) -> int:
+    """The size of a tar whose members end at ``offset`` once closed: the end marker (two zero blocks),
+    padded to tarfile's 10 KiB records."""
+    return -(-(offset + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes samples into ``<root>/<prefix>-NNNNNN.tar`` shards of about ``shard_bytes`` each (a video
     larger than that gets a shard of its own; ``None``: everything into one shard, number ``first``)."""
@@ -155,7 +161,7 @@ class ShardWriter:
         data = json.dumps(meta, sort_keys=True, default=str).encode("utf-8")
         need = 2 * _BLOCK + _padded(len(video)) + _padded(len(data))
         limit = self.shard_bytes
-        if self._tar is not None and limit is not None and self._tar.offset + need + 2 * _BLOCK > limit:
+        if self._tar is not None and limit is not None and _closed_size(self._tar.offset + need) > limit:
             self._finish()
         if self._tar is None:
             self._start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import re
 import tarfile
 import threading
@@ -110,6 +111,8 @@ def test_rolls_to_several_shards_by_size_and_lists_them_every_way(tmp_path, samp
     assert list_shards(str(tmp_path / "shards.txt")) == listed
     with pytest.raises(storage.ObjectNotFound, match="1 shard"):
         list_shards(f"{root}/train-{{000000..{len(tars):06d}}}.tar")
+    with pytest.raises(storage.ObjectNotFound, match="train-999999.tar"):
+        next(iter_shard(str(root / "train-999999.tar")))
 
     streamed = [s for p, _ in listed for s in iter_shard(p)]
     assert [(s.key, s.video) for s in streamed] == [(safe_key(k), d) for k, d, _ in videos]
@@ -177,7 +180,10 @@ def test_a_damaged_shard_yields_the_samples_before_the_damage_then_names_it(tmp_
         list(iter_shard(str(path)))
 
 
-def test_an_outage_mid_stream_resumes_where_it_stopped(s3_server, s3_bucket, sample_videos, monkeypatch):
+def test_an_outage_mid_stream_resumes_where_it_stopped(
+    s3_server, s3_bucket, sample_videos, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, "pipeline.data.shards")
     videos = labeled_videos(sample_videos)
     uri = f"{s3_bucket}/outage/shard-000000.tar"
     write_all(f"{s3_bucket}/outage", videos)
@@ -193,6 +199,7 @@ def test_an_outage_mid_stream_resumes_where_it_stopped(s3_server, s3_bucket, sam
                 stopped = time.monotonic()
                 comeback.start()
         assert time.monotonic() - stopped >= 2.5  # it did wait the outage out
+        assert re.search(r"resuming s3://\S+ at byte [1-9]", caplog.text)  # mid-stream, not from the start
     finally:
         if comeback.ident:
             comeback.join()
