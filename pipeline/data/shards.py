@@ -251,6 +251,7 @@ def write_index(rows: list[dict], uri: str) -> None:
 
 
 def read_index(uri: str) -> list[dict]:
+    """The index rows (``INDEX_SCHEMA``): where each video's bytes are, for ranged reads and resuming."""
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
 
 
