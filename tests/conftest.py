@@ -28,10 +28,19 @@ os.environ.setdefault("AWS_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1, never one this session handed out before: a component started with
+    several ports (a Ray node takes eight) binds them later, so the OS could offer one of them twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:

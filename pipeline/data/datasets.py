@@ -49,6 +49,7 @@ from pipeline.models.videomae.masking import make_mask, token_grid
 
 log = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "eval")
+INT_COLUMNS = ("labels", "clip_index", "crop_index", "epoch", "position", "source")
 
 
 @dataclass
@@ -100,7 +101,13 @@ class DataConfig:
     min_frames: int = 2  # refuse videos with fewer frames (too_short)
     max_error_fraction: float = 0.05  # fail when clearly more than this fraction of videos is bad ...
     min_videos_for_error_check: int = 20  # ... judged once at least this many have been tried
-    # order
+    # sources and order (training modes; pipeline/data/stream.py)
+    sources: list = field(default_factory=list)  # a weighted mixture instead of uri: [{uri, weight, name,
+    # data_root, split}, ...]; each epoch draws from them in proportion to the weights
+    epoch_videos: int | None = None  # videos per epoch (default: every source's videos, once)
+    piece_rows: int = 1024  # manifest rows per piece in the object store: the unit of the epoch shuffle
+    group_pieces: int = 16  # pieces read (and shuffled together) by one task
+    shard_shuffle_buffer: int = 32  # videos held while streaming a shard, drawn from at random
     shuffle: bool = True  # shuffle video order every epoch (training modes)
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
 
@@ -169,10 +176,11 @@ class ClipMaker:
         self._ok: Counter[str] = Counter()  # decoded videos by backend, not yet reported to the ledger
         self._fallbacks: list[dict] = []  # videos a later decoder read after the first failed
 
-    def _rng(self, path: str) -> np.random.Generator:
+    def _rng(self, path: str, epoch: int = 0) -> np.random.Generator:
+        """Per video (and epoch: a seeded run cuts other clips, crops and masks every epoch)."""
         if self.cfg.seed is None and self.mode != "eval":
             return np.random.default_rng()
-        return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode())])
+        return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode()), epoch])
 
     def flush_ok(self) -> None:
         """Report the videos decoded since the last flush (one round trip per block, not per video)."""
@@ -184,10 +192,10 @@ class ClipMaker:
     def clips(self, row: dict[str, Any]) -> dict[str, list] | None:
         """The clip rows of one video as lists per column (uint8 tensors for pixels), or None."""
         path = row["path"]
-        rng = self._rng(path)
+        rng = self._rng(path, int(row.get("epoch", 0)))
         try:
             window = (row.get("start", -1.0), row.get("end", -1.0))
-            video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)), window)
+            video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)), window, row.get("data"))
         except VideoError as e:
             log.warning("skipping video %s", e)
             self.flush_ok()  # the budget check must see every success so far
@@ -240,6 +248,10 @@ class ClipMaker:
                     out.setdefault("video", []).append(path)
                     out.setdefault("clip_index", []).append(i)
                     out.setdefault("crop_index", []).append(j)
+        if "position" in row:  # the training stream's: which video of which epoch (exact resume)
+            n = len(out["pixel_values"])
+            for key in ("epoch", "position", "source"):
+                out[key] = [int(row[key])] * n
         return out
 
     @staticmethod
@@ -248,11 +260,12 @@ class ClipMaker:
         batch = {"pixel_values": torch.stack(out["pixel_values"]).numpy()}
         for key, values in out.items():
             if key != "pixel_values":
-                dtype = np.int64 if key in ("labels", "clip_index", "crop_index") else None
+                dtype = np.int64 if key in INT_COLUMNS else None
                 batch[key] = np.asarray(values, dtype=dtype)
         return batch
 
-    def empty_batch(self) -> dict[str, np.ndarray]:
+    def empty_batch(self, streamed: bool = False) -> dict[str, np.ndarray]:
+        """No clips, with the columns the clips would have (``streamed``: the training stream's)."""
         t, s = self.cfg.num_frames, self.cfg.image_size
         batch = {"pixel_values": np.zeros((0, t, s, s, 3), np.uint8), "video": np.zeros((0,), object)}
         if self.mode == "pretrain":
@@ -264,17 +277,24 @@ class ClipMaker:
                 clip_index=np.zeros((0,), np.int64),
                 crop_index=np.zeros((0,), np.int64),
             )
+        if streamed:
+            batch.update({key: np.zeros((0,), np.int64) for key in ("epoch", "position", "source")})
         return batch
 
 
 _MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process, reused by the tasks it runs
 
 
-def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, ledger: ErrorLedger):
+def clip_maker(cfg: DataConfig, mode: str, ledger: ErrorLedger) -> ClipMaker:
+    """This process's ClipMaker for (cfg, mode, ledger): its decode helper and sampler live on."""
     key = (repr(cfg), mode, ledger.name)
-    maker = _MAKERS.get(key)
-    if maker is None:
-        maker = _MAKERS[key] = ClipMaker(cfg, mode, ledger)
+    if key not in _MAKERS:
+        _MAKERS[key] = ClipMaker(cfg, mode, ledger)
+    return _MAKERS[key]
+
+
+def _clips_of_block(block: dict[str, np.ndarray], cfg: DataConfig, mode: str, ledger: ErrorLedger):
+    maker = clip_maker(cfg, mode, ledger)
     rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
     merged: dict[str, list] = {}
     for made in (maker.clips(r) for r in rows):

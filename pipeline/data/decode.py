@@ -186,12 +186,16 @@ class Decoder:
         self._request = 0  # request ids pair every answer with its question
 
     def decode(
-        self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1)
+        self, uri: str, sampler: Sampler, seed: int, window: tuple[float, float] = (-1, -1),
+        data: bytes | None = None,
     ) -> DecodedVideo:
+        """The sampled frames of ``uri``, or of ``data`` when the bytes are at hand (a shard's member, named
+        ``uri``)."""
         # S3 bytes are read here, not in the helper: retries through an outage are not decode time (each
         # attempt is bounded by the S3 client's timeouts). A local read stays in the helper, where the
         # time limit also stops a read that hangs (a stuck network mount, a FIFO).
-        data = read_video_bytes(uri) if storage.is_s3(uri) else None
+        if data is None and storage.is_s3(uri):
+            data = read_video_bytes(uri)
         if self.isolation == "inline":
             start = time.monotonic()
             video = (decode_bytes(uri, data, sampler, seed, self.limits, window) if data is not None

@@ -41,6 +41,9 @@ REASONS = {
     "decode_error": "decoding the frames failed",
     "timeout": "read + decode took longer than decode_timeout_s",
     "decoder_crash": "the decoder process died (e.g. a segfault in the C decoder)",
+    "bad_sample": "a shard sample without a video member, or with unreadable .json / .cls",
+    "corrupt_shard": "a shard is damaged from this point on: the rest of it is skipped",
+    "no_label": "a labelled mode (finetuning) got a video without a label",
 }
 ACTOR_NAMESPACE = "videomae"
 ACTOR_PREFIX = "videomae-data-errors/"
@@ -137,10 +140,15 @@ class ErrorLedger:
     def get_or_create(cls, run_name: str) -> ErrorLedger:
         """The run's ledger actor, created on first call; call it from the driver (the actor's owner)."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         name = ACTOR_PREFIX + run_name
         actor_cls = ray.remote(num_cpus=0)(LedgerState)
-        handle = actor_cls.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True).remote()
+        # NOTE: on the driver's node, whose loss ends the job anyway: anywhere else, losing that node would
+        # take the run's error counts with it and fail every decode task that reports to them.
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        handle = actor_cls.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True,
+                                   scheduling_strategy=driver_node).remote()
         return cls(handle, name)
 
     @classmethod

@@ -258,18 +258,7 @@ def read_index(uri: str) -> list[dict]:
 def read_sample(shard_uri: str, offset: int, nbytes: int) -> bytes:
     """One video through the index: a ranged read of ``[offset, offset + nbytes)`` of its shard (on S3 one
     ranged GET, after the HEAD pyarrow makes on open), retried through outages."""
-    fs, path = storage.resolve(shard_uri)
-
-    def read() -> bytes:
-        with fs.open_input_file(path) as f:
-            return f.read_at(nbytes, offset)
-
-    try:
-        data = storage._retrying("read", shard_uri, read)
-    except FileNotFoundError as e:
-        raise ObjectNotFound(f"not found: {redact(shard_uri)!r}") from e
-    except OSError as e:
-        raise StorageError(f"cannot read {redact(shard_uri)!r}: {e}") from e
+    data = storage.read_bytes_range(shard_uri, offset, nbytes)
     if len(data) != nbytes:
         raise CorruptShard(shard_uri, offset, f"{len(data)} bytes where the index promises {nbytes}")
     return data

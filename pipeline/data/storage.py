@@ -315,6 +315,22 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"cannot read {redact(uri)!r}: {e}") from e
 
 
+def read_bytes_range(uri: str, start: int, length: int) -> bytes:
+    """At most ``length`` bytes of ``uri`` from ``start`` (one ranged GET): a header, a shard's member."""
+    fs, path = resolve(uri)
+
+    def read() -> bytes:
+        with fs.open_input_file(path) as f:
+            return f.read_at(length, start) if start < f.size() else b""
+
+    try:
+        return _retrying("read", uri, read)
+    except FileNotFoundError as e:
+        raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
+    except OSError as e:
+        raise StorageError(f"cannot read {redact(uri)!r}: {e}") from e
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

@@ -70,14 +70,15 @@ class CheckpointSection:
 @dataclass
 class Progress:
     """Where training stands. ``step`` counts optimizer steps; ``epoch`` and ``step_in_epoch`` are the data
-    position (see docs/training.md: an interrupted epoch resumes with a fresh, epoch-seeded pass that runs
-    for the epoch's remaining steps)."""
+    position, and ``epoch_done`` the videos of the epoch trained on (a packed bitmap over its positions,
+    base64; pipeline/data/stream.py): an interrupted epoch resumes with the videos it had not trained on."""
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     clips_seen: int = 0
     world_size: int = 1
+    epoch_done: str = ""
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from typing import Any
 from pipeline import config as config_lib
 from pipeline import runtime, tracking
 from pipeline.config import ConfigError
-from pipeline.data import storage
+from pipeline.data import storage, stream
 from pipeline.data.errors import ErrorLedger
 from pipeline.train import checkpointing
 from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
@@ -148,6 +148,14 @@ class Session:
         self.run_dir = storage.join(storage_path, cfg.run_name)
         self.config_yaml = config_lib.to_yaml(cfg)
         self.ledger = ErrorLedger.create(cfg.run_name)
+        self.cursor = stream.create_cursor(self.ledger.run_name)  # which epoch a pass reads, what is done
+
+    def training_stream(self, sources: list, mode: str):
+        """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py)."""
+        plan = self.plan
+        epochs = range(math.ceil(plan.total_steps / plan.steps_per_epoch) + 1)
+        return stream.build_stream(self.cfg.data, mode, sources, self.ledger, self.cfg.seed,
+                                   self.ledger.run_name, epochs)
 
     def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):
         """Run the TorchTrainer of ``objective`` over ``datasets`` to the plan's last step."""
@@ -156,7 +164,7 @@ class Session:
 
         cfg = self.cfg
         args = LoopArgs(cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name,
-                        probe_classes, self.run_dir)
+                        probe_classes, self.run_dir, cursor=self.ledger.run_name)
         fs, path = (
             (storage.s3_filesystem_for_uploads(), storage.resolve(self.storage_path)[1])
             if storage.is_s3(self.storage_path)

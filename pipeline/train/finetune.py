@@ -31,7 +31,7 @@ from pipeline import runtime
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
 from pipeline.data import labels as label_lib
-from pipeline.data import storage
+from pipeline.data import storage, stream
 from pipeline.data.datasets import DataConfig, build_dataset, resolve_rows, torch_collate
 from pipeline.data.manifest import ManifestError
 from pipeline.data.transforms import random_erasing, to_model_input
@@ -335,7 +335,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         objective = FinetuneObjective(inputs.model_config, inputs.init_from, cfg.mixup, cfg.seed,
                                       bool(inputs.val_rows), best_uri, cfg.train.batch_size, cfg.data.mean,
                                       cfg.data.std, cfg.data.random_erasing)
-        datasets = {"train": build_dataset(cfg.data, "finetune", session.ledger, rows=inputs.train_rows)}
+        source = stream.rows_source(inputs.train_rows, cfg.data)
+        datasets = {"train": session.training_stream([source], "finetune")}
         if inputs.val_rows:
             datasets["val"] = build_dataset(val_data(cfg), "eval", session.ledger, rows=inputs.val_rows)
         finished = session.finish(session.fit(objective, datasets))

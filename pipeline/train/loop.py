@@ -19,6 +19,7 @@ cost as much as training on them). The per-worker shuffle buffer is seeded by (s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 import tempfile
@@ -34,8 +35,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError
-from pipeline.data import storage
+from pipeline.data import storage, stream
 from pipeline.data.datasets import torch_collate
+from pipeline.data.stream import Consumption
 from pipeline.data.transforms import to_model_input
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
@@ -59,6 +61,8 @@ class TrainSection:
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
     shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
     log_every_steps: int = 10  # progress line + MLflow metrics
+    audit_dir: str = ""  # a local folder on the workers: each appends "<step> <epoch> <position>" per trained
+    # clip (consumed-<pid>.txt), an audit of what every step and epoch trained on (exact resume)
     # a step with a non-finite loss or gradient is skipped; this many in a row roll back to the last
     # checkpoint, and more than max_nonfinite_rollbacks rollbacks stop the run (pipeline/train/nonfinite.py)
     max_nonfinite_in_a_row: int = 5
@@ -107,6 +111,7 @@ class LoopArgs:
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
+    cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
 
 
 def micro_steps(global_batch: int, batch_size: int, world: int, rank: int) -> int:
@@ -243,6 +248,8 @@ class TrainLoop:
             ProbeMonitor(self.cfg.probe, args.probe_classes, p.total_steps) if args.probe_classes else None
         )
         self.meter = StepMeter(p.total_steps, self.start_step, self.world)
+        # which videos this rank trained on (exact resume)
+        self.consumption = Consumption(self.cfg.data.clips_per_video, self.cfg.train.audit_dir)
         self.last_batch: tuple | None = None  # what the reconstruction picture needs
         self.last_loss: torch.Tensor | None = None
 
@@ -346,8 +353,21 @@ class TrainLoop:
             flush=True,
         )
 
+    def start_pass(self) -> None:
+        """Point the stream at this epoch, its done videos skipped (a resumed epoch), before a rank reads."""
+        progress = self.progress
+        done = Consumption.unpack(base64.b64decode(progress.epoch_done)) if progress.epoch_done else None
+        self.consumption.start_epoch(progress.epoch, done)
+        if self.args.cursor is None:
+            return
+        if self.rank == 0:
+            ray.get(stream.get_cursor(self.args.cursor).set.remote(progress.epoch, self.consumption.packed()))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
     def epoch_batches(self):
         """An iterator over this rank's shard for the current epoch, shuffled locally if configured."""
+        self.start_pass()
         t, progress = self.cfg.train, self.progress
         buffer = t.shuffle_buffer_batches * t.batch_size or None
         seed = derive_seed(self.cfg.seed, progress.epoch, self.rank) if buffer else None
@@ -362,7 +382,7 @@ class TrainLoop:
         progress, plan = self.progress, self.plan
         if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
             progress.epoch += 1
-            progress.step_in_epoch = 0
+            progress.step_in_epoch, progress.epoch_done = 0, ""
         batches = self.epoch_batches()
         steps_this_epoch = 0
         while progress.step_in_epoch < plan.steps_per_epoch and progress.step < plan.total_steps:
@@ -381,7 +401,7 @@ class TrainLoop:
             )
         if progress.step < plan.total_steps:  # the pass ended: the epoch's quota or the data ran out
             progress.epoch += 1
-            progress.step_in_epoch = 0
+            progress.step_in_epoch, progress.epoch_done = 0, ""
 
     def next_batches(self, batches):
         """This step's micro-batches, lazily; None when the shard ran out. With every rank taking the same
@@ -429,6 +449,9 @@ class TrainLoop:
             loss_sum += loss.detach()  # NOTE: no .item() here: that would sync the host every micro-step
             clips += pixel_values.shape[0]
             videos.extend(batch.get("video", []))
+            if "position" in batch:
+                step = self.progress.step + 1
+                self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), step)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -572,6 +595,7 @@ class TrainLoop:
         the background under ``checkpoint.upload: async`` (training goes on meanwhile), and then deletes
         the local folder."""
         progress = self.progress
+        self.gather_consumption()
         local = tempfile.mkdtemp(prefix="videomae-checkpoint-")
         ckpt.save(local, rank=self.rank, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                   scaler=self.scaler, progress=progress, job_config_yaml=self.args.config_yaml)
@@ -591,6 +615,19 @@ class TrainLoop:
             raise
         if self.args.run_dir:
             self.last_checkpoint_uri = storage.join(self.args.run_dir, name)
+
+
+    def gather_consumption(self) -> None:
+        """Every rank's newly done videos into the epoch's bitmap (the same on every rank), kept in the
+        progress the checkpoint saves."""
+        done = sorted(self.consumption.done)
+        if dist.is_available() and dist.is_initialized():
+            everyone: list[list[int]] = [[] for _ in range(self.world)]
+            dist.all_gather_object(everyone, done)
+        else:
+            everyone = [done]
+        self.consumption.merge(everyone)
+        self.progress.epoch_done = base64.b64encode(self.consumption.packed()).decode()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -16,8 +16,8 @@ from pipeline import config as config_lib
 from pipeline import runtime
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
-from pipeline.data import storage
-from pipeline.data.datasets import DataConfig, build_dataset, resolve_rows
+from pipeline.data import storage, stream
+from pipeline.data.datasets import DataConfig
 from pipeline.data.errors import ErrorLedger
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import VideoMAEForPreTraining
@@ -139,12 +139,14 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) the pretraining described by ``cfg`` and export the final model."""
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     storage_path = driver.checked_storage(cfg.storage_path)
-    rows = resolve_rows(cfg.data)
-    if not rows:
-        raise ConfigError(f"data.uri {storage.redact(cfg.data.uri)!r} holds no videos")
-    plan = driver.plan_run(cfg, len(rows) * cfg.data.clips_per_video)
+    runtime.init_ray(cfg.scaling.ray_address)  # the manifests are read on the cluster
+    sources = stream.prepare_sources(cfg.data, "pretrain")
+    epoch_videos = sum(stream.epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources],
+                                           cfg.data.epoch_videos))
+    plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
     print(
-        f"data: {len(rows)} videos x {cfg.data.clips_per_video} clip(s); plan: {plan.total_steps} steps "
+        f"data: {stream.describe(sources, epoch_videos)}; {epoch_videos} videos x {cfg.data.clips_per_video} "
+        f"clip(s) per epoch; plan: {plan.total_steps} steps "
         f"({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, global batch {plan.global_batch}, "
         f"peak lr {plan.peak_lr:.3g}",
         flush=True,
@@ -165,8 +167,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             flush=True,
         )
 
-    with driver.session(cfg, "pretrain", storage_path, plan, {"data.num_videos": len(rows)}) as session:
-        datasets = {"train": build_dataset(cfg.data, "pretrain", session.ledger, rows=rows)}
+    with driver.session(cfg, "pretrain", storage_path, plan, {"data.num_videos": epoch_videos}) as session:
+        datasets = {"train": session.training_stream(sources, "pretrain")}
         if probe_classes:  # its own ledger: probe videos are not the training data's error budget
             probe_ledger = ErrorLedger.create(f"{cfg.run_name}-probe")
             datasets.update(probe_monitor.probe_datasets(cfg.probe, probe_rows, probe_ledger))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -26,18 +27,18 @@ from pipeline.train import checkpointing
 
 pytestmark = [
     pytest.mark.integration,
-    # Passed in two runs (one in a fresh-clone suite) and then failed in three, after the session's last
-    # changes (async upload, rank 0 choosing the checkpoint): the group restarts on two workers and
-    # trains on, and the job still fails later. It is left to finish in issue 15; the test keeps the job
-    # driver's log in tmp_path for that.
-    pytest.mark.skip(reason="issue 15: the job fails after the restart on the smaller group (see the "
-                            "closing note of 2026-12-01)"),
+    # Opt-in for now (RUN_ELASTIC=1): it takes minutes and its cluster is not yet shared with the job test
+    pytest.mark.skipif(os.environ.get("RUN_ELASTIC") != "1", reason="set RUN_ELASTIC=1"),
 ]
 
 
-def _start_node(env: dict, gcs: str, log_path: Path) -> subprocess.Popen:
+def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subprocess.Popen:
+    """A second node on this machine. NOTE: its own ``--temp-dir``: without one it takes the head's, and two
+    runtime-env agents then manage one package folder, the second deleting the job's working directory
+    (the job driver's cwd) while the job runs: the failure this test showed in three runs."""
     worker_base = random.randrange(12000, 32000, 200)  # below the ephemeral range free_port() draws from
-    cmd = [RAY, "start", "--address", gcs, "--block", "--num-cpus", "2", "--resources", '{"train_slot": 1}',
+    cmd = [RAY, "start", "--address", gcs, "--block", "--temp-dir", temp_dir, "--num-cpus", "2",
+           "--resources", '{"train_slot": 1}',
            "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()),
            "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
@@ -79,11 +80,12 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
     job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
     job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     temp_dir = tempfile.mkdtemp(prefix="rayelastic-", dir="/tmp")
+    node_dir = tempfile.mkdtemp(prefix="rayelastic2-", dir="/tmp")  # short: Ray's unix sockets live in here
     dashboard, gcs_port = free_port(), free_port()
     head, node = None, None
     try:
         head = _start_head(env, temp_dir, dashboard, gcs_port, ["--resources", '{"train_slot": 2}'])
-        node = _start_node(env, f"127.0.0.1:{gcs_port}", Path(temp_dir) / "node2.log")
+        node = _start_node(env, f"127.0.0.1:{gcs_port}", Path(temp_dir) / "node2.log", node_dir)
         address = f"http://127.0.0.1:{dashboard}"
         submit = ["job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "elastic",
                   "--no-wait", "--", *job_args]
@@ -96,13 +98,20 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
         _kill_node(node)
         node = None
         deadline = time.monotonic() + 600
-        while True:
+        status = ""
+        while time.monotonic() < deadline:
             answer = _ray(["job", "status", "--address", address, "elastic"], env, check=False)
-            status = (answer.stdout + answer.stderr).lower()
-            if "succeeded" in status or "failed" in status or time.monotonic() > deadline:
+            with open(tmp_path / "status.log", "a") as out:  # every answer, for a failure
+                out.write(f"--- {time.strftime('%T')}\n{answer.stdout}\n{answer.stderr[-2000:]}\n")
+            # the job's own state only: a CLI call can fail (it is retried), its message is not the job's
+            text = answer.stdout + answer.stderr
+            found = re.search(r"(?:status for job 'elastic': |job 'elastic' )(\w+)", text, re.I)
+            status = found.group(1).lower() if found else status
+            if status in ("succeeded", "failed", "stopped"):
                 break
             time.sleep(3)
         logs = _ray(["job", "logs", "--address", address, "elastic"], env).stdout
+        (tmp_path / "job.log").write_text(logs)  # the whole log, for a failure
         assert "succeeded" in status, status + logs[-4000:]
     finally:
         if node is not None:
@@ -112,6 +121,7 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
         for log in Path(temp_dir).glob("session_latest/logs/job-driver-*.log"):  # kept for a failure
             shutil.copy(log, tmp_path / log.name)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(node_dir, ignore_errors=True)
 
     assert lost_at < 60
     assert "3 worker(s) x 1 micro-step(s)" in logs and "2 worker(s) x 2 micro-step(s)" in logs  # rank 0

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -97,8 +98,10 @@ def train_worker_pids() -> list[int]:
 
 def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample_videos, tmp_path):
     data = data_with_broken_videos(sample_videos, tmp_path)
+    consumed = tmp_path / "consumed"  # every trained clip's (epoch, position), by the workers
+    consumed.mkdir()
     probe = {"probe.every_steps": "6", "probe.data.uri": str(sample_videos),
-             "probe.data.decode_isolation": "inline"}
+             "probe.data.decode_isolation": "inline", "train.audit_dir": str(consumed)}
     thread, outcome = pretrain_in_thread(tiny_config(tmp_path, str(data), **probe))
     run_dir = tmp_path / "runs" / "kill-test"
     killed = None
@@ -124,6 +127,27 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     assert kept == ["checkpoint_00000009", "checkpoint_00000012"]  # keep_last=2
     progress = checkpointing.read_progress(run_dir / "checkpoint_00000012")
     assert progress.step == 12 and progress.clips_seen >= 12 * 4 - 3 * 4
+
+    # exact resume: the epoch the kill interrupted continued with the videos it had not trained on. The
+    # run's lineage is, per step, what the last attempt that trained that step trained (steps after the
+    # checkpoint it resumed from were trained again)
+    attempts = []
+    for f in consumed.glob("consumed-*.txt"):
+        records = [tuple(map(int, line.split())) for line in f.read_text().splitlines()]
+        attempts.append((min(r[0] for r in records), records))
+    starts = sorted({first for first, _ in attempts})
+    assert len(starts) >= 2, "the audit shows no restart"
+    lineage = Counter()
+    for first, records in attempts:
+        after = next((s for s in starts if s > first), None)  # the next attempt took over from there
+        lineage.update(p for step, e, p in records if e == 0 and (after is None or step < after))
+    good = len(list(data.glob("good_*.mp4")))
+    # every readable video of the epoch (but a last partial batch per worker: drop_last) ...
+    assert good - 2 <= len(lineage) <= good, sorted(lineage)
+    # ... each once (both clips), except videos in flight at the checkpoint: one clip trained before it
+    # and both again after (at most one per rank, 2 clips per video = 1 batch)
+    twice = [p for p, n in lineage.items() if n != 2]
+    assert len(twice) <= 2 and all(n == 3 for p, n in lineage.items() if p in twice), lineage
 
     # bad videos: counted by reason, reported, and training went on
     report = [json.loads(line) for line in Path(result.error_report_uri).read_text().splitlines()]

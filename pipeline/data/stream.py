@@ -1,0 +1,726 @@
+"""The training stream at scale: sources read on the cluster, a seeded epoch plan, weighted mixtures and
+exact resume.
+
+``prepare_sources(cfg, mode)`` reads every source of ``data.sources`` (or the one ``data.uri``) *on the
+cluster*: a Parquet / JSONL / CSV manifest with Ray Data's readers, the path column checked and resolved
+in the read tasks, cut into pieces of ``piece_rows`` rows and kept in the object store; a folder is
+listed once; a shard set (WebDataset tars, pipeline/data/shards.py) is counted from its index. The driver
+holds object references and row counts, never the rows, so its memory and start-up do not grow with the
+manifest (benchmarks/data_scale.py).
+
+The epoch plan is a pure function of (seed, epoch, source sizes, weights):
+
+- each source is an endless stream of passes; pass ``q`` permutes its pieces (shards) with seed
+  (seed, source, q), and every ``group_pieces`` consecutive pieces of it are read by one task, which
+  permutes their rows together. A video can thus move anywhere at piece granularity and anywhere within
+  the ``group_pieces x piece_rows`` rows it is read with (docs/data.md, "Shuffling");
+- an epoch takes ``epoch_videos x weight / sum(weights)`` rows of each source's stream (a small source
+  repeats, a large one is seen in parts that rotate over epochs) and interleaves the sources' tasks in
+  those proportions;
+- every row gets its *position* in the epoch, carried into its clips.
+
+Exact resume: a rank counts the clips it trained on per position (``Consumption``); a video is done when
+all its ``clips_per_video`` clips were. Checkpoints hold the epoch's done positions (a bitmap), gathered
+over the ranks. Before each pass rank 0 hands the epoch and its bitmap to the run's ``DataCursor`` actor,
+and the read tasks drop done rows before anything is decoded: a resumed epoch continues with the videos
+it had not yet trained on. Videos in flight at the checkpoint (decoded, in a prefetch or shuffle buffer,
+not trained on) are seen again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data import manifest, storage
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("path", "label", "start", "end")
+CURSOR_PREFIX = "videomae-data-cursor/"
+CURSOR_NAMESPACE = "videomae"
+
+
+@dataclass
+class SourceSpec:
+    """One dataset of a mixture (``data.sources`` entries: ``{uri, weight, name, data_root, split}``)."""
+
+    uri: str
+    weight: float = 1.0
+    name: str = ""  # in metrics (data/clips/<name>); default: the last part of the URI
+    data_root: str | None = None
+    split: str | None = None  # default: data.split
+
+    def label(self) -> str:
+        return self.name or posixpath.basename(self.uri.rstrip("/")).split(".")[0] or "source"
+
+
+def source_specs(cfg) -> list[SourceSpec]:
+    """``data.sources`` as specs (checked), or the single ``data.uri`` source."""
+    if not cfg.sources:
+        return [SourceSpec(cfg.uri, 1.0, "", cfg.data_root, cfg.split)]
+    specs = []
+    for i, entry in enumerate(cfg.sources):
+        if isinstance(entry, str):
+            entry = {"uri": entry}
+        unknown = set(entry) - {f.name for f in dataclasses.fields(SourceSpec)}
+        if unknown or "uri" not in entry:
+            raise ValueError(f"data.sources[{i}] needs 'uri' and takes weight, name, data_root, split; got "
+                             f"{sorted(entry)}")
+        spec = SourceSpec(**{"split": cfg.split, **entry})
+        if not spec.weight > 0:
+            raise ValueError(f"data.sources[{i}] ({spec.uri!r}): weight must be > 0, got {spec.weight}")
+        specs.append(spec)
+    names = [s.label() for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.sources: names must differ (set 'name'), got {names}")
+    return specs
+
+
+def is_shard_set(uri: str) -> bool:
+    lower = uri.lower().rstrip("/")
+    if lower.endswith(".tar") or ("{" in uri and ".." in uri):
+        return True
+    from pipeline.data import shards
+
+    return not lower.endswith(manifest.MANIFEST_SUFFIXES) and storage.exists(storage.join(uri, shards.INDEX))
+
+
+# --- reading a manifest on the cluster --------------------------------------------------------------------
+
+def _normalize(table: pa.Table, source: str, root: str, allow_absolute: bool, split: str | None,
+               needs_labels: bool) -> pa.Table:
+    """A read task's share of a manifest as (path, label, start, end): the ``ok`` rows of ``split``, paths
+    resolved below ``root`` and checked (vectorised: a path needs Python only when it could escape)."""
+    import pyarrow.compute as pc
+
+    cols = set(table.column_names)
+    if "path" not in cols:
+        raise manifest.ManifestError(f"{source}: no 'path' column (columns: {sorted(cols)})")
+    keep = pc.equal(table["status"], "ok") if "status" in cols else None
+    if split and "split" in cols and table["split"].null_count < table.num_rows:
+        of_split = pc.equal(table["split"], split)
+        keep = of_split if keep is None else pc.and_(keep, of_split)
+    if keep is not None:
+        table = table.filter(pc.fill_null(keep, False))
+    n = table.num_rows
+
+    def column(name: str, kind: pa.DataType, default: float) -> pa.Array:
+        if name not in cols:
+            return pa.array(np.full(n, default), kind)
+        return pc.fill_null(table[name].cast(kind), default).combine_chunks()
+
+    paths = table["path"].cast(pa.string()).combine_chunks()
+    base = manifest.resolve_path(".", root, source)  # the root as resolve_path spells it
+    risky = pc.or_(pc.match_substring(paths, ".."), pc.match_substring(paths, "//"))
+    risky = pc.or_(risky, pc.starts_with(paths, "./"))
+    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
+    joined = pc.binary_join_element_wise(base.rstrip("/") or "/", paths, "/")
+    if allow_absolute:  # no data root: absolute paths and URIs are taken as given
+        resolved = pc.if_else(absolute, paths, joined)
+    else:
+        resolved = joined
+        risky = pc.or_(risky, absolute)
+    out = resolved.to_pylist() if pc.any(risky).as_py() else None
+    if out is not None:
+        for i in np.flatnonzero(risky.to_numpy(zero_copy_only=False)):
+            out[i] = manifest.resolve_path(paths[i].as_py(), root, source, allow_absolute=allow_absolute)
+        resolved = pa.array(out, pa.string())
+    labels = column("label", pa.int64(), -1)
+    if needs_labels and n and pc.min(labels).as_py() < 0:
+        example = resolved[int(np.argmax(labels.to_numpy() < 0))].as_py()
+        raise manifest.ManifestError(f"{source}: training on labels, but {example!r} has none")
+    return pa.table({"path": resolved, "label": labels, "start": column("start", pa.float64(), -1.0),
+                     "end": column("end", pa.float64(), -1.0)})
+
+
+def _parse_lines(table: pa.Table, source: str, header: list[str] | None) -> pa.Table:
+    """VideoMAE text manifest lines (``path label``) or named CSV lines -> a table with a path column."""
+    lines = [t for t in table.column("text").to_pylist() if t.strip()]
+    if header:
+        import csv
+
+        records = [r for r in csv.DictReader(lines, fieldnames=header) if r[header[0]] != header[0]]
+        columns = {name: [r.get(name) or None for r in records] for name in header}
+        for name, cast in (("label", int), ("start", float), ("end", float)):
+            if name in columns:
+                columns[name] = [None if v is None else cast(v) for v in columns[name]]
+        return pa.table(columns)
+    return pa.Table.from_pylist(manifest.parse_videomae_csv("\n".join(lines), source), schema=ROW_SCHEMA)
+
+
+ROW_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("start", pa.float64()),
+                        ("end", pa.float64())])
+
+
+def _manifest_dataset(spec: SourceSpec, needs_labels: bool):
+    """A Ray dataset of (path, label, start, end) for one manifest or folder, read by the cluster's tasks."""
+    import ray
+
+    uri, lower = spec.uri, spec.uri.lower().rstrip("/")
+    source = storage.redact(uri)
+    if not lower.endswith(manifest.MANIFEST_SUFFIXES) or lower.endswith(".json"):
+        # a folder (listed here: use the preprocessing manifest for millions of videos) or SSv2's one JSON
+        rows = manifest.read_manifest(uri, spec.data_root, spec.split)
+        return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=ROW_SCHEMA)).map_batches(
+            _normalize, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"source": source, "root": "/", "allow_absolute": True, "split": None,
+                       "needs_labels": needs_labels})
+    root = spec.data_root or posixpath.dirname(uri.rstrip("/")) or "."
+    fs, path = storage.resolve(uri)
+    if storage.is_s3(uri):
+        fs = storage.s3_filesystem_for_uploads()  # picklable into read tasks, no secret in it
+    if not storage.exists(uri):
+        raise manifest.ManifestError(f"manifest {source} does not exist")
+    if lower.endswith(".parquet"):
+        ds = ray.data.read_parquet(path, filesystem=fs)
+    elif lower.endswith(".jsonl"):
+        ds = ray.data.read_json(path, filesystem=fs)
+    else:  # .csv / .txt: lines, parsed in the read tasks (a header, if any, read here from the first line)
+        first = storage.read_bytes_range(uri, 0, 4096).decode("utf-8", "replace").splitlines()[:1]
+        fields = first[0].replace(" ", ",").split(",") if first else []
+        header = [f.strip() for f in fields] if fields and fields[0].strip().lower() == "path" else None
+        ds = ray.data.read_text(path, filesystem=fs).map_batches(
+            _parse_lines, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"source": source, "header": header})
+    return ds.map_batches(
+        _normalize, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"source": source, "root": root, "allow_absolute": spec.data_root is None,
+                   "split": spec.split, "needs_labels": needs_labels})
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The ManifestError inside a Ray task failure, if there is one (else the failure itself). Ray hands
+    the driver the task's traceback as text; the error's own message is its last line of that type."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, manifest.ManifestError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
+    found = re.findall(r"ManifestError: (.+)", str(error))
+    return manifest.ManifestError(found[-1]) if found else error
+
+
+@dataclass
+class Source:
+    """One source on the cluster: its pieces (object references of ``piece_rows``-row tables, or shard
+    URIs) and their row counts; picklable into the plan's tasks."""
+
+    spec: SourceSpec
+    kind: str  # rows | shards
+    sizes: np.ndarray  # rows per piece (per shard)
+    refs: list[Any] | None = None  # rows: one ObjectRef per piece
+    shard_uris: list[str] | None = None  # shards: one URI per shard
+    labels: dict[int, int] | None = None  # label -> videos (rows sources, labelled)
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.sizes.sum())
+
+
+def _pieces(materialized) -> tuple[list[Any], list[int]]:
+    """(block references, rows per block) of a materialized dataset: the source's pieces."""
+    refs, sizes = [], []
+    for bundle in materialized.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            if entry.metadata.num_rows:
+                refs.append(entry.ref)
+                sizes.append(entry.metadata.num_rows)
+    return refs, sizes
+
+
+def _count_labels(ds) -> dict[int, int]:
+    counts = ds.groupby("label").count().take_all()
+    return {int(r["label"]): int(r["count()"]) for r in counts}
+
+
+def prepare_source(spec: SourceSpec, mode: str, piece_rows: int, limit: int | None = None) -> Source:
+    """Read (rows) or count (shards) one source on the cluster."""
+    needs_labels = mode != "pretrain"
+    if is_shard_set(spec.uri):
+        uris, sizes, labels = shard_sizes(spec.uri, spec.split)
+        if limit:
+            cut = np.minimum(np.cumsum(sizes), limit)
+            sizes = np.diff(np.concatenate([[0], cut]))
+            uris, sizes = [u for u, n in zip(uris, sizes, strict=True) if n], sizes[sizes > 0]
+        return Source(spec, "shards", np.asarray(sizes, np.int64), shard_uris=uris, labels=labels)
+    try:
+        ds = _manifest_dataset(spec, needs_labels)
+        if limit:
+            ds = ds.limit(limit)
+        ds = ds.repartition(target_num_rows_per_block=piece_rows).materialize()
+    except (manifest.ManifestError, storage.StorageError):
+        raise
+    except Exception as e:  # a read task's failure: name the manifest's problem if it is one
+        inner = _unwrap(e)
+        if isinstance(inner, manifest.ManifestError):
+            raise inner from None
+        raise
+    refs, sizes = _pieces(ds)
+    if not sizes:
+        raise manifest.ManifestError(f"{storage.redact(spec.uri)} lists no videos")
+    labels = _count_labels(ds) if needs_labels else None
+    return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels)
+
+
+def rows_source(rows: list[dict[str, Any]], cfg, piece_rows: int | None = None) -> Source:
+    """A source of rows the driver already holds (finetuning checks its labels there first)."""
+    import ray
+
+    table = pa.Table.from_pylist([{k: r.get(k, -1.0) for k in COLUMNS} for r in rows], schema=ROW_SCHEMA)
+    ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=piece_rows or cfg.piece_rows)
+    refs, sizes = _pieces(ds.materialize())
+    return Source(SourceSpec(cfg.uri, 1.0, "", cfg.data_root, cfg.split), "rows", np.asarray(sizes, np.int64),
+                  refs=refs)
+
+
+def prepare_sources(cfg, mode: str) -> list[Source]:
+    """Every source of ``cfg`` (a DataConfig), read or counted on the cluster; ``""`` = the sample data."""
+    specs = source_specs(cfg)
+    if len(specs) == 1 and not specs[0].uri:
+        from pipeline.data.synthetic import ensure_sample_dataset
+
+        specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit) for s in specs]
+
+
+def describe(sources: list[Source], epoch_videos: int) -> str:
+    """One line per run start: each source's size, kind and share of an epoch."""
+    quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], epoch_videos)
+    return ", ".join(f"{s.spec.label()} ({s.num_videos} videos, {s.kind if s.kind == 'shards' else 'rows'}"
+                     f"{f' in {len(s.sizes)} shards' if s.kind == 'shards' else ''}, {q} per epoch)"
+                     for s, q in zip(sources, quotas, strict=True))
+
+
+# --- the epoch plan ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    """A read task of an epoch: rows ``[lo, hi)`` of group ``group`` of pass ``pass_`` of a source, at
+    ``offset`` in the epoch's positions."""
+
+    source: int
+    pass_: int
+    group: int
+    lo: int
+    hi: int
+    offset: int
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+def pass_groups(sizes: np.ndarray, group_pieces: int, seed: int, source: int, pass_: int,
+                shuffle: bool = True) -> list[np.ndarray]:
+    """The piece indices read together, in order, by pass ``pass_`` of a source."""
+    order = _rng(seed, source, pass_).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    return [order[i : i + group_pieces] for i in range(0, len(order), group_pieces)]
+
+
+def epoch_quotas(num_videos: list[int], weights: list[float], epoch_videos: int | None) -> list[int]:
+    """Rows each source gives an epoch: proportional to its weight, summing to ``epoch_videos`` (default:
+    all videos of all sources, each once when the weights are equal to the sizes' shares)."""
+    total = epoch_videos or sum(num_videos)
+    if len(num_videos) == 1:
+        return [total]
+    shares = np.asarray(weights, float) / sum(weights) * total
+    quotas = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - quotas))[: total - quotas.sum()]:  # largest remainders
+        quotas[i] += 1
+    return [int(q) for q in quotas]
+
+
+def plan_epoch(sources: list[Source], quotas: list[int], group_pieces: int, seed: int, epoch: int,
+               shuffle: bool = True) -> list[Task]:
+    """The epoch's read tasks in order, positions assigned; a function of its arguments only."""
+    per_source: list[list[tuple]] = []
+    for s, (source, quota) in enumerate(zip(sources, quotas, strict=True)):
+        group = 1 if source.kind == "shards" else group_pieces
+        n = source.num_videos
+        start, tasks = epoch * quota, []
+        pass_, skip = divmod(start, n)
+        while quota > 0:
+            for g, pieces in enumerate(pass_groups(source.sizes, group, seed, s, pass_, shuffle)):
+                rows = int(source.sizes[pieces].sum())
+                if skip >= rows:
+                    skip -= rows
+                    continue
+                take = min(rows - skip, quota)
+                tasks.append((s, pass_, g, skip, skip + take))
+                quota -= take
+                skip = 0
+                if quota == 0:
+                    break
+            pass_ += 1
+        per_source.append(tasks)
+    # interleave the sources' tasks in proportion: task k of a source with n tasks sits near (k + u) / n
+    rng = _rng(seed, epoch, 1 << 20)
+    keyed = [((k + rng.random()) / len(ts), t) for ts in per_source for k, t in enumerate(ts)]
+    if shuffle:
+        keyed.sort(key=lambda kt: kt[0])
+    out, offset = [], 0
+    for _, (s, pass_, g, lo, hi) in keyed:
+        out.append(Task(s, pass_, g, lo, hi, offset))
+        offset += hi - lo
+    return out
+
+
+# --- the cursor: which epoch a pass is, and what of it is done -------------------------------------------
+
+class CursorState:
+    """The epoch a pass reads and the bitmap of its done positions (set by rank 0 before each pass)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.done = 0, b""
+
+    def set(self, epoch: int, done: bytes) -> None:
+        self.epoch, self.done = epoch, done
+
+    def get(self) -> tuple[int, bytes]:
+        return self.epoch, self.done
+
+
+def cursor_name(run_name: str) -> str:
+    return CURSOR_PREFIX + run_name
+
+
+def create_cursor(run_name: str):
+    """The run's cursor actor, on the driver's node (see ErrorLedger.get_or_create)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(CursorState).options(
+        name=cursor_name(run_name), namespace=CURSOR_NAMESPACE, get_if_exists=True, scheduling_strategy=here
+    ).remote()
+
+
+def get_cursor(run_name: str):
+    import ray
+
+    return ray.get_actor(cursor_name(run_name), namespace=CURSOR_NAMESPACE)
+
+
+def done_mask(done: bytes, lo: int, hi: int) -> np.ndarray:
+    """Positions ``[lo, hi)`` of a packed bitmap as booleans (missing bits: not done)."""
+    bits = np.unpackbits(np.frombuffer(done, np.uint8), bitorder="little") if done else np.zeros(0, bool)
+    out = np.zeros(hi - lo, bool)
+    have = bits[lo:hi]
+    out[: len(have)] = have.astype(bool)
+    return out
+
+
+# --- the tasks -------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamSpec:
+    """What the plan's tasks need (picklable; object references travel inside)."""
+
+    sources: list[Source]
+    quotas: list[int]
+    group_pieces: int
+    seed: int
+    shuffle: bool
+    run_name: str | None  # the cursor's; None: no resume state (every pass reads epoch 0 of the plan)
+
+
+_PLANS: dict[tuple, list[Task]] = {}  # per process: the epoch plan, computed once per epoch
+
+
+def _epoch_plan(spec: StreamSpec, epoch: int) -> list[Task]:
+    key = (id(spec.sources), spec.seed, epoch)
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch, spec.shuffle)
+    return _PLANS[key]
+
+
+def _cursor(spec: StreamSpec) -> tuple[int, bytes]:
+    if spec.run_name is None:
+        return 0, b""
+    import ray
+
+    return ray.get(get_cursor(spec.run_name).get.remote())
+
+
+def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
+    """Plan slots -> rows to decode: the epoch's task at each slot, its done rows dropped. A shard task
+    becomes one row (kind ``shard``) that the decode step streams."""
+    import ray
+
+    epoch, done = _cursor(spec)
+    plan = _epoch_plan(spec, epoch)
+    parts = []
+    for slot in batch["slot"]:
+        if slot >= len(plan):
+            continue
+        task = plan[slot]
+        source = spec.sources[task.source]
+        skip = done_mask(done, task.offset, task.offset + task.hi - task.lo)
+        if skip.all():
+            continue
+        if source.kind == "shards":
+            parts.append(pa.table({
+                "kind": ["shard"], "path": [source.shard_uris[task.group]], "label": [-1], "start": [-1.0],
+                "end": [-1.0], "epoch": [epoch], "position": [task.offset], "source": [task.source],
+                "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
+            }))
+            continue
+        group = pass_groups(source.sizes, spec.group_pieces, spec.seed, task.source, task.pass_, spec.shuffle)
+        pieces = group[task.group]
+        table = pa.concat_tables(ray.get([source.refs[p] for p in pieces]))
+        order = (_rng(spec.seed, task.source, task.pass_, task.group, 7).permutation(table.num_rows)
+                 if spec.shuffle else np.arange(table.num_rows))
+        keep = order[task.lo : task.hi][~skip]
+        positions = (task.offset + np.arange(task.hi - task.lo))[~skip]
+        rows = table.take(pa.array(keep)).select(list(COLUMNS))
+        n = rows.num_rows
+        parts.append(rows.append_column("kind", pa.array(["video"] * n))
+                     .append_column("epoch", pa.array(np.full(n, epoch)))
+                     .append_column("position", pa.array(positions))
+                     .append_column("source", pa.array(np.full(n, task.source)))
+                     .append_column("lo", pa.array(np.zeros(n, np.int64)))
+                     .append_column("hi", pa.array(np.zeros(n, np.int64)))
+                     .append_column("skip", pa.array([b""] * n, pa.binary())))
+    if not parts:
+        return EMPTY_ROWS
+    return pa.concat_tables([p.select(EMPTY_ROWS.column_names).cast(EMPTY_ROWS.schema) for p in parts])
+
+
+EMPTY_ROWS = pa.schema([
+    ("kind", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("start", pa.float64()),
+    ("end", pa.float64()), ("epoch", pa.int64()), ("position", pa.int64()), ("source", pa.int64()),
+    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()),
+]).empty_table()
+
+
+def num_slots(spec: StreamSpec, epochs: range) -> int:
+    """Slots the plan's first op holds: the most tasks any epoch of the run has."""
+    most = 0
+    for epoch in epochs:
+        most = max(most, len(plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch,
+                                        spec.shuffle)))
+    return most
+
+
+def slots_needed(sources: list[Source], quotas: list[int], group_pieces: int) -> int:
+    """An upper bound on any epoch's task count (every source's quota over its smallest groups, plus the
+    partial groups at its ends), so the plan's first op does not need every epoch planned."""
+    bound = 0
+    for source, quota in zip(sources, quotas, strict=True):
+        group = 1 if source.kind == "shards" else group_pieces
+        smallest = max(1, int(np.sort(source.sizes)[:group].sum()))
+        groups_per_pass = math.ceil(len(source.sizes) / group)
+        passes = math.ceil(quota / source.num_videos) + 1
+        bound += min(math.ceil(quota / smallest) + 2, groups_per_pass * passes)
+    return bound
+
+
+# --- what the trainer saw ---------------------------------------------------------------------------------
+
+class Consumption:
+    """A rank's count of trained clips per position of the current epoch; a video is done when all of its
+    ``clips_per_video`` clips were trained on. ``gather`` merges every rank's into one bitmap."""
+
+    def __init__(self, clips_per_video: int, audit_dir: str = "") -> None:
+        self.clips_per_video, self.audit_dir = clips_per_video, audit_dir
+        self.epoch = 0
+        self.partial: dict[int, int] = {}
+        self.done: set[int] = set()  # since the last gather
+        self.bitmap = np.zeros(0, bool)  # done positions of the epoch, every rank's, as of the last gather
+
+    def start_epoch(self, epoch: int, bitmap: np.ndarray | None = None) -> None:
+        self.epoch, self.partial, self.done = epoch, {}, set()
+        self.bitmap = np.zeros(0, bool) if bitmap is None else bitmap
+
+    def add(self, epochs: np.ndarray, positions: np.ndarray, step: int = 0) -> None:
+        """The clips of a micro-batch of optimizer step ``step`` were trained on."""
+        if self.audit_dir:  # what each step trained on, clip by clip (train.audit_dir)
+            with open(os.path.join(self.audit_dir, f"consumed-{os.getpid()}.txt"), "a") as out:
+                out.writelines(f"{step} {e} {p}\n" for e, p in zip(epochs.tolist(), positions.tolist(),
+                                                                   strict=True))
+        for e, p in zip(epochs.tolist(), positions.tolist(), strict=True):
+            if e != self.epoch:
+                continue
+            seen = self.partial.get(p, 0) + 1
+            if seen >= self.clips_per_video:
+                self.partial.pop(p, None)
+                self.done.add(p)
+            else:
+                self.partial[p] = seen
+
+    def merge(self, done_per_rank: list[list[int]]) -> None:
+        positions = [p for done in done_per_rank for p in done]
+        if positions:
+            size = max(len(self.bitmap), max(positions) + 1)
+            if size > len(self.bitmap):
+                self.bitmap = np.concatenate([self.bitmap, np.zeros(size - len(self.bitmap), bool)])
+            self.bitmap[positions] = True
+        self.done = set()
+
+    def packed(self) -> bytes:
+        return np.packbits(self.bitmap, bitorder="little").tobytes()
+
+    @staticmethod
+    def unpack(data: bytes) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little").astype(bool)
+
+
+# --- shard sets -------------------------------------------------------------------------------------------
+
+def _scan_shard(uri: str, split: str | None) -> tuple[int, dict[int, int]]:
+    """(samples of ``split``, label counts) of one shard without its index: every sample is streamed."""
+    from pipeline.data import shards
+
+    n, labels = 0, {}
+    for sample in shards.iter_shard(uri):
+        if split and sample.meta.get("split") not in (None, split):
+            continue
+        n += 1
+        labels[sample.label] = labels.get(sample.label, 0) + 1
+    return n, labels
+
+
+def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dict[int, int]]:
+    """(shard URIs, samples of ``split`` per shard, label counts) from the set's index.parquet when it has
+    one, else from a scan of every shard in Ray tasks (a WebDataset set made elsewhere)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import shards
+
+    listed = [u for u, _ in shards.list_shards(uri)]
+    if not listed:
+        raise manifest.ManifestError(f"no shards (*.tar) at {storage.redact(uri)!r}")
+    one_folder = not uri.lower().endswith(".tar") and "{" not in uri
+    folder = uri.rstrip("/") if one_folder else posixpath.dirname(uri)
+    index_uri = storage.join(folder, shards.INDEX)
+    if storage.exists(index_uri):
+        fs, path = storage.resolve(index_uri)
+        table = pq.read_table(path, filesystem=fs, columns=["shard", "label", "split"],
+                              read_dictionary=["shard", "split"])
+        if split and table.column("split").null_count < table.num_rows:
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.equal(table.column("split").cast(pa.string()), split))
+        per_shard = table.group_by("shard").aggregate([("label", "count")]).to_pydict()
+        counts = dict(zip(per_shard["shard"], per_shard["label_count"], strict=True))
+        label_table = table.group_by("label").aggregate([("shard", "count")]).to_pydict()
+        labels = dict(zip(label_table["label"], label_table["shard_count"], strict=True))
+        sizes = [int(counts.get(posixpath.basename(storage.resolve(u)[1]), 0)) for u in listed]
+    else:
+        import ray
+
+        scan = ray.remote(num_cpus=0.5)(_scan_shard)
+        results = ray.get([scan.remote(u, split) for u in listed])
+        sizes = [n for n, _ in results]
+        labels = {}
+        for _, counts in results:
+            for label, n in counts.items():
+                labels[label] = labels.get(label, 0) + n
+    keep = [i for i, n in enumerate(sizes) if n]
+    if not keep:
+        raise manifest.ManifestError(
+            f"the shards at {storage.redact(uri)!r} hold no videos of split {split!r}"
+        )
+    return [listed[i] for i in keep], np.asarray([sizes[i] for i in keep], np.int64), labels
+
+
+# --- the decode step ----------------------------------------------------------------------------------
+
+def _shard_rows(row: dict[str, Any], split: str | None, buffer_size: int, seed: int, ledger):
+    """The videos of one shard task as rows to decode (bytes in ``data``), through a seeded shuffle buffer
+    of ``buffer_size`` videos; samples outside [lo, hi) or done are skipped before anything is decoded."""
+    from pipeline.data import shards
+
+    lo, hi, offset = int(row["lo"]), int(row["hi"]), int(row["position"])
+    done = done_mask(row["skip"], 0, hi - lo)
+    rng = _rng(seed, int(row["epoch"]), offset, 11)
+    buffer: list[dict[str, Any]] = []
+    index = -1
+    try:
+        for sample in shards.iter_shard(row["path"]):
+            if split and sample.meta.get("split") not in (None, split):
+                continue
+            index += 1
+            if not lo <= index < hi or done[index - lo]:
+                continue
+            if sample.video is None or sample.error:
+                ledger.record(sample.name, "bad_sample", sample.error or "no video member")
+                continue
+            buffer.append({"path": sample.name, "data": sample.video, "label": sample.label, "start": -1.0,
+                           "end": -1.0, "epoch": row["epoch"], "position": offset + index - lo,
+                           "source": row["source"]})
+            if len(buffer) >= buffer_size:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+    except shards.CorruptShard as e:
+        ledger.record(row["path"], "corrupt_shard", str(e))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: int):
+    """Decode step of the stream: video rows and shard rows -> batches of clips (one per
+    ``videos_per_block`` videos, so a shard's clips flow while it is still being read)."""
+    from pipeline.data.datasets import clip_maker
+
+    maker = clip_maker(cfg, mode, ledger)
+    rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
+
+    def videos():
+        for row in rows:
+            if row["kind"] == "shard":
+                yield from _shard_rows(row, cfg.split, cfg.shard_shuffle_buffer, seed, ledger)
+            else:
+                yield row
+
+    merged: dict[str, list] = {}
+    count, yielded = 0, False
+    for row in videos():
+        if mode != "pretrain" and row["label"] < 0:
+            ledger.record(row["path"], "no_label", "finetuning needs a label")
+            continue
+        for key, values in (maker.clips(row) or {}).items():
+            merged.setdefault(key, []).extend(values)
+        count += 1
+        if count % cfg.videos_per_block == 0 and merged:
+            maker.flush_ok()
+            yield maker.to_batch(merged)
+            merged, yielded = {}, True
+    maker.flush_ok()
+    if merged or not yielded:
+        yield maker.to_batch(merged) if merged else maker.empty_batch(streamed=True)
+
+
+def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_name: str | None,
+                 epochs: range):
+    """The training stream (a ``ray.data.Dataset`` of clip rows with ``epoch`` / ``position`` / ``source``)
+    for the pass whose epoch the run's cursor names; ``epochs`` bounds the plan's slots."""
+    import ray
+
+    quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], cfg.epoch_videos)
+    spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name)
+    slots = num_slots(spec, epochs)
+    has_shards = any(s.kind == "shards" for s in sources)
+    ds = ray.data.range(slots, override_num_blocks=slots).map_batches(
+        lambda b: {"slot": b["id"]}, batch_format="numpy", batch_size=None, num_cpus=0.1)
+    ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
+                        num_cpus=0.25)
+    # one decode task per videos_per_block videos (per shard: a shard task streams all of its videos)
+    ds = ds.repartition(target_num_rows_per_block=1 if has_shards else cfg.videos_per_block)
+    return ds.map_batches(
+        clips_of_rows, batch_size=None, batch_format="numpy",
+        fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger, "seed": seed},
+        num_cpus=cfg.decode_num_cpus, resources=cfg.decode_resources or None,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+    )

@@ -1,0 +1,175 @@
+"""The training stream: manifests read on the cluster, the seeded epoch plan, mixtures, exact-resume
+skipping, shards, all on the session's real Ray with real video files."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.data import shards, stream
+from pipeline.data.datasets import DataConfig
+from pipeline.data.errors import ErrorLedger
+from pipeline.data.manifest import ManifestError
+
+
+def tiny(uri: str, **kw) -> DataConfig:
+    base = dict(uri=uri, num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2,
+                mask_ratio=0.75, seed=0, decode_isolation="inline", piece_rows=3, group_pieces=2)
+    return DataConfig(**{**base, **kw})
+
+
+def fake(sizes: list[int], kind: str = "rows", weight: float = 1.0) -> stream.Source:
+    return stream.Source(stream.SourceSpec(f"/data/{len(sizes)}", weight), kind, np.asarray(sizes))
+
+
+def positions(plan: list[stream.Task]) -> list[int]:
+    return [t.offset + i for t in plan for i in range(t.hi - t.lo)]
+
+
+def test_an_epoch_plan_is_a_seeded_permutation_and_rotates_over_epochs():
+    sources = [fake([1024, 1024, 1024, 500])]
+    quotas = stream.epoch_quotas([s.num_videos for s in sources], [1.0], None)
+    plan = stream.plan_epoch(sources, quotas, 2, seed=0, epoch=0)
+    assert positions(plan) == list(range(3572))  # every position once, in order of the tasks
+    assert plan == stream.plan_epoch(sources, quotas, 2, seed=0, epoch=0)  # a function of its inputs
+    other = stream.plan_epoch(sources, quotas, 2, seed=0, epoch=1)
+    groups = [[int(p) for p in g] for g in stream.pass_groups(sources[0].sizes, 2, 0, 0, 0)]
+    assert sorted(p for g in groups for p in g) == [0, 1, 2, 3]
+    assert [(t.pass_, t.group) for t in other] == [(1, 0), (1, 1)]  # epoch 1 reads pass 1
+    assert groups != [[int(p) for p in g] for g in stream.pass_groups(sources[0].sizes, 2, 0, 0, 1)]
+
+
+def test_a_mixture_takes_each_source_in_proportion_and_a_small_one_repeats():
+    big, small = fake([100] * 30), fake([50, 50], weight=1.0)
+    quotas = stream.epoch_quotas([3000, 100], [3.0, 1.0], 800)
+    assert quotas == [600, 200]
+    plan = stream.plan_epoch([big, small], quotas, 4, seed=1, epoch=0)
+    per_source = Counter()
+    for t in plan:
+        per_source[t.source] += t.hi - t.lo
+    assert per_source == {0: 600, 1: 200}  # the small source gives its 100 videos twice
+    assert {t.pass_ for t in plan if t.source == 1} == {0, 1}
+    assert positions(plan) == list(range(800))
+    order = [t.source for t in plan]  # interleaved, not one source after the other
+    assert order != sorted(order)
+    # the big source's part rotates: epoch 1 continues its stream where epoch 0 stopped
+    later = stream.plan_epoch([big, small], quotas, 4, seed=1, epoch=1)
+    first_big = next(t for t in later if t.source == 0)
+    assert (first_big.pass_, first_big.group, first_big.lo) == (0, 1, 200)  # 600 rows = 1.5 groups of 400
+
+
+def test_consumption_marks_a_video_done_when_all_its_clips_trained():
+    c = stream.Consumption(clips_per_video=2)
+    c.start_epoch(3)
+    c.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]))  # epoch 2's clip: another epoch, ignored
+    c.merge([sorted(c.done), [9]])  # another rank finished video 9
+    assert np.flatnonzero(c.bitmap).tolist() == [5, 9]
+    again = stream.Consumption.unpack(c.packed())
+    assert np.flatnonzero(again).tolist() == [5, 9]
+    assert np.flatnonzero(stream.done_mask(c.packed(), 4, 12)).tolist() == [1, 5]
+
+
+@pytest.mark.integration
+def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample_videos, tmp_path):
+    train = [r for r in csv.reader((sample_videos / "train.csv").read_text().splitlines())]
+    rows = [{"path": r[0].split()[0], "label": int(r[0].split()[1]), "split": "train", "status": "ok"}
+            for r in train]
+    rows += [{"path": rows[0]["path"], "label": 0, "split": "val", "status": "ok"},
+             {"path": "missing.mp4", "label": 0, "split": "train", "status": "undecodable"}]
+    pq.write_table(pa.Table.from_pylist(rows), sample_videos / "all.parquet")
+    source = stream.prepare_source(stream.SourceSpec(str(sample_videos / "all.parquet"), split="train"),
+                                   "finetune", piece_rows=3)
+    assert source.num_videos == 8 and list(source.sizes) == [3, 3, 2]  # ok rows of the split, in pieces
+    assert source.labels == {i: 1 for i in range(8)}
+    table = pa.concat_tables(ray.get(source.refs))
+    assert all(Path(p).is_file() for p in table.column("path").to_pylist())  # resolved against the root
+
+    (tmp_path / "escape.csv").write_text("../../etc/passwd 0\n")
+    with pytest.raises(ManifestError, match="escapes the data root"):
+        stream.prepare_source(stream.SourceSpec(str(tmp_path / "escape.csv"), data_root=str(tmp_path)),
+                              "pretrain", piece_rows=3)
+    (tmp_path / "unlabelled.csv").write_text(f"{sample_videos / 'videos'}\n")
+    with pytest.raises(ManifestError, match="has none"):
+        stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", piece_rows=3)
+
+
+def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"") -> dict:
+    ray.get(stream.get_cursor(run_name).set.remote(epoch, done))
+    ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name,
+                             range(2))
+    seen: dict = {"position": [], "source": [], "epoch": set()}
+    for batch in ds.iter_batches(batch_size=8):
+        seen["position"] += batch["position"].tolist()
+        seen["source"] += batch["source"].tolist()
+        seen["epoch"] |= set(batch["epoch"].tolist())
+    return seen
+
+
+@pytest.mark.integration
+def test_the_stream_reads_each_video_of_an_epoch_once_and_skips_done_ones(ray_session, sample_videos):
+    cfg = tiny(str(sample_videos), clips_per_video=2)
+    sources = stream.prepare_sources(cfg, "pretrain")
+    cursor = stream.create_cursor("test-stream")  # noqa: F841 - held: the actor lives as long as its handle
+    seen = read_stream(cfg, sources, "test-stream", epoch=1)
+    assert sorted(seen["position"]) == sorted(list(range(8)) * 2) and seen["epoch"] == {1}
+
+    done = np.zeros(8, bool)
+    done[[0, 3, 4]] = True  # a resumed epoch: these were trained on before the interruption
+    ledger_before = ErrorLedger.get_or_create("test-stream").snapshot()["videos"]
+    packed = np.packbits(done, bitorder="little").tobytes()
+    seen = read_stream(cfg, sources, "test-stream", epoch=1, done=packed)
+    assert sorted(set(seen["position"])) == [1, 2, 5, 6, 7]
+    decoded = ErrorLedger.get_or_create("test-stream").snapshot()["videos"] - ledger_before
+    assert decoded == 5  # the done ones were dropped before decoding
+
+
+@pytest.mark.integration
+def test_a_weighted_mixture_of_a_folder_and_shards(ray_session, sample_videos, tmp_path):
+    # the test split packed as WebDataset shards (3 per shard), next to the train split as a folder
+    test_rows = [line.split() for line in (sample_videos / "test.csv").read_text().splitlines()]
+    writer = shards.ShardWriter(str(tmp_path / "shards"), shard_bytes=None, prefix="test")
+    index = []
+    for i, (path, label) in enumerate(test_rows):
+        if i % 3 == 0 and i:
+            index += writer.close()
+            writer = shards.ShardWriter(str(tmp_path / "shards"), None, prefix="test", first=i // 3)
+        writer.add(f"v{i:03d}", (sample_videos / path).read_bytes(), "mp4", {"label": int(label)})
+    index += writer.close()
+    shards.write_index(index, str(tmp_path / "shards" / shards.INDEX))
+    folder = tmp_path / "train"
+    shutil.copytree(sample_videos / "videos", folder)
+    for video in folder.rglob("*.mp4"):
+        if not any(video.name in line for line in (sample_videos / "train.csv").read_text().splitlines()):
+            video.unlink()
+
+    mix = [{"uri": str(folder), "weight": 3, "name": "folder"},
+           {"uri": str(tmp_path / "shards"), "weight": 1, "name": "shards"}]
+    cfg = tiny("", sources=mix, epoch_videos=12, shard_shuffle_buffer=2)
+    sources = stream.prepare_sources(cfg, "pretrain")
+    assert [s.kind for s in sources] == ["rows", "shards"] and [s.num_videos for s in sources] == [8, 8]
+    assert "shards (8 videos, shards in 3 shards, 3 per epoch)" in stream.describe(sources, 12)
+    cursor = stream.create_cursor("test-mixture")  # noqa: F841
+    seen = read_stream(cfg, sources, "test-mixture")
+    assert Counter(seen["source"]) == {0: 9, 1: 3}  # 3:1 of 12 videos, one clip each
+    assert sorted(seen["position"]) == list(range(12))
+    assert ErrorLedger.get_or_create("test-mixture").snapshot()["errors"] == 0
+
+
+def test_sources_are_checked(sample_videos):
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        stream.source_specs(tiny("", sources=[{"uri": "a", "weight": 0}]))
+    with pytest.raises(ValueError, match="names must differ"):
+        stream.source_specs(tiny("", sources=["s3://b/x/videos", "s3://c/y/videos"]))
+    with pytest.raises(ValueError, match="needs 'uri'"):
+        stream.source_specs(tiny("", sources=[{"path": "a"}]))
+    specs = stream.source_specs(dataclasses.replace(tiny(str(sample_videos)), split="val"))
+    assert [(s.uri, s.weight, s.split) for s in specs] == [(str(sample_videos), 1.0, "val")]
