@@ -105,7 +105,8 @@ class DataConfig:
     sources: list = field(default_factory=list)  # a weighted mixture instead of uri: [{uri, weight, name,
     # data_root, split}, ...]; each epoch draws from them in proportion to the weights
     epoch_videos: int | None = None  # videos per epoch (default: every source's videos, once)
-    piece_rows: int = 1024  # manifest rows per piece in the object store: the unit of the epoch shuffle
+    piece_rows: int | None = None  # manifest rows per piece in the object store, the unit of the epoch
+    # shuffle; None: at most 1024, fewer when the cluster has more CPUs than the manifest has pieces
     group_pieces: int = 16  # pieces read (and shuffled together) by one task
     shard_shuffle_buffer: int = 32  # videos held while streaming a shard, drawn from at random
     shuffle: bool = True  # shuffle video order every epoch (training modes)
