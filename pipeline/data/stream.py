@@ -138,7 +138,7 @@ def _normalize(table: pa.Table, source: str, root: str, allow_absolute: bool, sp
     labels = column("label", pa.int64(), -1)
     if needs_labels and n and pc.min(labels).as_py() < 0:
         example = resolved[int(np.argmax(labels.to_numpy() < 0))].as_py()
-        raise manifest.ManifestError(f"{source}: training on labels, but {example!r} has none")
+        raise manifest.ManifestError(f"{source}: videos have no label (training on labels), e.g. {example!r}")
     return pa.table({"path": resolved, "label": labels, "start": column("start", pa.float64(), -1.0),
                      "end": column("end", pa.float64(), -1.0)})
 
@@ -295,6 +295,11 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
     return [prepare_source(s, mode, cfg.piece_rows, cfg.group_pieces, cfg.limit) for s in specs]
+
+
+def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
+    """Videos per epoch: ``data.epoch_videos``, else every source's videos once."""
+    return epoch_videos or sum(s.num_videos for s in sources)
 
 
 def describe(sources: list[Source], epoch_videos: int) -> str:

@@ -72,6 +72,21 @@ def test_skipped_steps_and_a_rollback_end_the_run_at_its_planned_step(
     assert metrics["nonfinite_steps"] == 3 and metrics["nonfinite_rollbacks"] == 1
 
 
+def test_under_fp16_a_rollback_continues_with_half_the_loss_scale(
+    ray_session, sample_videos, tmp_path, monkeypatch
+):
+    # fp16 autocast with GradScaler (on CPU here): steps 6, 7 non-finite -> back to step 4, scale halved
+    result = _run(monkeypatch, tmp_path, sample_videos, {6, 7}, **{"train.precision": "fp16"})
+    assert result.final_step == 10
+    client = MlflowClient(result.tracking_uri)
+    before = client.get_metric_history(result.mlflow_run_id, "rollback/checkpoint_loss_scale")
+    after = client.get_metric_history(result.mlflow_run_id, "rollback/loss_scale")
+    assert [m.step for m in after] == [4] and after[0].value == before[0].value / 2
+    state = torch.load(tmp_path / "runs" / "kill-test" / "checkpoint_00000010" / checkpointing.TRAIN_STATE,
+                       weights_only=True)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
 def test_non_finite_steps_past_the_bound_stop_the_run_naming_step_and_videos(
     ray_session, sample_videos, tmp_path, monkeypatch
 ):
