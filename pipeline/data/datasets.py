@@ -122,7 +122,7 @@ class DataConfig:
                 raise ValueError("set data.uri (one dataset) or data.sources (a mixture), not both")
             source_specs(self)  # raises naming the entry
         for name in ("piece_rows", "group_pieces", "shard_shuffle_buffer"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epoch_videos is not None and self.epoch_videos < 1:
             raise ValueError(f"epoch_videos must be >= 1 (null: every video once), got {self.epoch_videos}")

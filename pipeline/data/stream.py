@@ -483,6 +483,7 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
                 "kind": ["shard"], "path": [source.shard_uris[task.group]], "label": [-1], "start": [-1.0],
                 "end": [-1.0], "epoch": [epoch], "position": [task.offset], "source": [task.source],
                 "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
+                "split": [source.spec.split or ""],
             }))
             continue
         group = pass_groups(source.sizes, spec.group_pieces, spec.seed, task.source, task.pass_, spec.shuffle)
@@ -500,7 +501,8 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
                      .append_column("source", pa.array(np.full(n, task.source)))
                      .append_column("lo", pa.array(np.zeros(n, np.int64)))
                      .append_column("hi", pa.array(np.zeros(n, np.int64)))
-                     .append_column("skip", pa.array([b""] * n, pa.binary())))
+                     .append_column("skip", pa.array([b""] * n, pa.binary()))
+                     .append_column("split", pa.array([""] * n)))
     if not parts:
         return EMPTY_ROWS
     return pa.concat_tables([p.select(EMPTY_ROWS.column_names).cast(EMPTY_ROWS.schema) for p in parts])
@@ -509,7 +511,7 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
 EMPTY_ROWS = pa.schema([
     ("kind", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("start", pa.float64()),
     ("end", pa.float64()), ("epoch", pa.int64()), ("position", pa.int64()), ("source", pa.int64()),
-    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()),
+    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()), ("split", pa.string()),
 ]).empty_table()
 
 
@@ -646,12 +648,13 @@ def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dic
 
 # --- the decode step ----------------------------------------------------------------------------------
 
-def _shard_rows(row: dict[str, Any], split: str | None, buffer_size: int, seed: int, ledger):
+def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
     """The videos of one shard task as rows to decode (bytes in ``data``), through a seeded shuffle buffer
-    of ``buffer_size`` videos; samples outside [lo, hi) or done are skipped before anything is decoded."""
+    of ``buffer_size`` videos; samples of other splits (the source's ``split``, when a sample names one),
+    outside [lo, hi) or done are skipped before anything is decoded."""
     from pipeline.data import shards
 
-    lo, hi, offset = int(row["lo"]), int(row["hi"]), int(row["position"])
+    lo, hi, offset, split = int(row["lo"]), int(row["hi"]), int(row["position"]), row["split"]
     done = done_mask(row["skip"], 0, hi - lo)
     rng = _rng(seed, int(row["epoch"]), offset, 11)
     buffer: list[dict[str, Any]] = []
@@ -688,7 +691,7 @@ def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: in
     def videos():
         for row in rows:
             if row["kind"] == "shard":
-                yield from _shard_rows(row, cfg.split, cfg.shard_shuffle_buffer, seed, ledger)
+                yield from _shard_rows(row, cfg.shard_shuffle_buffer, seed, ledger)
             else:
                 yield row
 
