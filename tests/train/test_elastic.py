@@ -28,8 +28,6 @@ from pipeline.train import checkpointing
 
 pytestmark = [
     pytest.mark.integration,
-    # Opt-in for now (RUN_ELASTIC=1): it takes minutes and its cluster is not yet shared with the job test
-    pytest.mark.skipif(os.environ.get("RUN_ELASTIC") != "1", reason="set RUN_ELASTIC=1"),
 ]
 
 
