@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 
-STEPS = 200
+STEPS = 120
 
 
 def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subprocess.Popen:
@@ -72,7 +72,7 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
     env = {**os.environ, "PATH": path, "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token_file),
            # how long a group waits for lost workers before it settles for fewer (Ray's default: 60 s)
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     env.pop("RAY_ADDRESS", None)
     storage = tmp_path / "runs"
     sets = {"run_name": "elastic", "storage_path": storage, "data.uri": sample_videos,
@@ -81,7 +81,7 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optim.warmup_steps": 2,
             "probe.every_steps": 0, "scaling.num_workers": "[2,3]", "scaling.cpus_per_worker": 1,
             "scaling.resources_per_worker": '{"train_slot": 1}', "scaling.max_failures": 5,
-            "scaling.resize_interval_s": 5}
+            "scaling.resize_interval_s": 3}
     job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
     job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     temp_dir = tempfile.mkdtemp(prefix="rayelastic-", dir="/tmp")
