@@ -21,7 +21,7 @@ The epoch plan is a pure function of (seed, epoch, source sizes, weights):
 
 Exact resume: a rank counts the clips it trained on per position (``Consumption``); a video is done when
 all its ``clips_per_video`` clips were. Checkpoints hold the epoch's done positions (a bitmap), gathered
-over the ranks. Before each pass rank 0 hands the epoch and its bitmap to the run's ``DataCursor`` actor,
+over the ranks. Before each pass rank 0 hands the epoch and its bitmap to the run's cursor actor,
 and the read tasks drop done rows before anything is decoded: a resumed epoch continues with the videos
 it had not yet trained on. Videos in flight at the checkpoint (decoded, in a prefetch or shuffle buffer,
 not trained on) are seen again.
@@ -30,6 +30,7 @@ not trained on) are seen again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -452,12 +453,18 @@ class StreamSpec:
     shuffle: bool
     run_name: str | None  # the cursor's; None: no resume state (every pass reads epoch 0 of the plan)
 
+    def fingerprint(self) -> str:
+        """What the plan depends on, as a key: two streams in one process never share a cached plan."""
+        parts = [self.run_name, self.seed, self.group_pieces, self.shuffle, self.quotas,
+                 [(s.kind, s.sizes.tolist()) for s in self.sources]]
+        return hashlib.sha1(repr(parts).encode()).hexdigest()
+
 
 _PLANS: dict[tuple, list[Task]] = {}  # per process: the epoch plan, computed once per epoch
 
 
 def _epoch_plan(spec: StreamSpec, epoch: int) -> list[Task]:
-    key = (id(spec.sources), spec.seed, epoch)
+    key = (spec.fingerprint(), epoch)
     if key not in _PLANS:
         _PLANS.clear()
         _PLANS[key] = plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch, spec.shuffle)
@@ -532,19 +539,6 @@ def num_slots(spec: StreamSpec, epochs: range) -> int:
         most = max(most, len(plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch,
                                         spec.shuffle)))
     return most
-
-
-def slots_needed(sources: list[Source], quotas: list[int], group_pieces: int) -> int:
-    """An upper bound on any epoch's task count (every source's quota over its smallest groups, plus the
-    partial groups at its ends), so the plan's first op does not need every epoch planned."""
-    bound = 0
-    for source, quota in zip(sources, quotas, strict=True):
-        group = 1 if source.kind == "shards" else group_pieces
-        smallest = max(1, int(np.sort(source.sizes)[:group].sum()))
-        groups_per_pass = math.ceil(len(source.sizes) / group)
-        passes = math.ceil(quota / source.num_videos) + 1
-        bound += min(math.ceil(quota / smallest) + 2, groups_per_pass * passes)
-    return bound
 
 
 # --- what the trainer saw ---------------------------------------------------------------------------------

@@ -57,12 +57,20 @@ def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subproces
 
 
 def _kill_node(proc: subprocess.Popen) -> None:
-    """The node is lost, not stopped: SIGKILL to its raylet, its workers and everything else it runs."""
+    """The node is lost, not stopped: SIGKILL to its raylet, its workers and everything else it runs,
+    including agents that left the process tree (found by their raylet's pid in their environment)."""
     family = psutil.Process(proc.pid).children(recursive=True)
+    raylets = {str(p.pid) for p in family if "raylet" in p.name()}
     for p in family:
         p.send_signal(signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("RAY_RAYLET_PID") in raylets:
+                p.kill()
+        except psutil.Error:
+            pass
 
 
 def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp_path, sample_videos):
