@@ -300,35 +300,33 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
     return sorted(out)
 
 
-def read_bytes(uri: str) -> bytes:
+def _read(uri: str, read: Callable[[pafs.FileSystem, str], bytes]) -> bytes:
+    """``read(fs, path)`` retried through outages; a missing object is ObjectNotFound."""
     fs, path = resolve(uri)
-
-    def read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
     try:
-        return _retrying("read", uri, read)
+        return _retrying("read", uri, lambda: read(fs, path))
     except FileNotFoundError as e:
         raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
     except OSError as e:
         raise StorageError(f"cannot read {redact(uri)!r}: {e}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    def whole(fs: pafs.FileSystem, path: str) -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return _read(uri, whole)
 
 
 def read_bytes_range(uri: str, start: int, length: int) -> bytes:
     """At most ``length`` bytes of ``uri`` from ``start`` (one ranged GET): a header, a shard's member."""
-    fs, path = resolve(uri)
 
-    def read() -> bytes:
+    def ranged(fs: pafs.FileSystem, path: str) -> bytes:
         with fs.open_input_file(path) as f:
             return f.read_at(length, start) if start < f.size() else b""
 
-    try:
-        return _retrying("read", uri, read)
-    except FileNotFoundError as e:
-        raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
-    except OSError as e:
-        raise StorageError(f"cannot read {redact(uri)!r}: {e}") from e
+    return _read(uri, ranged)
 
 
 def read_text(uri: str) -> str:
