@@ -13,7 +13,7 @@ The epoch plan is a pure function of (seed, epoch, source sizes, weights):
 - each source is an endless stream of passes; pass ``q`` permutes its pieces (shards) with seed
   (seed, source, q), and every ``group_pieces`` consecutive pieces of it are read by one task, which
   permutes their rows together. A video can thus move anywhere at piece granularity and anywhere within
-  the ``group_pieces x piece_rows`` rows it is read with (docs/data.md, "Shuffling");
+  the ``group_pieces x piece_rows`` rows it is read with (docs/data.md, "How far a video moves");
 - an epoch takes ``epoch_videos x weight / sum(weights)`` rows of each source's stream (a small source
   repeats, a large one is seen in parts that rotate over epochs) and interleaves the sources' tasks in
   those proportions;
@@ -479,6 +479,12 @@ def _cursor(spec: StreamSpec) -> tuple[int, bytes]:
     return ray.get(get_cursor(spec.run_name).get.remote())
 
 
+def _pass_shard(spec: StreamSpec, task: Task) -> int:
+    """The shard (its index in the listing) a shard task reads: group ``task.group`` of its pass's order."""
+    order = pass_groups(spec.sources[task.source].sizes, 1, spec.seed, task.source, task.pass_, spec.shuffle)
+    return int(order[task.group][0])
+
+
 def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
     """Plan slots -> rows to decode: the epoch's task at each slot, its done rows dropped. A shard task
     becomes one row (kind ``shard``) that the decode step streams."""
@@ -497,8 +503,9 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
             continue
         if source.kind == "shards":
             parts.append(pa.table({
-                "kind": ["shard"], "path": [source.shard_uris[task.group]], "label": [-1], "start": [-1.0],
-                "end": [-1.0], "epoch": [epoch], "position": [task.offset], "source": [task.source],
+                "kind": ["shard"], "path": [source.shard_uris[_pass_shard(spec, task)]], "label": [-1],
+                "start": [-1.0], "end": [-1.0], "epoch": [epoch], "position": [task.offset],
+                "source": [task.source],
                 "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
                 "split": [source.spec.split or ""],
             }))

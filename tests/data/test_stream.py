@@ -106,8 +106,9 @@ def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: b
     ray.get(stream.get_cursor(run_name).set.remote(epoch, done))
     ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name,
                              range(2))
-    seen: dict = {"position": [], "source": [], "epoch": set()}
+    seen: dict = {"position": [], "source": [], "epoch": set(), "video": []}
     for batch in ds.iter_batches(batch_size=8):
+        seen["video"] += batch["video"].tolist()
         seen["position"] += batch["position"].tolist()
         seen["source"] += batch["source"].tolist()
         seen["epoch"] |= set(batch["epoch"].tolist())
@@ -162,6 +163,17 @@ def test_a_weighted_mixture_of_a_folder_and_shards(ray_session, sample_videos, t
     assert Counter(seen["source"]) == {0: 9, 1: 3}  # 3:1 of 12 videos, one clip each
     assert sorted(seen["position"]) == list(range(12))
     assert ErrorLedger.get_or_create("test-mixture").snapshot()["errors"] == 0
+
+    # the shards alone, of 3, 3 and 2 videos: one epoch reads every video once, whatever the shard order
+    only = tiny(str(tmp_path / "shards"), shard_shuffle_buffer=2)
+    (shard_source,) = stream.prepare_sources(only, "pretrain")
+    cursor = stream.create_cursor("test-shards")  # noqa: F841
+    for epoch in (0, 1):
+        seen = read_stream(only, [shard_source], "test-shards", epoch=epoch)
+        assert sorted(seen["position"]) == list(range(8)), epoch
+        assert len(set(seen["video"])) == 8, seen["video"]  # each shard's videos, none lost or repeated
+    orders = [[g[0] for g in stream.pass_groups(shard_source.sizes, 1, 0, 0, q)] for q in range(4)]
+    assert len({tuple(o) for o in orders}) > 1  # the shard order changes between passes
 
 
 def test_sources_are_checked(sample_videos):
