@@ -12,6 +12,8 @@ labels             int64 ()                    finetune, eval
 video              str (URI)                   eval
 clip_index         int64 ()                    eval: temporal view 0..eval_num_clips-1
 crop_index         int64 ()                    eval: spatial view 0..eval_num_crops-1
+epoch, position,   int64 ()                    the training stream's (pipeline/data/stream.py): where in
+source                                         the epoch plan the video is, which source it came from
 =================  ==========================  =========================================================
 
 A Ray Train worker consumes it with
@@ -105,13 +107,25 @@ class DataConfig:
     sources: list = field(default_factory=list)  # a weighted mixture instead of uri: [{uri, weight, name,
     # data_root, split}, ...]; each epoch draws from them in proportion to the weights
     epoch_videos: int | None = None  # videos per epoch (default: every source's videos, once)
-    piece_rows: int = 1024  # manifest rows per piece in the object store: the unit of the epoch shuffle
+    piece_rows: int | None = None  # manifest rows per piece in the object store, the unit of the epoch
+    # shuffle; None: at most 1024, fewer when the cluster has more CPUs than the manifest has pieces
     group_pieces: int = 16  # pieces read (and shuffled together) by one task
     shard_shuffle_buffer: int = 32  # videos held while streaming a shard, drawn from at random
     shuffle: bool = True  # shuffle video order every epoch (training modes)
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
 
     def validate(self) -> None:
+        if self.sources:
+            from pipeline.data.stream import source_specs
+
+            if self.uri:
+                raise ValueError("set data.uri (one dataset) or data.sources (a mixture), not both")
+            source_specs(self)  # raises naming the entry
+        for name in ("piece_rows", "group_pieces", "shard_shuffle_buffer"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epoch_videos is not None and self.epoch_videos < 1:
+            raise ValueError(f"epoch_videos must be >= 1 (null: every video once), got {self.epoch_videos}")
         if self.rand_augment:
             parse_spec(self.rand_augment)  # raises naming the spec
         if not 0.0 <= self.random_erasing <= 1.0:

@@ -76,6 +76,22 @@ def check_labels(rows: list[dict[str, Any]], id2label: dict[int, str], split: st
     return Counter(r["label"] for r in rows)
 
 
+def check_label_counts(counts: Counter, id2label: dict[int, str], split: str) -> None:
+    """``check_labels`` for label counts made on the cluster: every video labeled and known."""
+    if not sum(counts.values()):
+        raise LabelError(f"the {split} split holds no videos")
+    if counts.get(-1):
+        raise LabelError(f"{counts[-1]} videos of the {split} split have no label")
+    unknown = sorted(label for label in counts if label not in id2label)
+    if unknown:
+        known = f"ids {min(id2label, default=0)}..{max(id2label, default=-1)}"
+        raise LabelError(
+            f"{sum(counts[label] for label in unknown)} videos of the {split} split have labels not in the "
+            f"label map of {len(id2label)} classes ({known}): label ids {unknown[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''}"
+        )
+
+
 def missing_classes(counts: Counter, id2label: dict[int, str]) -> list[str]:
     return [id2label[i] for i in sorted(id2label) if counts.get(i, 0) == 0]
 

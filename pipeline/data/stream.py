@@ -138,7 +138,7 @@ def _normalize(table: pa.Table, source: str, root: str, allow_absolute: bool, sp
     labels = column("label", pa.int64(), -1)
     if needs_labels and n and pc.min(labels).as_py() < 0:
         example = resolved[int(np.argmax(labels.to_numpy() < 0))].as_py()
-        raise manifest.ManifestError(f"{source}: training on labels, but {example!r} has none")
+        raise manifest.ManifestError(f"{source}: videos have no label (training on labels), e.g. {example!r}")
     return pa.table({"path": resolved, "label": labels, "start": column("start", pa.float64(), -1.0),
                      "end": column("end", pa.float64(), -1.0)})
 
@@ -239,12 +239,34 @@ def _pieces(materialized) -> tuple[list[Any], list[int]]:
     return refs, sizes
 
 
+def _label_counts(table: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(table["label"])
+    return pa.table({"label": counts.field("values"), "count": counts.field("counts")})
+
+
 def _count_labels(ds) -> dict[int, int]:
-    counts = ds.groupby("label").count().take_all()
-    return {int(r["label"]): int(r["count()"]) for r in counts}
+    """Videos per label: counted per block in the read tasks, summed here (a groupby would shuffle)."""
+    out: dict[int, int] = {}
+    for row in ds.map_batches(_label_counts, batch_format="pyarrow", batch_size=None).take_all():
+        out[int(row["label"])] = out.get(int(row["label"]), 0) + int(row["count"])
+    return out
 
 
-def prepare_source(spec: SourceSpec, mode: str, piece_rows: int, limit: int | None = None) -> Source:
+def piece_size(num_rows: int, piece_rows: int | None, group_pieces: int) -> int:
+    """Rows per piece: ``data.piece_rows``, else at most 1024 and small enough that the plan has about
+    four read tasks (groups) per CPU of the cluster, since a read task's videos are decoded in one task."""
+    if piece_rows:
+        return piece_rows
+    import ray
+
+    tasks = 4 * max(int(ray.cluster_resources().get("CPU", 1)), 8)
+    return int(min(1024, max(4, math.ceil(num_rows / (tasks * group_pieces)))))
+
+
+def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, group_pieces: int = 16,
+                   limit: int | None = None) -> Source:
     """Read (rows) or count (shards) one source on the cluster."""
     needs_labels = mode != "pretrain"
     if is_shard_set(spec.uri):
@@ -258,7 +280,9 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int, limit: int | No
         ds = _manifest_dataset(spec, needs_labels)
         if limit:
             ds = ds.limit(limit)
-        ds = ds.repartition(target_num_rows_per_block=piece_rows).materialize()
+        ds = ds.materialize()
+        rows = piece_size(ds.count(), piece_rows, group_pieces)
+        ds = ds.repartition(target_num_rows_per_block=rows).materialize()
     except (manifest.ManifestError, storage.StorageError):
         raise
     except Exception as e:  # a read task's failure: name the manifest's problem if it is one
@@ -273,17 +297,6 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int, limit: int | No
     return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels)
 
 
-def rows_source(rows: list[dict[str, Any]], cfg, piece_rows: int | None = None) -> Source:
-    """A source of rows the driver already holds (finetuning checks its labels there first)."""
-    import ray
-
-    table = pa.Table.from_pylist([{k: r.get(k, -1.0) for k in COLUMNS} for r in rows], schema=ROW_SCHEMA)
-    ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=piece_rows or cfg.piece_rows)
-    refs, sizes = _pieces(ds.materialize())
-    return Source(SourceSpec(cfg.uri, 1.0, "", cfg.data_root, cfg.split), "rows", np.asarray(sizes, np.int64),
-                  refs=refs)
-
-
 def prepare_sources(cfg, mode: str) -> list[Source]:
     """Every source of ``cfg`` (a DataConfig), read or counted on the cluster; ``""`` = the sample data."""
     specs = source_specs(cfg)
@@ -291,7 +304,12 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit) for s in specs]
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.group_pieces, cfg.limit) for s in specs]
+
+
+def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
+    """Videos per epoch: ``data.epoch_videos``, else every source's videos once."""
+    return epoch_videos or sum(s.num_videos for s in sources)
 
 
 def describe(sources: list[Source], epoch_videos: int) -> str:
@@ -462,7 +480,7 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
     epoch, done = _cursor(spec)
     plan = _epoch_plan(spec, epoch)
     parts = []
-    for slot in batch["slot"]:
+    for slot in batch["id"]:
         if slot >= len(plan):
             continue
         task = plan[slot]
@@ -475,6 +493,7 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
                 "kind": ["shard"], "path": [source.shard_uris[task.group]], "label": [-1], "start": [-1.0],
                 "end": [-1.0], "epoch": [epoch], "position": [task.offset], "source": [task.source],
                 "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
+                "split": [source.spec.split or ""],
             }))
             continue
         group = pass_groups(source.sizes, spec.group_pieces, spec.seed, task.source, task.pass_, spec.shuffle)
@@ -492,7 +511,8 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
                      .append_column("source", pa.array(np.full(n, task.source)))
                      .append_column("lo", pa.array(np.zeros(n, np.int64)))
                      .append_column("hi", pa.array(np.zeros(n, np.int64)))
-                     .append_column("skip", pa.array([b""] * n, pa.binary())))
+                     .append_column("skip", pa.array([b""] * n, pa.binary()))
+                     .append_column("split", pa.array([""] * n)))
     if not parts:
         return EMPTY_ROWS
     return pa.concat_tables([p.select(EMPTY_ROWS.column_names).cast(EMPTY_ROWS.schema) for p in parts])
@@ -501,7 +521,7 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
 EMPTY_ROWS = pa.schema([
     ("kind", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("start", pa.float64()),
     ("end", pa.float64()), ("epoch", pa.int64()), ("position", pa.int64()), ("source", pa.int64()),
-    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()),
+    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()), ("split", pa.string()),
 ]).empty_table()
 
 
@@ -638,12 +658,13 @@ def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dic
 
 # --- the decode step ----------------------------------------------------------------------------------
 
-def _shard_rows(row: dict[str, Any], split: str | None, buffer_size: int, seed: int, ledger):
+def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
     """The videos of one shard task as rows to decode (bytes in ``data``), through a seeded shuffle buffer
-    of ``buffer_size`` videos; samples outside [lo, hi) or done are skipped before anything is decoded."""
+    of ``buffer_size`` videos; samples of other splits (the source's ``split``, when a sample names one),
+    outside [lo, hi) or done are skipped before anything is decoded."""
     from pipeline.data import shards
 
-    lo, hi, offset = int(row["lo"]), int(row["hi"]), int(row["position"])
+    lo, hi, offset, split = int(row["lo"]), int(row["hi"]), int(row["position"]), row["split"]
     done = done_mask(row["skip"], 0, hi - lo)
     rng = _rng(seed, int(row["epoch"]), offset, 11)
     buffer: list[dict[str, Any]] = []
@@ -680,7 +701,7 @@ def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: in
     def videos():
         for row in rows:
             if row["kind"] == "shard":
-                yield from _shard_rows(row, cfg.split, cfg.shard_shuffle_buffer, seed, ledger)
+                yield from _shard_rows(row, cfg.shard_shuffle_buffer, seed, ledger)
             else:
                 yield row
 
@@ -711,13 +732,13 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], cfg.epoch_videos)
     spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name)
     slots = num_slots(spec, epochs)
-    has_shards = any(s.kind == "shards" for s in sources)
-    ds = ray.data.range(slots, override_num_blocks=slots).map_batches(
-        lambda b: {"slot": b["id"]}, batch_format="numpy", batch_size=None, num_cpus=0.1)
+    # one block per plan slot (a few hundred for 10M videos), expanded into rows by light tasks
+    ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
                         num_cpus=0.25)
-    # one decode task per videos_per_block videos (per shard: a shard task streams all of its videos)
-    ds = ds.repartition(target_num_rows_per_block=1 if has_shards else cfg.videos_per_block)
+    # NOTE: no repartition into blocks of videos_per_block: that is one more operator and task per block
+    # (measured 35% slower per epoch on 420 small videos); a read task's rows are decoded by one task,
+    # which yields its clips every videos_per_block videos, and piece_size keeps those tasks many
     return ds.map_batches(
         clips_of_rows, batch_size=None, batch_format="numpy",
         fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger, "seed": seed},

@@ -45,6 +45,8 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     resources_per_worker: dict = field(default_factory=dict)  # custom resources too, e.g. {"train_slot": 1}
     max_failures: int = 3  # worker failures Ray Train recovers from (restart from the last checkpoint)
+    resize_interval_s: float = 60.0  # elastic: how often a healthy group looks for room to grow (then it
+    # restarts from the last checkpoint with more workers)
     ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
 
     @property
@@ -61,6 +63,8 @@ class ScalingSection:
                               f"{self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.resize_interval_s <= 0:
+            raise ConfigError(f"scaling.resize_interval_s must be > 0, got {self.resize_interval_s}")
         if self.max_failures < -1:
             raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
 
@@ -71,9 +75,11 @@ class ScalingSection:
         workers = self.num_workers if isinstance(self.num_workers, int) else tuple(self.num_workers)
         if workers == (self.min_workers,) * 2:
             workers = self.min_workers
+        interval = self.resize_interval_s
+        elastic = {} if isinstance(workers, int) else {"elastic_resize_monitor_interval_s": interval}
         return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                        resources_per_worker={"CPU": self.cpus_per_worker,
-                                                             **self.resources_per_worker})
+                                                             **self.resources_per_worker}, **elastic)
 
 
 def checked_storage(storage_path: str) -> str:

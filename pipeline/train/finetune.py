@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pipeline.cli import run_job
 from pipeline.config import ConfigError
 from pipeline.data import labels as label_lib
 from pipeline.data import storage, stream
-from pipeline.data.datasets import DataConfig, build_dataset, resolve_rows, torch_collate
+from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
 from pipeline.data.manifest import ManifestError
 from pipeline.data.transforms import random_erasing, to_model_input
 from pipeline.models.section import ModelSection, derived_from_model
@@ -234,38 +235,48 @@ class FinetuneResult:
 
 @dataclass
 class FinetuneInputs:
-    """What the driver established before starting Ray."""
+    """What the driver established before any training worker starts."""
 
     cfg: FinetuneConfig  # with the data geometry and normalisation of the model
     storage_path: str
-    train_rows: list[dict]
+    train_sources: list[stream.Source]  # read and label-counted on the cluster
     val_rows: list[dict]
     id2label: dict[int, str]
     model_config: dict[str, Any]
     init_from: str  # located weights URI, "" from scratch
 
+    @property
+    def num_train_videos(self) -> int:
+        return sum(s.num_videos for s in self.train_sources)
 
-def class_names(cfg: FinetuneConfig, rows: list[dict]) -> dict[int, str]:
-    names = label_lib.dataset_label_names(cfg.data)
+
+def class_names(cfg: FinetuneConfig, counts: Counter) -> dict[int, str]:
+    """From the label map (``data.label_map`` or the first source's labels.json), else class_<i>."""
+    data = cfg.data
+    if data.sources and not data.label_map:
+        data = dataclasses.replace(data, uri=stream.source_specs(data)[0].uri)
+    names = label_lib.dataset_label_names(data)
     if names is not None:
         return names
-    labeled = [r["label"] for r in rows if r["label"] >= 0]
-    return label_lib.default_names(max(labeled, default=-1) + 1)
+    return label_lib.default_names(max((label for label in counts if label >= 0), default=-1) + 1)
 
 
 def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
-    """Checks without Ray: storage, splits, labels, weights; the model config and its clip format."""
+    """Checks before any training worker starts: storage, splits and labels (the training sources are read
+    and their labels counted on the cluster), weights; the model config and its clip format."""
     from pipeline.models.weights import load_for_finetuning, locate
 
     storage_path = driver.checked_storage(cfg.storage_path)
+    runtime.init_ray(cfg.scaling.ray_address)
     try:
-        train_rows = resolve_rows(cfg.data)
+        sources = stream.prepare_sources(cfg.data, "finetune")
     except ManifestError as e:
         raise label_lib.LabelError(f"{cfg.data.split} split: {e}") from e
-    if not train_rows:
-        raise ConfigError(f"data.uri {storage.redact(cfg.data.uri)!r} holds no videos")
-    id2label = class_names(cfg, train_rows)
-    counts = label_lib.check_labels(train_rows, id2label, cfg.data.split)
+    counts: Counter = Counter()
+    for source in sources:
+        counts.update(source.labels or {})
+    id2label = class_names(cfg, counts)
+    label_lib.check_label_counts(counts, id2label, cfg.data.split)
     empty = label_lib.missing_classes(counts, id2label)
     if empty:
         raise label_lib.LabelError(
@@ -298,7 +309,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
         model_config = cfg.model.build(id2label=id2label, label2id=None)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **model_config.clip_format()))
     model_config = model_config.to_dict() | {"architectures": None}
-    return FinetuneInputs(cfg, storage_path, train_rows, val_rows, id2label, model_config, init_from)
+    return FinetuneInputs(cfg, storage_path, sources, val_rows, id2label, model_config, init_from)
 
 
 def val_data(cfg: FinetuneConfig) -> DataConfig:
@@ -313,19 +324,21 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     inputs = check_finetune_inputs(cfg)
     cfg = inputs.cfg
-    plan = driver.plan_run(cfg, len(inputs.train_rows) * cfg.data.clips_per_video)
+    epoch_videos = stream.epoch_size(inputs.train_sources, cfg.data.epoch_videos)
+    plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
     source = storage.redact(inputs.init_from) if inputs.init_from else "scratch (random init)"
     mc = inputs.model_config
     print(
         f"finetune from {source}: {len(inputs.id2label)} classes, {mc['num_hidden_layers']} layers x "
         f"{mc['hidden_size']}, {mc['num_frames']} frames at {mc['image_size']} px; "
-        f"{len(inputs.train_rows)} train videos x {cfg.data.clips_per_video} clip(s), "
+        f"{stream.describe(inputs.train_sources, epoch_videos)}: {epoch_videos} train videos x "
+        f"{cfg.data.clips_per_video} clip(s) per epoch, "
         f"{len(inputs.val_rows)} val videos; "
         f"plan: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, "
         f"global batch {plan.global_batch}, peak lr {plan.peak_lr:.3g}",
         flush=True,
     )
-    params = {"data.num_videos": len(inputs.train_rows), "data.num_val_videos": len(inputs.val_rows),
+    params = {"data.num_videos": epoch_videos, "data.num_val_videos": len(inputs.val_rows),
               "model.num_labels": len(inputs.id2label), "init_from.located": inputs.init_from or "scratch"}
     with driver.session(cfg, "finetune", inputs.storage_path, plan, params) as session:
         session.run.log_text(
@@ -335,8 +348,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         objective = FinetuneObjective(inputs.model_config, inputs.init_from, cfg.mixup, cfg.seed,
                                       bool(inputs.val_rows), best_uri, cfg.train.batch_size, cfg.data.mean,
                                       cfg.data.std, cfg.data.random_erasing)
-        source = stream.rows_source(inputs.train_rows, cfg.data)
-        datasets = {"train": session.training_stream([source], "finetune")}
+        datasets = {"train": session.training_stream(inputs.train_sources, "finetune")}
         if inputs.val_rows:
             datasets["val"] = build_dataset(val_data(cfg), "eval", session.ledger, rows=inputs.val_rows)
         finished = session.finish(session.fit(objective, datasets))

@@ -250,6 +250,8 @@ class TrainLoop:
         self.meter = StepMeter(p.total_steps, self.start_step, self.world)
         # which videos this rank trained on (exact resume)
         self.consumption = Consumption(self.cfg.data.clips_per_video, self.cfg.train.audit_dir)
+        self.source_names = [spec.label() for spec in stream.source_specs(self.cfg.data)]
+        self.clips_by_source = np.zeros(len(self.source_names))  # in the current log window
         self.last_batch: tuple | None = None  # what the reconstruction picture needs
         self.last_loss: torch.Tensor | None = None
 
@@ -452,6 +454,7 @@ class TrainLoop:
             if "position" in batch:
                 step = self.progress.step + 1
                 self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), step)
+                np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -528,8 +531,11 @@ class TrainLoop:
             )
         with ckpt.fetched(uri) as directory:
             loaded = self.load(directory)
-        if self.scaler:
-            self.scaler.update(new_scale=self.scaler.get_scale() / 2**self.guard.rollbacks)
+        if self.scaler:  # the checkpoint's loss scale, halved per rollback so far: fp16 overflowed there
+            restored = self.scaler.get_scale()
+            self.scaler.update(new_scale=restored / 2**self.guard.rollbacks)
+            self.report(loaded.step, {"rollback/checkpoint_loss_scale": restored,
+                                      "rollback/loss_scale": self.scaler.get_scale()})
         for name, value in vars(loaded).items():  # in place: the epoch loop holds this object
             setattr(self.progress, name, value)
         self.rolled_back = True
@@ -584,9 +590,12 @@ class TrainLoop:
         window = self.meter.window(step)
         (loss_total,) = across_ranks([window["loss"]], self.device, dist.ReduceOp.SUM)
         (peak_max,) = across_ranks([peak_rss_mb()], self.device, dist.ReduceOp.MAX)
+        by_source = across_ranks(self.clips_by_source.tolist(), self.device, dist.ReduceOp.SUM)
+        self.clips_by_source[:] = 0
         window.update(loss=loss_total / self.world, peak_rss_mb_max_worker=peak_max,
                       nonfinite_steps=self.guard.total, nonfinite_rollbacks=self.guard.rollbacks,
                       torn_checkpoints=self.torn_checkpoints)
+        window.update({f"data/clips/{name}": n for name, n in zip(self.source_names, by_source, strict=True)})
         if self.reporter:
             self.reporter.log(step, self.progress.epoch, self.lr, window)
 

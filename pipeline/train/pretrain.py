@@ -141,8 +141,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     storage_path = driver.checked_storage(cfg.storage_path)
     runtime.init_ray(cfg.scaling.ray_address)  # the manifests are read on the cluster
     sources = stream.prepare_sources(cfg.data, "pretrain")
-    epoch_videos = sum(stream.epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources],
-                                           cfg.data.epoch_videos))
+    epoch_videos = stream.epoch_size(sources, cfg.data.epoch_videos)
     plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
     print(
         f"data: {stream.describe(sources, epoch_videos)}; {epoch_videos} videos x {cfg.data.clips_per_video} "

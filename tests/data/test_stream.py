@@ -98,7 +98,7 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
         stream.prepare_source(stream.SourceSpec(str(tmp_path / "escape.csv"), data_root=str(tmp_path)),
                               "pretrain", piece_rows=3)
     (tmp_path / "unlabelled.csv").write_text(f"{sample_videos / 'videos'}\n")
-    with pytest.raises(ManifestError, match="has none"):
+    with pytest.raises(ManifestError, match="have no label"):
         stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", piece_rows=3)
 
 

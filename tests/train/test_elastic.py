@@ -1,8 +1,9 @@
 """Elastic training on a two-node local Ray cluster: a head with two training slots and a second
 ``ray start --address`` node with one, on 127.0.0.1; ``ray job submit`` runs pretraining with
-``scaling.num_workers=[2, 3]`` spread over both; the second node is killed for good mid-run. The run
-finishes on the two workers left, at the planned step count, with the same global batch: its 3
-micro-batches split 2 + 1 instead of 1 + 1 + 1."""
+``scaling.num_workers=[2, 3]`` spread over both; the second node is killed for good mid-run, and the
+run trains on on the two workers left with the same global batch (its 3 micro-batches split 2 + 1
+instead of 1 + 1 + 1); then a new node joins and the group grows back to three. The run ends at the
+planned step with every clip counted."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from pipeline.train import checkpointing
 
 pytestmark = [
     pytest.mark.integration,
-    # Opt-in for now (RUN_ELASTIC=1): it takes minutes and its cluster is not yet shared with the job test
-    pytest.mark.skipif(os.environ.get("RUN_ELASTIC") != "1", reason="set RUN_ELASTIC=1"),
 ]
+
+
+STEPS = 120
 
 
 def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subprocess.Popen:
@@ -68,19 +70,23 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
     token_file = tmp_path / "ray_token"  # token authentication, as on a real cluster: every node has it
     token_file.write_text(secrets.token_hex(24))
     env = {**os.environ, "PATH": path, "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token_file)}
+           "RAY_AUTH_TOKEN_PATH": str(token_file),
+           # how long a group waits for lost workers before it settles for fewer (Ray's default: 60 s)
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     env.pop("RAY_ADDRESS", None)
     storage = tmp_path / "runs"
     sets = {"run_name": "elastic", "storage_path": storage, "data.uri": sample_videos,
-            "data.clips_per_video": 2, "train.batch_size": 2, "train.max_steps": 60,
-            "train.log_every_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 20,
+            "data.clips_per_video": 2, "train.batch_size": 2, "train.max_steps": STEPS,
+            "train.log_every_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 3,
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optim.warmup_steps": 2,
             "probe.every_steps": 0, "scaling.num_workers": "[2,3]", "scaling.cpus_per_worker": 1,
-            "scaling.resources_per_worker": '{"train_slot": 1}', "scaling.max_failures": 3}
+            "scaling.resources_per_worker": '{"train_slot": 1}', "scaling.max_failures": 5,
+            "scaling.resize_interval_s": 3}
     job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
     job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     temp_dir = tempfile.mkdtemp(prefix="rayelastic-", dir="/tmp")
     node_dir = tempfile.mkdtemp(prefix="rayelastic2-", dir="/tmp")  # short: Ray's unix sockets live in here
+    node3_dir = tempfile.mkdtemp(prefix="rayelastic3-", dir="/tmp")
     dashboard, gcs_port = free_port(), free_port()
     head, node = None, None
     try:
@@ -97,6 +103,13 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
         lost_at = _committed_step(storage / "elastic")
         _kill_node(node)
         node = None
+        deadline = time.monotonic() + 300
+        while _committed_step(storage / "elastic") <= lost_at + 5:  # the two workers left train on
+            assert time.monotonic() < deadline, "no checkpoint after the node was lost"
+            time.sleep(0.5)
+        shrunk_at = _committed_step(storage / "elastic")
+        # capacity returns: a new node, and the group grows back (Ray Train checks every resize_interval_s)
+        node = _start_node(env, f"127.0.0.1:{gcs_port}", Path(temp_dir) / "node3.log", node3_dir)
         deadline = time.monotonic() + 600
         status = ""
         while time.monotonic() < deadline:
@@ -122,10 +135,15 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(tmp
             shutil.copy(log, tmp_path / log.name)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(node_dir, ignore_errors=True)
+        shutil.rmtree(node3_dir, ignore_errors=True)
 
-    assert lost_at < 60
-    assert "3 worker(s) x 1 micro-step(s)" in logs and "2 worker(s) x 2 micro-step(s)" in logs  # rank 0
-    assert logs.count("global batch 6,") >= 2  # the same global batch before and after the loss
-    assert "finished at step 60" in logs
-    final = checkpointing.read_progress(storage / "elastic" / "checkpoint_00000060")
-    assert final.step == 60 and final.world_size == 2 and final.clips_seen == 60 * 6
+    assert lost_at < shrunk_at < STEPS
+    # rank 0's start lines: 3 workers, 2 after the loss, 3 again after the new node joined
+    sizes = re.findall(r"(\d) worker\(s\) x (\d) micro-step\(s\)", logs)
+    assert ("3", "1") in sizes and ("2", "2") in sizes, sizes
+    assert sizes.index(("2", "2")) < len(sizes) - 1 - sizes[::-1].index(("3", "1")), sizes  # grew back
+    assert sizes[0] == ("3", "1")
+    assert logs.count("global batch 6,") >= 3  # the same global batch at every size
+    assert f"finished at step {STEPS}" in logs
+    final = checkpointing.read_progress(storage / "elastic" / f"checkpoint_{STEPS:08d}")
+    assert final.step == STEPS and final.world_size == 3 and final.clips_seen == STEPS * 6

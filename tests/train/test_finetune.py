@@ -37,7 +37,8 @@ def _cfg(tmp_path: Path, data: Path, *more: str):
 
 
 @pytest.fixture()
-def data(sample_videos, tmp_path) -> Path:
+def data(ray_session, sample_videos, tmp_path) -> Path:
+    """A copy of the sample dataset; the session's Ray (the training split is read on the cluster)."""
     copy = tmp_path / "data"
     shutil.copytree(sample_videos, copy)
     return copy

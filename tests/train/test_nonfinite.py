@@ -75,14 +75,20 @@ def test_skipped_steps_and_a_rollback_end_the_run_at_its_planned_step(
 def test_non_finite_steps_past_the_bound_stop_the_run_naming_step_and_videos(
     ray_session, sample_videos, tmp_path, monkeypatch
 ):
+    # under fp16 autocast with GradScaler (on CPU here): the rollback also halves the loss scale
     with pytest.raises(Exception) as failed:
-        _run(monkeypatch, tmp_path, sample_videos, set(range(5, 100)))
+        _run(monkeypatch, tmp_path, sample_videos, set(range(5, 100)), **{"train.precision": "fp16"})
     message = str(failed.value)
     # steps 5, 6 -> rollback to step 4 -> steps 5, 6 again -> the bound of one rollback is passed
     assert "step 6: 2 steps in a row had a non-finite loss or gradient, after 1 rollback(s)" in message
     assert "last batch (its own loss " in message and ".mp4" in message  # a rank's batch and its videos
     run_dir = tmp_path / "runs" / "kill-test"
     assert checkpointing.torn_reason(run_dir / "checkpoint_00000004") is None  # the last good one, whole
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-train").experiment_id])
+    before = client.get_metric_history(run.info.run_id, "rollback/checkpoint_loss_scale")
+    after = client.get_metric_history(run.info.run_id, "rollback/loss_scale")
+    assert [m.step for m in after] == [4] and after[0].value == before[0].value / 2
 
 
 def test_the_guard_counts_and_decides():
