@@ -23,7 +23,7 @@ Videos on S3 are copies of the 16 real ones under distinct keys (identical bytes
 
     python benchmarks/data_scale.py                 # about 15 minutes here
     python benchmarks/data_scale.py --quick         # 2k and 240k rows, fewer videos: about 5 minutes
-    python benchmarks/data_scale.py --pause-while /tmp/heavy.lock   # on a shared machine
+    python benchmarks/data_scale.py --pause-while FILE   # on a shared machine: waits while FILE exists
 """
 
 from __future__ import annotations
@@ -321,6 +321,7 @@ class CountingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
+        self.open: dict[socket.socket, int] = {}
         threading.Thread(target=self._accept, daemon=True).start()
 
     def snapshot(self) -> Counter[str]:
@@ -341,9 +342,24 @@ class CountingProxy:
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
+                self.open[client] = 2  # pumps still running; the last one closes both sockets
                 self.sockets += [client, upstream]
             threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._responses, args=(upstream, client), daemon=True).start()
+
+    def _finished(self, client: socket.socket, upstream: socket.socket, towards: socket.socket) -> None:
+        """One direction ended: pass the end on; when both have, close the pair (a long run opens
+        thousands of connections, more than a process may hold open)."""
+        with contextlib.suppress(OSError):
+            towards.shutdown(socket.SHUT_WR)
+        with self.lock:
+            self.open[client] -= 1
+            if self.open[client]:
+                return
+            del self.open[client]
+            self.sockets = [s for s in self.sockets if s not in (client, upstream)]
+        client.close()
+        upstream.close()
 
     def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
         parser = _RequestStarts(self._count)
@@ -360,8 +376,7 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                upstream.shutdown(socket.SHUT_WR)
+            self._finished(client, upstream, towards=upstream)
 
     def _responses(self, upstream: socket.socket, client: socket.socket) -> None:
         try:
@@ -371,8 +386,7 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_WR)
+            self._finished(client, upstream, towards=client)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # wakes the accepting thread
@@ -587,6 +601,7 @@ def main() -> int:
         root = Path(tmp)
         startup = ([] if args.skip_startup
                    else part_startup(root / "startup", sizes, args.cap, args.pause_while))
+        pause_while(args.pause_while)
         moto, port = start_moto()
         proxy = CountingProxy(port)
         try:
