@@ -21,7 +21,7 @@ of per-file reads against WebDataset shards, and clips/s per core of both with o
 Clips are tiny (4 frames, 32 px), so decoding is cheap and the costs per request and per task show.
 Videos on S3 are copies of the 16 real ones under distinct keys (identical bytes, separate objects).
 
-    python benchmarks/data_scale.py                 # about 15 minutes here
+    python benchmarks/data_scale.py                 # about 12 minutes here
     python benchmarks/data_scale.py --quick         # 2k and 240k rows, fewer videos: about 5 minutes
     python benchmarks/data_scale.py --pause-while FILE   # on a shared machine: waits while FILE exists
 """
