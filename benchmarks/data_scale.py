@@ -49,6 +49,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from s3_server import start_moto  # noqa: E402 - benchmarks/ is the script's folder
+
 SIZES = {"2k": 2_000, "240k": 240_000, "2M": 2_000_000, "10M": 10_000_000}
 OLD_SIZES = ("2k", "240k")  # the old path is measured where it finishes (issue: no dataset at 2M in 11 min)
 CLIP = dict(num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2, mask_ratio=0.75,
@@ -242,25 +244,6 @@ def print_startup(results: list[dict], cap: float) -> None:
 
 
 # --- the S3 server and the counting proxy -------------------------------------------------------------
-
-def start_moto() -> tuple[subprocess.Popen, int]:
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
-            return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("moto_server did not start")
-
 
 class _RequestStarts:
     """Finds where each HTTP/1.1 request begins in one client connection's byte stream (keep-alive sends
