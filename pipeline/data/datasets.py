@@ -51,7 +51,8 @@ from pipeline.models.videomae.masking import make_mask, token_grid
 
 log = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "eval")
-INT_COLUMNS = ("labels", "clip_index", "crop_index", "epoch", "position", "source")
+STREAM_COLUMNS = ("epoch", "position", "source")  # the training stream's (pipeline/data/stream.py)
+INT_COLUMNS = ("labels", "clip_index", "crop_index", *STREAM_COLUMNS)
 
 
 @dataclass
@@ -264,7 +265,7 @@ class ClipMaker:
                     out.setdefault("crop_index", []).append(j)
         if "position" in row:  # the training stream's: which video of which epoch (exact resume)
             n = len(out["pixel_values"])
-            for key in ("epoch", "position", "source"):
+            for key in STREAM_COLUMNS:
                 out[key] = [int(row[key])] * n
         return out
 
@@ -292,7 +293,7 @@ class ClipMaker:
                 crop_index=np.zeros((0,), np.int64),
             )
         if streamed:
-            batch.update({key: np.zeros((0,), np.int64) for key in ("epoch", "position", "source")})
+            batch.update({key: np.zeros((0,), np.int64) for key in STREAM_COLUMNS})
         return batch
 
 

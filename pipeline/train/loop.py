@@ -143,9 +143,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def distributed() -> bool:
+    """Whether this rank is in a process group (one worker, or no Ray Train, has none)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
     """``values`` reduced over the DDP ranks (as they are without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return values
     t = torch.tensor(values, device=device, dtype=torch.float64)
     dist.all_reduce(t, op=op)
@@ -288,7 +293,7 @@ class TrainLoop:
     @staticmethod
     def agree_on(value: Any) -> Any:
         """Rank 0's ``value`` on every rank (which checkpoint to load must be one answer for all)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return value
         box = [value]
         dist.broadcast_object_list(box, src=0)
@@ -318,7 +323,7 @@ class TrainLoop:
             with ckpt.fetched(uri) as directory:
                 progress = self.load(directory)
             self.last_checkpoint_uri = uri
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.barrier()  # nobody still reads what rank 0 removes
         if self.rank == 0:
             for bad, why in torn:
@@ -364,7 +369,7 @@ class TrainLoop:
             return
         if self.rank == 0:
             ray.get(stream.get_cursor(self.args.cursor).set.remote(progress.epoch, self.consumption.packed()))
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.barrier()
 
     def epoch_batches(self):
@@ -630,7 +635,7 @@ class TrainLoop:
         """Every rank's newly done videos into the epoch's bitmap (the same on every rank), kept in the
         progress the checkpoint saves."""
         done = sorted(self.consumption.done)
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             everyone: list[list[int]] = [[] for _ in range(self.world)]
             dist.all_gather_object(everyone, done)
         else:
