@@ -1,4 +1,4 @@
-"""Videos packed into WebDataset tar shards: a few hundred videos per object, read with a few large GETs.
+"""Videos packed into WebDataset tar shards: a few hundred videos per object, read with one GET each.
 
 Object storage bills and rate-limits per request; one GET per clip is ~4k GETs/s at 64 GPUs. A shard is
 a plain POSIX (ustar) tar whose members come in consecutive groups per sample, ``<key>.<ext>`` (the video)
@@ -10,14 +10,16 @@ pipelines, and the datasets WebDataset users already have (``<key>.mp4`` + ``<ke
   (rename locally, one upload to S3), so a reader never sees half a shard.
 - :func:`write_index` / :func:`read_index`: one Parquet row per video with the byte offset of its data in
   its shard, so one ranged GET (:func:`read_sample`) fetches one video without reading the shard.
-- :func:`iter_shard` streams a shard sequentially, resuming at the byte reached after a transient storage
-  failure; a damaged tar yields the samples before the damage, then raises :class:`CorruptShard`.
+- :func:`iter_shard` streams a shard sequentially (on S3 one streamed GET), resuming at the byte reached
+  after a transient storage failure; a damaged tar yields the samples before the damage, then raises
+  :class:`CorruptShard`.
 - :func:`list_shards`: a folder / prefix, a brace pattern ``train-{000000..000099}.tar``, or a ``.txt``
   list of shard URIs.
 
-pyarrow's S3 input files issue one ranged GET per read call, so the reader reads ``chunk_bytes`` (16 MiB)
-at a time: 64 GETs for a 1 GiB shard where per-video reads cost one per video, and a resumed read
-re-fetches at most one chunk.
+pyarrow's S3 input files issue one ranged GET per read call (64 for a 1 GiB shard read 16 MiB at a time),
+so the stream is a boto3 GET of the whole object instead, its body read ``chunk_bytes`` at a time: one GET
+per shard where per-video reads cost one per video (plus pyarrow's HEAD). A failure mid-body costs one more
+GET, of ``bytes=<byte reached>-``, and re-fetches at most the read in progress.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -44,10 +46,13 @@ import pyarrow.parquet as pq
 from pipeline.data import storage
 from pipeline.data.storage import ObjectNotFound, StorageError, redact
 
+if TYPE_CHECKING:
+    from botocore.response import StreamingBody
+
 log = logging.getLogger(__name__)
 
 INDEX = "index.parquet"
-READ_CHUNK = 16 << 20
+READ_CHUNK = 16 << 20  # bytes per read of a streamed shard (its buffer): a resume re-fetches at most that
 # what a shard's video member may be called: the storage's video suffixes without the dot
 VIDEO_EXTS = tuple(s[1:] for s in storage.VIDEO_SUFFIXES)
 MAX_KEY = 80  # key + "." + ext stays within ustar's 100-byte name field
@@ -266,13 +271,21 @@ def read_sample(shard_uri: str, offset: int, nbytes: int) -> bytes:
 
 class _Resuming(io.RawIOBase):
     """The bytes of one object from its start, read sequentially; after a transient failure (within the
-    storage retry window) it reopens the object and continues at the byte reached."""
+    storage retry window) it reopens the object and continues at the byte reached.
+
+    On S3 that is one streamed GET of the whole object (boto3: pyarrow's S3 files make a ranged GET per
+    read call), its body read as the caller asks; a reopen GETs ``bytes=<pos>-`` of the same version (If-Match
+    its ETag: a shard replaced meanwhile is an error, not the old one's head spliced onto the new one's tail).
+    Local files are pyarrow input streams (not retried, so never reopened).
+    """
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.fs, self.path = storage.resolve(uri)
         self.pos = 0
-        self.file: pa.NativeFile | None = None
+        self.size: int | None = None  # S3: the object's, from the first GET
+        self.etag: str | None = None
+        self.file: pa.NativeFile | StreamingBody | None = None
 
     def readable(self) -> bool:
         return True
@@ -291,20 +304,36 @@ class _Resuming(io.RawIOBase):
     def _attempt(self, n: int) -> bytes:
         try:
             if self.file is None:
-                if self.pos == 0:
+                if self.size is not None and self.pos >= self.size:
+                    return b""  # the connection failed after the last byte: nothing left to GET
+                if not storage.is_s3(self.uri):
                     self.file = self.fs.open_input_stream(self.path, compression=None)
-                else:  # reopened after a failure
-                    log.info("resuming %s at byte %d", redact(self.uri), self.pos)
-                    self.file = self.fs.open_input_file(self.path)
-                    self.file.seek(self.pos)
-            return self.file.read(n)
+                else:
+                    self.file = self._get()
+            return self.file.read(n)  # on S3 the body's checksum (when it has one) is checked at its end
+        except storage.S3_ERRORS as e:  # before OSError: some botocore errors are OSErrors too
+            self._drop()
+            raise storage.s3_os_error(e) from e
         except OSError:
             self._drop()
             raise
 
+    def _get(self) -> StreamingBody:
+        """The object's body from ``pos`` on: one GET whose body the reads then stream."""
+        bucket, _, key = self.path.partition("/")
+        client = storage.s3_client()
+        if self.pos == 0:
+            response = client.get_object(Bucket=bucket, Key=key)
+            self.size, self.etag = response["ContentLength"], response.get("ETag")
+        else:  # reopened after a failure
+            log.info("resuming %s at byte %d", redact(self.uri), self.pos)
+            same = {"IfMatch": self.etag} if self.etag else {}
+            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={self.pos}-", **same)
+        return response["Body"]
+
     def _drop(self) -> None:
         if self.file is not None:
-            with contextlib.suppress(OSError):  # a connection that already failed
+            with contextlib.suppress(OSError, *storage.S3_ERRORS):  # a connection that already failed
                 self.file.close()
             self.file = None
 
@@ -372,8 +401,9 @@ def _sample(uri: str, key: str, members: dict[str, bytes]) -> ShardSample:
 def iter_shard(uri: str, chunk_bytes: int = READ_CHUNK) -> Iterator[ShardSample]:
     """The samples of one shard in tar order, each as soon as its member group is complete.
 
-    Streams the shard once (``chunk_bytes`` per read); a transient storage failure reopens it at the byte
-    reached, for the storage retry window, then ``StorageUnavailable``. A truncated or damaged tar yields
+    Streams the shard once (on S3 one GET, its body read ``chunk_bytes`` at a time); a transient storage
+    failure reopens it at the byte reached (a ranged GET of the rest), for the storage retry window, then
+    ``StorageUnavailable``. A truncated or damaged tar yields
     the complete samples before the damage (not the group it interrupts), then raises ``CorruptShard``.
     """
     raw = _Resuming(uri)

@@ -8,7 +8,8 @@ Outages: an S3 call that fails for a reason of the connection or the service (re
 throttled) is retried with exponential backoff and jitter for ``VIDEOMAE_STORAGE_RETRY_S`` seconds
 (default 300) before it raises ``StorageUnavailable``; a missing object or a refused permission raises at
 once. Ray Train's checkpoint uploads go through ``s3_filesystem_for_uploads()``, a pyarrow filesystem
-whose every call retries the same way.
+whose every call retries the same way. ``s3_client()`` is a boto3 client for what pyarrow cannot do (a GET
+streamed whole: ``shards.iter_shard``); ``s3_os_error`` turns its errors into the ones retried here.
 """
 
 from __future__ import annotations
@@ -25,16 +26,24 @@ import uuid
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import urllib3.exceptions
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
 
 log = logging.getLogger(__name__)
 
 RETRY_ENV = "VIDEOMAE_STORAGE_RETRY_S"
 DEFAULT_RETRY_S = 300.0
-# what the AWS SDK (through pyarrow) says when the connection or the service failed, not the request
+# what the AWS SDK (through pyarrow) says when the connection or the service failed, not the request; a
+# ConnectionError or TimeoutError (what s3_os_error makes of boto3's) is transient whatever it says
 TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|INTERNAL_FAILURE|REQUEST_TIMEOUT|"
     r"RequestTimeout|Connection refused|timed out|HTTP (?:status|response code:?) 5\d\d"
@@ -74,7 +83,8 @@ def _retrying(what: str, uri: str, call: Callable, window_s: float | None = None
         try:
             return call()
         except OSError as e:
-            if isinstance(e, FileNotFoundError) or not TRANSIENT.search(str(e)):
+            transient = isinstance(e, (ConnectionError, TimeoutError)) or TRANSIENT.search(str(e))
+            if isinstance(e, FileNotFoundError) or not transient:
                 raise
             attempt += 1
             left = deadline - time.monotonic()
@@ -122,6 +132,51 @@ def _region() -> str:
 def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow S3 filesystem configured from the environment (credentials are read by the AWS SDK)."""
     return _s3_filesystem(s3_endpoint(), _region())
+
+
+@lru_cache(maxsize=8)
+def _s3_client(pid: int, endpoint: str | None, region: str) -> BaseClient:
+    import boto3
+    from botocore.config import Config
+
+    # as _s3_filesystem: timeouts that fail a dead endpoint in seconds, the SDK's retries few (_retrying
+    # paces them), path-style addressing with an endpoint (MinIO / Ceph hostnames have no bucket subdomains)
+    retries = {"mode": "standard", "total_max_attempts": 3}
+    config = Config(connect_timeout=10, read_timeout=60, retries=retries,
+                    s3={"addressing_style": "path"} if endpoint else None)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def s3_client() -> BaseClient:
+    """A boto3 S3 client configured from the environment like ``s3_filesystem()``: one per process and
+    endpoint (clients are thread-safe and cost ~100 ms to make; a forked child makes its own)."""
+    return _s3_client(os.getpid(), s3_endpoint(), _region())
+
+
+# urllib3's errors of a connection cut or stalled mid-body, should one come through a response unwrapped
+_CUT = (urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError)
+S3_ERRORS = (BotoCoreError, ClientError, *_CUT)  # what a boto3 call may raise
+_BOTO_TRANSIENT = (BotoConnectionError, HTTPClientError, IncompleteReadError, *_CUT)
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_BUSY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
+               "TooManyRequestsException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+
+
+def s3_os_error(e: Exception) -> OSError:
+    """A boto3 error (one of ``S3_ERRORS``) as the OSError this module's callers handle: a missing object
+    or bucket -> FileNotFoundError; the connection or the service failing (refused, reset, timed out, cut
+    mid-body, 5xx, throttled) -> ConnectionError, which ``_retrying`` retries; anything else (a refused
+    permission, no credentials) -> a plain OSError, raised at once."""
+    text = redact(f"{type(e).__name__}: {e}")
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING_CODES or status == 404:
+            return FileNotFoundError(text)
+        if code in _BUSY_CODES or status >= 500 or status == 429:
+            return ConnectionError(text)
+        return OSError(text)
+    return ConnectionError(text) if isinstance(e, _BOTO_TRANSIENT) else OSError(text)
 
 
 def s3_filesystem_for_uploads() -> pafs.FileSystem:
