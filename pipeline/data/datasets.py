@@ -109,8 +109,10 @@ class DataConfig:
     # data_root, split}, ...]; each epoch draws from them in proportion to the weights
     epoch_videos: int | None = None  # videos per epoch (default: every source's videos, once)
     piece_rows: int | None = None  # manifest rows per piece in the object store, the unit of the epoch
-    # shuffle; None: at most 1024, fewer when the cluster has more CPUs than the manifest has pieces
+    # shuffle; None: about 1 MiB of rows (stream.PIECE_BYTES)
     group_pieces: int = 16  # pieces read (and shuffled together) by one task
+    decode_task_videos: int | None = None  # videos per decode task of the stream; None: at most 256,
+    # about four tasks per CPU of the cluster per epoch
     shard_shuffle_buffer: int = 32  # videos held while streaming a shard, drawn from at random
     shuffle: bool = True  # shuffle video order every epoch (training modes)
     seed: int | None = None  # None: fresh randomness every epoch; an int makes sampling repeatable
@@ -122,7 +124,7 @@ class DataConfig:
             if self.uri:
                 raise ValueError("set data.uri (one dataset) or data.sources (a mixture), not both")
             source_specs(self)  # raises naming the entry
-        for name in ("piece_rows", "group_pieces", "shard_shuffle_buffer"):
+        for name in ("piece_rows", "group_pieces", "decode_task_videos", "shard_shuffle_buffer"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epoch_videos is not None and self.epoch_videos < 1:

@@ -3,7 +3,7 @@ exact resume.
 
 ``prepare_sources(cfg, mode)`` reads every source of ``data.sources`` (or the one ``data.uri``) *on the
 cluster*: a Parquet / JSONL / CSV manifest with Ray Data's readers, the path column checked and resolved
-in the read tasks, cut into pieces of ``piece_rows`` rows and kept in the object store; a folder is
+in the read tasks, cut into pieces (``piece_size``: about 1 MiB) and kept in the object store; a folder is
 listed once; a shard set (WebDataset tars, pipeline/data/shards.py) is counted from its index. The driver
 holds object references and row counts, never the rows, so its memory and start-up do not grow with the
 manifest (benchmarks/data_scale.py).
@@ -255,18 +255,34 @@ def _count_labels(ds) -> dict[int, int]:
     return out
 
 
-def piece_size(num_rows: int, piece_rows: int | None, group_pieces: int) -> int:
-    """Rows per piece: ``data.piece_rows``, else at most 1024 and small enough that the plan has about
-    four read tasks (groups) per CPU of the cluster, since a read task's videos are decoded in one task."""
+PIECE_BYTES = 1 << 20  # a piece's size in the object store (default piece_rows)
+
+
+def piece_size(num_rows: int, num_bytes: int, piece_rows: int | None) -> int:
+    """Rows per piece: ``data.piece_rows``, else as many as make about ``PIECE_BYTES``. Ray keeps a task's
+    results under 100 KB in its owner's memory, the driver's here, and copies them into every task that
+    takes a reference, so a piece must be well above that (found at 2M rows: the plan's tasks carried
+    143 MiB of pieces each)."""
     if piece_rows:
         return piece_rows
+    return max(1, math.ceil(PIECE_BYTES * num_rows / max(num_bytes, 1)))
+
+
+def decode_task_size(num_videos: int, task_videos: int | None) -> int:
+    """Videos per decode task: ``data.decode_task_videos``, else about four tasks per CPU of the cluster
+    per epoch, from 64 to 2048. Smaller tasks mean a sooner first batch and even load over the cores, but
+    each costs about 15 ms of scheduling (64 tiny videos take 0.2 s to decode), and a block of rows under
+    100 KB is kept in the driver's memory (see piece_size): 2048 rows are above that, so however large
+    the epoch, the driver holds at most a few small blocks."""
+    if task_videos:
+        return task_videos
     import ray
 
     tasks = 4 * max(int(ray.cluster_resources().get("CPU", 1)), 8)
-    return int(min(1024, max(4, math.ceil(num_rows / (tasks * group_pieces)))))
+    return int(min(2048, max(64, math.ceil(num_videos / tasks))))
 
 
-def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, group_pieces: int = 16,
+def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None,
                    limit: int | None = None) -> Source:
     """Read (rows) or count (shards) one source on the cluster."""
     needs_labels = mode != "pretrain"
@@ -282,7 +298,7 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, g
         if limit:
             ds = ds.limit(limit)
         ds = ds.materialize()
-        rows = piece_size(ds.count(), piece_rows, group_pieces)
+        rows = piece_size(ds.count(), ds.size_bytes(), piece_rows)
         ds = ds.repartition(target_num_rows_per_block=rows).materialize()
     except (manifest.ManifestError, storage.StorageError):
         raise
@@ -305,7 +321,7 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.group_pieces, cfg.limit) for s in specs]
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit) for s in specs]
 
 
 def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
@@ -736,10 +752,11 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     # one block per plan slot (a few hundred for 10M videos), expanded into rows by light tasks
     ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
-                        num_cpus=0.25)
-    # NOTE: no repartition into blocks of videos_per_block: that is one more operator and task per block
-    # (measured 35% slower per epoch on 420 small videos); a read task's rows are decoded by one task,
-    # which yields its clips every videos_per_block videos, and piece_size keeps those tasks many
+                        compute=ray.data.TaskPoolStrategy(size=2))
+    # a read task's rows in blocks of decode_task_size videos, cut inside that task: Ray Data fuses a
+    # streaming repartition into the map before it when their remote args agree (so expand_slots keeps
+    # the default CPU; it runs for milliseconds). One decode task per block.
+    ds = ds.repartition(target_num_rows_per_block=decode_task_size(sum(quotas), cfg.decode_task_videos))
     return ds.map_batches(
         clips_of_rows, batch_size=None, batch_format="numpy",
         fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger, "seed": seed},

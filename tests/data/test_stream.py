@@ -102,6 +102,37 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
         stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", piece_rows=3)
 
 
+@pytest.mark.integration
+def test_pieces_of_a_large_manifest_live_in_the_object_store(ray_session, sample_videos, tmp_path):
+    # Ray keeps task results under 100 KB in the driver's memory and copies them into every task that
+    # takes their reference: default pieces are sized (about 1 MiB) to stay out of it
+    videos = [str(p.relative_to(sample_videos)) for p in sorted((sample_videos / "videos").rglob("*.mp4"))]
+    rows = 40_000
+    paths = [videos[i % len(videos)] for i in range(rows)]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "big.parquet")
+    source = stream.prepare_source(stream.SourceSpec(str(tmp_path / "big.parquet"),
+                                                     data_root=str(sample_videos)), "pretrain")
+    assert source.num_videos == rows and len(source.sizes) >= 2
+    assert max(len(ray.cloudpickle.dumps(ref)) for ref in source.refs) < 4096  # a reference, not the rows
+    assert min(t.nbytes for t in ray.get(source.refs[:-1])) > 100 << 10
+
+
+@pytest.mark.integration
+def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos):
+    run = "test-task-size"
+    cursor = stream.create_cursor(run)  # noqa: F841 - held: the actor lives as long as its handle
+    ray.get(cursor.set.remote(0, b""))
+    per_block = {}
+    for task_videos in (2, 8):
+        cfg = tiny(str(sample_videos), videos_per_block=100, decode_task_videos=task_videos)
+        sources = stream.prepare_sources(cfg, "pretrain")
+        ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run), 0, run, range(1))
+        # a decode task yields its clips as one block here (videos_per_block > its videos)
+        per_block[task_videos] = [len(set(b["position"].tolist())) for b in ds.iter_batches(batch_size=None)]
+    assert sum(per_block[2]) == sum(per_block[8]) == 8
+    assert max(per_block[2]) == 2 and max(per_block[8]) > 2  # read tasks hold 6 and 2 videos
+
+
 def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"") -> dict:
     ray.get(stream.get_cursor(run_name).set.remote(epoch, done))
     ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name,
