@@ -11,8 +11,8 @@ of per-file reads against WebDataset shards, and clips/s per core of both with o
    (``shards.ShardWriter`` + ``write_index``), read for one epoch of the training stream through a proxy
    on 127.0.0.1 that parses the HTTP requests on their way to the server and counts them by method
    (``LIST`` = a listing GET). A second shard set pads every sample to 1 MiB (a ``pad`` string in its
-   JSON member) so that the bytes per shard are those of real videos: the reader fetches a shard in
-   ``shards.READ_CHUNK`` (16 MiB) ranged GETs, so GETs per clip depend on bytes, not videos.
+   JSON member), 256 per shard, so that a shard's bytes are those of real videos: the reader streams a
+   shard in one GET whatever its size (the first version made one ranged GET per 16 MiB).
 3. Throughput. Clips/s of the same two sets through Ray Data (decode_isolation "process", the default;
    an epoch longer than the window, so the stream never runs dry), counted over ``--seconds`` after a
    warm-up, with 0 and with a uniform 20-50 ms delay added by the proxy before each request is forwarded.
@@ -21,7 +21,7 @@ of per-file reads against WebDataset shards, and clips/s per core of both with o
 Clips are tiny (4 frames, 32 px), so decoding is cheap and the costs per request and per task show.
 Videos on S3 are copies of the 16 real ones under distinct keys (identical bytes, separate objects).
 
-    python benchmarks/data_scale.py                 # about 12 minutes here
+    python benchmarks/data_scale.py                 # about 18 minutes here
     python benchmarks/data_scale.py --quick         # 2k and 240k rows, fewer videos: about 5 minutes
     python benchmarks/data_scale.py --pause-while FILE   # on a shared machine: waits while FILE exists
 """
@@ -383,8 +383,8 @@ class CountingProxy:
 # --- 2. and 3.: files against shards on S3 ------------------------------------------------------------
 
 def upload_sets(s3, root: Path, videos: list[Path], n: int, per_shard: int) -> dict[str, dict]:
-    """Upload ``n`` videos (copies of ``videos``) as files and as shards of ``per_shard`` videos, and 128
-    videos as shards of 64 whose samples are padded to 1 MiB; returns each set's URI and layout."""
+    """Upload ``n`` videos (copies of ``videos``) as files and as shards of ``per_shard`` videos, and 512
+    videos as shards of 256 whose samples are padded to 1 MiB; returns each set's URI and layout."""
     from pipeline.data import shards
 
     data = [v.read_bytes() for v in videos]
@@ -392,7 +392,7 @@ def upload_sets(s3, root: Path, videos: list[Path], n: int, per_shard: int) -> d
         s3.put_object(Bucket="bench", Key=f"files/v{i:05d}.mp4", Body=data[i % len(data)])
     sets = {"files": {"uri": "s3://bench/files/", "videos": n, "objects": n,
                       "mean_kib": sum(len(data[i % len(data)]) for i in range(n)) / n / 1024}}
-    for name, count, per, pad in (("shards", n, per_shard, 0), ("shards_1mib", 128, 64, MIB)):
+    for name, count, per, pad in (("shards", n, per_shard, 0), ("shards_1mib", 512, 256, MIB)):
         local = root / name
         sample = [2 * 512 + len(d) + 1024 + pad for d in data]  # headers, video, JSON (+ pad), rounded up
         size = per * sum(sample) // len(sample) + 4 * 512

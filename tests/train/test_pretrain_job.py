@@ -1,20 +1,29 @@
-"""The job as a user runs it on a cluster: a Ray head started with ``ray start --head`` and token
-authentication, ``ray job submit --working-dir .``, a stopped job resumed by resubmitting it with the same
-run name, metrics in a real MLflow server."""
+"""The job as a user runs it on a cluster, one cluster for the module: a Ray head started with
+``ray start --head`` and token authentication on 127.0.0.1, jobs sent with ``ray job submit --working-dir .``.
+
+- A stopped job is resumed by resubmitting it with the same run name, metrics in a real MLflow server.
+- Elastic training: a second ``ray start --address`` node joins; pretraining with
+  ``scaling.num_workers=[2, 3]`` spreads over both; the second node is killed for good mid-run, and the
+  run trains on on the two workers left with the same global batch (its 3 micro-batches split 2 + 1
+  instead of 1 + 1 + 1); then a new node joins and the group grows back to three. The run ends at the
+  planned step with every clip counted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -28,6 +37,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
+STEPS = 120  # of the elastic run
 
 
 def _ray(args: list[str], env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,27 +89,42 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
             pass
 
 
-@contextmanager
-def ray_head(env: dict, attempts: int = 3) -> Iterator[str]:
-    """A private Ray head (own ports, own temp dir) for this test; yields the job API address.
+@dataclass
+class Cluster:
+    """The module's Ray cluster: its job API address, its GCS address (for more nodes), the environment
+    of a user holding its token, and its temp dir."""
 
-    A loaded machine can miss Ray's fixed 30 s raylet registration window, so start-up is retried."""
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's unix sockets live in here
+    address: str
+    gcs: str
+    env: dict
+    temp_dir: str
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """A private Ray head for this module's tests (own ports, temp dir, token), with two ``train_slot``
+    resources for the elastic test. A loaded machine can miss Ray's fixed 30 s raylet registration
+    window, so start-up is retried."""
+    token_file = tmp_path_factory.mktemp("ray-token") / "ray_token"  # as on a real cluster
+    token_file.write_text(secrets.token_hex(24))
+    # as a user with the project's environment activated: `python` in the entrypoint is the venv's
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # a loaded test machine can take longer than Ray's default 60 s to bring up the dashboard
-    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **env}
-    dashboard = free_port()
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's unix sockets live in here
     try:
-        for attempt in range(attempts):
+        for attempt in range(3):
+            dashboard, gcs_port = free_port(), free_port()
             try:
-                proc = _start_head(env, temp_dir, dashboard)
+                proc = _start_head(env, temp_dir, dashboard, gcs_port, ["--resources", '{"train_slot": 2}'])
                 break
             except RuntimeError:
-                if attempt == attempts - 1:
+                if attempt == 2:
                     raise
-                dashboard = free_port()
-        address = f"http://127.0.0.1:{dashboard}"
         try:
-            yield address
+            yield Cluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs_port}", env, temp_dir)
         finally:
             _stop_head(proc, temp_dir)
     finally:
@@ -115,13 +140,8 @@ def _committed_step(run_dir: Path) -> int:
     return int(latest["metrics"]["step"]) if latest else 0
 
 
-def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow_server):
-    token_file = tmp_path / "ray_token"
-    token_file.write_text(secrets.token_hex(24))
-    # as a user with the project's environment activated: `python` in the entrypoint is the venv's
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    env.pop("RAY_ADDRESS", None)
+def test_submit_stop_and_resume_under_token_auth(cluster, tmp_path, sample_videos, mlflow_server):
+    env, address = cluster.env, cluster.address
     storage = tmp_path / "runs"
     sets = {"run_name": "job-test", "storage_path": storage, "data.uri": sample_videos,
             "data.clips_per_video": 4, "train.batch_size": 2, "train.max_steps": 8,
@@ -129,32 +149,31 @@ def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow
             "tracking.experiment": "job-test", "optim.warmup_steps": 2}
     job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
     job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-    with ray_head(env) as address:
-        # the cluster refuses a client with the wrong token
-        wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
-        denied = _ray(["job", "list", "--address", address], wrong, check=False)
-        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+    # the cluster refuses a client with the wrong token
+    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    denied = _ray(["job", "list", "--address", address], wrong, check=False)
+    assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
 
-        submit = ["job", "submit", "--address", address, "--working-dir", "."]
-        _ray([*submit, "--submission-id", "pretrain-first", "--no-wait", "--", *job_args], env)
-        deadline = time.monotonic() + 300
-        polls = 0
-        while _committed_step(storage / "job-test") < 2:
-            polls += 1
-            if polls % 20 == 0:  # the CLI is slow: ask for the job's status only now and then
-                status = _ray(["job", "status", "--address", address, "pretrain-first"], env, check=False)
-                text = (status.stdout + status.stderr).lower()
-                assert "failed" not in text and "succeeded" not in text, status.stdout + status.stderr
-            assert time.monotonic() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.5)
-        _ray(["job", "stop", "--address", address, "pretrain-first"], env)
-        stopped_at = _committed_step(storage / "job-test")
-        assert stopped_at < 8
+    submit = ["job", "submit", "--address", address, "--working-dir", "."]
+    _ray([*submit, "--submission-id", "pretrain-first", "--no-wait", "--", *job_args], env)
+    deadline = time.monotonic() + 300
+    polls = 0
+    while _committed_step(storage / "job-test") < 2:
+        polls += 1
+        if polls % 20 == 0:  # the CLI is slow: ask for the job's status only now and then
+            status = _ray(["job", "status", "--address", address, "pretrain-first"], env, check=False)
+            text = (status.stdout + status.stderr).lower()
+            assert "failed" not in text and "succeeded" not in text, status.stdout + status.stderr
+        assert time.monotonic() < deadline, "no checkpoint within the deadline"
+        time.sleep(0.5)
+    _ray(["job", "stop", "--address", address, "pretrain-first"], env)
+    stopped_at = _committed_step(storage / "job-test")
+    assert stopped_at < 8
 
-        second = _ray([*submit, "--submission-id", "pretrain-second", "--", *job_args], env, timeout=400)
-        logs = second.stdout + second.stderr
-        assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
-        assert "finished at step 8" in logs
+    second = _ray([*submit, "--submission-id", "pretrain-second", "--", *job_args], env, timeout=400)
+    logs = second.stdout + second.stderr
+    assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
+    assert "finished at step 8" in logs
 
     final = sorted((storage / "job-test").glob("checkpoint_0*"))[-1]
     assert checkpointing.read_progress(final).step == 8
@@ -167,3 +186,116 @@ def test_submit_stop_and_resume_under_token_auth(tmp_path, sample_videos, mlflow
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert steps[0] <= stopped_at and steps[-1] == 8
+
+
+def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subprocess.Popen:
+    """A second node on this machine. NOTE: its own ``--temp-dir``: without one it takes the head's, and two
+    runtime-env agents then manage one package folder, the second deleting the job's working directory
+    (the job driver's cwd) while the job runs: the failure this test showed in three runs."""
+    worker_base = random.randrange(12000, 32000, 200)  # below the ephemeral range free_port() draws from
+    cmd = [RAY, "start", "--address", gcs, "--block", "--temp-dir", temp_dir, "--num-cpus", "2",
+           "--resources", '{"train_slot": 1}',
+           "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()),
+           "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--min-worker-port", str(worker_base),
+           "--max-worker-port", str(worker_base + 199), "--disable-usage-stats"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "block forever" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the second node did not come up:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """The node is lost, not stopped: SIGKILL to its raylet, its workers and everything else it runs,
+    including agents that left the process tree (found by their raylet's pid in their environment)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    raylets = {str(p.pid) for p in family if "raylet" in p.name()}
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("RAY_RAYLET_PID") in raylets:
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(cluster, tmp_path,
+                                                                            sample_videos):
+    env, address = cluster.env, cluster.address
+    storage = tmp_path / "runs"
+    sets = {"run_name": "elastic", "storage_path": storage, "data.uri": sample_videos,
+            "data.clips_per_video": 2, "train.batch_size": 2, "train.max_steps": STEPS,
+            "train.log_every_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 3,
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optim.warmup_steps": 2,
+            "probe.every_steps": 0, "scaling.num_workers": "[2,3]", "scaling.cpus_per_worker": 1,
+            "scaling.resources_per_worker": '{"train_slot": 1}', "scaling.max_failures": 5,
+            "scaling.resize_interval_s": 3}
+    job_args = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
+    job_args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    # how long a group waits for lost workers before it settles for fewer (Ray's default: 60 s)
+    runtime_env = json.dumps({"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}})
+    node_dir = tempfile.mkdtemp(prefix="rayelastic2-", dir="/tmp")  # short: Ray's unix sockets live in here
+    node3_dir = tempfile.mkdtemp(prefix="rayelastic3-", dir="/tmp")
+    logs_dir = Path(cluster.temp_dir)
+    node = None
+    try:
+        node = _start_node(env, cluster.gcs, tmp_path / "node2.log", node_dir)
+        submit = ["job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "elastic",
+                  "--runtime-env-json", runtime_env, "--no-wait", "--", *job_args]
+        _ray(submit, env)
+        deadline = time.monotonic() + 300
+        while _committed_step(storage / "elastic") < 5:  # three workers have trained a while
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.5)
+        lost_at = _committed_step(storage / "elastic")
+        _kill_node(node)
+        node = None
+        deadline = time.monotonic() + 300
+        while _committed_step(storage / "elastic") <= lost_at + 5:  # the two workers left train on
+            assert time.monotonic() < deadline, "no checkpoint after the node was lost"
+            time.sleep(0.5)
+        shrunk_at = _committed_step(storage / "elastic")
+        # capacity returns: a new node, and the group grows back (Ray Train checks every resize_interval_s)
+        node = _start_node(env, cluster.gcs, tmp_path / "node3.log", node3_dir)
+        deadline = time.monotonic() + 600
+        status = ""
+        while time.monotonic() < deadline:
+            answer = _ray(["job", "status", "--address", address, "elastic"], env, check=False)
+            with open(tmp_path / "status.log", "a") as out:  # every answer, for a failure
+                out.write(f"--- {time.strftime('%T')}\n{answer.stdout}\n{answer.stderr[-2000:]}\n")
+            # the job's own state only: a CLI call can fail (it is retried), its message is not the job's
+            text = answer.stdout + answer.stderr
+            found = re.search(r"(?:status for job 'elastic': |job 'elastic' )(\w+)", text, re.I)
+            status = found.group(1).lower() if found else status
+            if status in ("succeeded", "failed", "stopped"):
+                break
+            time.sleep(3)
+        logs = _ray(["job", "logs", "--address", address, "elastic"], env).stdout
+        (tmp_path / "job.log").write_text(logs)  # the whole log, for a failure
+        assert "succeeded" in status, status + logs[-4000:]
+    finally:
+        if node is not None:
+            _kill_node(node)
+        for log in logs_dir.glob("session_latest/logs/job-driver-*elastic*.log"):  # kept for a failure
+            shutil.copy(log, tmp_path / log.name)
+        shutil.rmtree(node_dir, ignore_errors=True)
+        shutil.rmtree(node3_dir, ignore_errors=True)
+
+    assert lost_at < shrunk_at < STEPS
+    # rank 0's start lines: 3 workers, 2 after the loss, 3 again after the new node joined
+    sizes = re.findall(r"(\d) worker\(s\) x (\d) micro-step\(s\)", logs)
+    assert ("3", "1") in sizes and ("2", "2") in sizes, sizes
+    assert sizes.index(("2", "2")) < len(sizes) - 1 - sizes[::-1].index(("3", "1")), sizes  # grew back
+    assert sizes[0] == ("3", "1")
+    assert logs.count("global batch 6,") >= 3  # the same global batch at every size
+    assert f"finished at step {STEPS}" in logs
+    final = checkpointing.read_progress(storage / "elastic" / f"checkpoint_{STEPS:08d}")
+    assert final.step == STEPS and final.world_size == 3 and final.clips_seen == STEPS * 6
