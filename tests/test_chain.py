@@ -1,5 +1,6 @@
-"""A reduced chain pretrain -> finetune -> evaluate on real videos, Ray and MLflow; then a rerun that skips
-the finished stages and redoes only the unfinished one."""
+"""A reduced chain pretrain -> finetune -> evaluate on real videos, Ray and MLflow (pretraining on the
+train split packed as WebDataset shards, the later stages on the folder); then a rerun that skips the
+finished stages and redoes only the unfinished one."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from train.test_mixture import pack_split
 
 from pipeline import config as config_lib
 from pipeline.chain import PipelineConfig, as_overrides, run_pipeline
@@ -50,7 +52,9 @@ def _cfg(tmp_path, data, *more):
 def test_chain_runs_all_stages_then_skips_them_and_resumes_the_unfinished_one(
     ray_session, sample_videos, tmp_path
 ):
-    result = run_pipeline(_cfg(tmp_path, sample_videos))
+    pack_split(sample_videos, "train", tmp_path / "shards")
+    on_shards = f"pretrain.data.uri={tmp_path / 'shards'}"
+    result = run_pipeline(_cfg(tmp_path, sample_videos, on_shards))
     chain = tmp_path / "runs" / "chain-test"
     record = json.loads((chain / "stages.json").read_text())
     assert [s for s in record if record[s]["status"] == "done"] == ["pretrain", "finetune", "evaluate"]
@@ -73,13 +77,16 @@ def test_chain_runs_all_stages_then_skips_them_and_resumes_the_unfinished_one(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.mlflow_run_id}'"
     )
     assert sorted(c.data.tags["pipeline.job"] for c in children) == ["evaluate", "finetune", "pretrain"]
+    pretrain = next(c for c in children if c.data.tags["pipeline.job"] == "pretrain")
+    assert pretrain.data.params["data.uri"] == str(tmp_path / "shards")  # the shard set, all 8 train videos
+    assert pretrain.data.params["data.num_videos"] == "8"
     finetune = next(c for c in children if c.data.tags["pipeline.job"] == "finetune")
     assert "val/top1" in finetune.data.metrics and "loss" in finetune.data.metrics
     losses = [m.value for m in client.get_metric_history(finetune.info.run_id, "loss")]
     assert len(losses) >= 2
 
     # rerun: everything finished is skipped
-    again = run_pipeline(_cfg(tmp_path, sample_videos))
+    again = run_pipeline(_cfg(tmp_path, sample_videos, on_shards))
     assert (
         again.skipped == ["pretrain", "finetune", "evaluate"] and again.mlflow_run_id == result.mlflow_run_id
     )
@@ -87,7 +94,7 @@ def test_chain_runs_all_stages_then_skips_them_and_resumes_the_unfinished_one(
     # the evaluate stage "did not finish": only it runs again, with finetune's recorded export
     del record["evaluate"]
     (chain / "stages.json").write_text(json.dumps(record))
-    third = run_pipeline(_cfg(tmp_path, sample_videos, "evaluate.data.eval_num_clips=1"))
+    third = run_pipeline(_cfg(tmp_path, sample_videos, on_shards, "evaluate.data.eval_num_clips=1"))
     assert third.skipped == ["pretrain", "finetune"] and "evaluate" in third.outputs
     assert third.mlflow_run_id == result.mlflow_run_id
 
