@@ -94,6 +94,7 @@ def test_presets_load_and_follow_the_paper(name):
     (["data.decode_resources={decode: 0}"], "data: decode_resources must map resource names to amounts > 0"),
     (["data.rand_augment=rand-m7-x4"], "data: RandAugment spec 'rand-m7-x4': unknown part 'x4'"),
     (["data.random_erasing=1.5"], "data: random_erasing is a probability in [0, 1], got 1.5"),
+    (["data.decode_task_videos=0"], "data: decode_task_videos must be >= 1, got 0"),
     (["data.rand_augment=rand-m7-n4"], "data.rand_augment and data.random_erasing are finetuning"),
 ])
 def test_bad_configs_fail_with_the_key_named(overrides, message):
