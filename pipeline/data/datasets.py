@@ -111,7 +111,7 @@ class DataConfig:
     piece_rows: int | None = None  # manifest rows per piece in the object store, the unit of the epoch
     # shuffle; None: about 1 MiB of rows (stream.PIECE_BYTES)
     group_pieces: int = 16  # pieces read (and shuffled together) by one task
-    decode_task_videos: int | None = None  # videos per decode task of the stream; None: at most 256,
+    decode_task_videos: int | None = None  # videos per decode task of the stream; None: 64 to 2048,
     # about four tasks per CPU of the cluster per epoch
     shard_shuffle_buffer: int = 32  # videos held while streaming a shard, drawn from at random
     shuffle: bool = True  # shuffle video order every epoch (training modes)

@@ -495,10 +495,12 @@ def _cursor(spec: StreamSpec) -> tuple[int, bytes]:
     return ray.get(get_cursor(spec.run_name).get.remote())
 
 
-def _pass_shard(spec: StreamSpec, task: Task) -> int:
-    """The shard (its index in the listing) a shard task reads: group ``task.group`` of its pass's order."""
-    order = pass_groups(spec.sources[task.source].sizes, 1, spec.seed, task.source, task.pass_, spec.shuffle)
-    return int(order[task.group][0])
+def _task_pieces(spec: StreamSpec, task: Task) -> np.ndarray:
+    """The pieces (indices in the source's listing) a task reads: group ``task.group`` of its pass's order;
+    a shard task's group is one shard."""
+    source = spec.sources[task.source]
+    size = 1 if source.kind == "shards" else spec.group_pieces
+    return pass_groups(source.sizes, size, spec.seed, task.source, task.pass_, spec.shuffle)[task.group]
 
 
 def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
@@ -519,16 +521,14 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
             continue
         if source.kind == "shards":
             parts.append(pa.table({
-                "kind": ["shard"], "path": [source.shard_uris[_pass_shard(spec, task)]], "label": [-1],
-                "start": [-1.0], "end": [-1.0], "epoch": [epoch], "position": [task.offset],
+                "kind": ["shard"], "path": [source.shard_uris[int(_task_pieces(spec, task)[0])]],
+                "label": [-1], "start": [-1.0], "end": [-1.0], "epoch": [epoch], "position": [task.offset],
                 "source": [task.source],
                 "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
                 "split": [source.spec.split or ""],
             }))
             continue
-        group = pass_groups(source.sizes, spec.group_pieces, spec.seed, task.source, task.pass_, spec.shuffle)
-        pieces = group[task.group]
-        table = pa.concat_tables(ray.get([source.refs[p] for p in pieces]))
+        table = pa.concat_tables(ray.get([source.refs[p] for p in _task_pieces(spec, task)]))
         order = (_rng(spec.seed, task.source, task.pass_, task.group, 7).permutation(table.num_rows)
                  if spec.shuffle else np.arange(table.num_rows))
         keep = order[task.lo : task.hi][~skip]
@@ -749,13 +749,13 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], cfg.epoch_videos)
     spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name)
     slots = num_slots(spec, epochs)
-    # one block per plan slot (a few hundred for 10M videos), expanded into rows by light tasks
+    # one block per plan slot (45 for 10M manifest rows), expanded into rows by light tasks
     ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
                         compute=ray.data.TaskPoolStrategy(size=2))
-    # a read task's rows in blocks of decode_task_size videos, cut inside that task: Ray Data fuses a
-    # streaming repartition into the map before it when their remote args agree (so expand_slots keeps
-    # the default CPU; it runs for milliseconds). One decode task per block.
+    # a read task's rows in blocks of decode_task_size videos, one decode task per block. The repartition
+    # runs as its own light tasks (expand_slots' concurrency cap keeps Ray Data from fusing the three
+    # operators, which would decode a whole read task in one task again)
     ds = ds.repartition(target_num_rows_per_block=decode_task_size(sum(quotas), cfg.decode_task_videos))
     return ds.map_batches(
         clips_of_rows, batch_size=None, batch_format="numpy",
