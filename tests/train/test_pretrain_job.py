@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -77,15 +78,26 @@ def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None =
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     """Stop the head and everything it started. Ray's graceful stop took 30 s here, so after 5 s the rest
-    is killed: a test cluster keeps nothing worth a clean shutdown."""
+    is killed: a test cluster keeps nothing worth a clean shutdown. Ray's processes rename themselves
+    (``ray::DashboardAgent``), so they are found as the head's descendants and by their raylet's pid; a job
+    driver and a dashboard agent left alive by a head that is gone spun at a core each here and starved
+    the next tests."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    raylets = {str(p.pid) for p in family if "raylet" in p.name()}
     proc.terminate()
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     for p in psutil.process_iter(["cmdline"]):  # anything of this head still alive (never other Rays)
         try:
-            if temp_dir in " ".join(p.info["cmdline"] or []):
+            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_RAYLET_PID") in raylets:
                 p.kill()
         except psutil.Error:
             pass
@@ -196,9 +208,13 @@ SIZE_LINE = r"(\d) worker\(s\) x (\d) micro-step\(s\)"  # rank 0's line at each 
 def _group_sizes(logs_dir: Path) -> list[tuple[str, str]]:
     """(workers, micro-steps) of each start of the elastic job's group so far, read from its driver log on
     the head (a file: no CLI call, which would take a core from the training)."""
-    logs = "".join(path.read_text(errors="replace")
-                   for path in logs_dir.glob("session_latest/logs/job-driver-*elastic*.log"))
-    return re.findall(SIZE_LINE, logs)
+    sizes = []
+    for path in logs_dir.glob("session_latest/logs/job-driver-*elastic*.log"):
+        try:  # listed, then not found once in a fresh-clone run: read it at the next look
+            sizes += re.findall(SIZE_LINE, path.read_text(errors="replace"))
+        except OSError:
+            continue
+    return sizes
 
 
 def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subprocess.Popen:
