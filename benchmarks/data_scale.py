@@ -163,7 +163,7 @@ def startup_child(spec: dict) -> dict:
             out["prepare_s"] = time.perf_counter() - started
             cursor = stream.create_cursor("startup")
             ray.get(cursor.set.remote(0, b""))
-            ds = stream.build_stream(cfg, "pretrain", sources, ledger, 0, "startup", range(2))
+            ds = stream.build_stream(cfg, "pretrain", sources, ledger, 0, "startup")
         else:
             rows = manifest.read_manifest(cfg.uri, cfg.data_root, cfg.split)
             ds = datasets.build_dataset(cfg, "pretrain", ledger, rows=rows)
@@ -422,7 +422,7 @@ def open_stream(uri: str, name: str, seed: int, isolation: str, epoch_videos: in
     cursor = stream.create_cursor(name)
     ray.get(cursor.set.remote(0, b""))
     ledger = ErrorLedger.get_or_create(name)
-    return stream.build_stream(cfg, "pretrain", sources, ledger, seed, name, range(1)), (cursor, ledger)
+    return stream.build_stream(cfg, "pretrain", sources, ledger, seed, name), (cursor, ledger)
 
 
 def count_epoch(proxy: CountingProxy, uri: str, name: str, seed: int) -> dict:

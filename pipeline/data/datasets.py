@@ -12,8 +12,12 @@ labels             int64 ()                    finetune, eval
 video              str (URI)                   eval
 clip_index         int64 ()                    eval: temporal view 0..eval_num_clips-1
 crop_index         int64 ()                    eval: spatial view 0..eval_num_crops-1
+video_row          int64 ()                    eval: the video's row in the manifest (views are grouped by
+                                               it: one file listed with several start/end windows is
+                                               several videos)
 epoch, position,   int64 ()                    the training stream's (pipeline/data/stream.py): where in
-source                                         the epoch plan the video is, which source it came from
+source, clip                                   the epoch plan the video is, which source it came from,
+                                               which of its clips_per_video clips this is
 =================  ==========================  =========================================================
 
 A Ray Train worker consumes it with
@@ -51,8 +55,8 @@ from pipeline.models.videomae.masking import make_mask, token_grid
 
 log = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "eval")
-STREAM_COLUMNS = ("epoch", "position", "source")  # the training stream's (pipeline/data/stream.py)
-INT_COLUMNS = ("labels", "clip_index", "crop_index", *STREAM_COLUMNS)
+STREAM_COLUMNS = ("epoch", "position", "source", "clip")  # the training stream's (pipeline/data/stream.py)
+INT_COLUMNS = ("labels", "clip_index", "crop_index", "video_row", *STREAM_COLUMNS)
 
 
 @dataclass
@@ -193,11 +197,13 @@ class ClipMaker:
         self._ok: Counter[str] = Counter()  # decoded videos by backend, not yet reported to the ledger
         self._fallbacks: list[dict] = []  # videos a later decoder read after the first failed
 
-    def _rng(self, path: str, epoch: int = 0) -> np.random.Generator:
-        """Per video (and epoch: a seeded run cuts other clips, crops and masks every epoch)."""
+    def _rng(self, path: str, epoch: int = 0, position: int = -1) -> np.random.Generator:
+        """Per video, epoch and position in the epoch: a seeded run cuts other clips, crops and masks every
+        epoch, and a video listed twice in an epoch (an up-weighted small source) gets two different cuts."""
         if self.cfg.seed is None and self.mode != "eval":
             return np.random.default_rng()
-        return np.random.default_rng([self.cfg.seed or 0, zlib.crc32(path.encode()), epoch])
+        key = [self.cfg.seed or 0, zlib.crc32(path.encode()), epoch]
+        return np.random.default_rng(key if position < 0 else [*key, position])
 
     def flush_ok(self) -> None:
         """Report the videos decoded since the last flush (one round trip per block, not per video)."""
@@ -209,7 +215,7 @@ class ClipMaker:
     def clips(self, row: dict[str, Any]) -> dict[str, list] | None:
         """The clip rows of one video as lists per column (uint8 tensors for pixels), or None."""
         path = row["path"]
-        rng = self._rng(path, int(row.get("epoch", 0)))
+        rng = self._rng(path, int(row.get("epoch", 0)), int(row.get("position", -1)))
         try:
             window = (row.get("start", -1.0), row.get("end", -1.0))
             video = self.decoder.decode(path, self.sampler, int(rng.integers(2**31)), window, row.get("data"))
@@ -265,10 +271,12 @@ class ClipMaker:
                     out.setdefault("video", []).append(path)
                     out.setdefault("clip_index", []).append(i)
                     out.setdefault("crop_index", []).append(j)
+                    out.setdefault("video_row", []).append(int(row.get("row", -1)))
         if "position" in row:  # the training stream's: which video of which epoch (exact resume)
             n = len(out["pixel_values"])
-            for key in STREAM_COLUMNS:
+            for key in ("epoch", "position", "source"):
                 out[key] = [int(row[key])] * n
+            out["clip"] = list(range(n))  # which of the video's clips (the audit's)
         return out
 
     @staticmethod
@@ -293,6 +301,7 @@ class ClipMaker:
             batch.update(
                 clip_index=np.zeros((0,), np.int64),
                 crop_index=np.zeros((0,), np.int64),
+                video_row=np.zeros((0,), np.int64),
             )
         if streamed:
             batch.update({key: np.zeros((0,), np.int64) for key in STREAM_COLUMNS})
@@ -341,7 +350,7 @@ def build_dataset(
     if ledger is None:
         ledger = ErrorLedger.get_or_create(run_name) if run_name else ErrorLedger.create("data")
     keys = ("path", "label", "start", "end")
-    items = [{k: r.get(k, -1.0) for k in keys} for r in rows]
+    items = [{**{k: r.get(k, -1.0) for k in keys}, "row": i} for i, r in enumerate(rows)]
     shuffle = cfg.shuffle and mode != "eval"
     if shuffle:  # shuffle videos once here, and the order of the small blocks every epoch below
         random.Random(cfg.seed).shuffle(items)

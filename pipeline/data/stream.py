@@ -163,7 +163,7 @@ ROW_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("start", 
                         ("end", pa.float64())])
 
 
-def _manifest_dataset(spec: SourceSpec, needs_labels: bool):
+def _manifest_dataset(spec: SourceSpec, needs_labels: bool, label_map: str | None, video_ext: str):
     """A Ray dataset of (path, label, start, end) for one manifest or folder, read by the cluster's tasks."""
     import ray
 
@@ -171,7 +171,7 @@ def _manifest_dataset(spec: SourceSpec, needs_labels: bool):
     source = storage.redact(uri)
     if not lower.endswith(manifest.MANIFEST_SUFFIXES) or lower.endswith(".json"):
         # a folder (listed here: use the preprocessing manifest for millions of videos) or SSv2's one JSON
-        rows = manifest.read_manifest(uri, spec.data_root, spec.split)
+        rows = manifest.read_manifest(uri, spec.data_root, spec.split, label_map, video_ext)
         return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=ROW_SCHEMA)).map_batches(
             _normalize, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"source": source, "root": "/", "allow_absolute": True, "split": None,
@@ -223,6 +223,7 @@ class Source:
     refs: list[Any] | None = None  # rows: one ObjectRef per piece
     shard_uris: list[str] | None = None  # shards: one URI per shard
     labels: dict[int, int] | None = None  # label -> videos (rows sources, labelled)
+    digest: str = ""  # of the pieces' contents in order (rows: their rows; shards: names and sizes)
 
     @property
     def num_videos(self) -> int:
@@ -259,13 +260,15 @@ PIECE_BYTES = 1 << 20  # a piece's size in the object store (default piece_rows)
 
 
 def piece_size(num_rows: int, num_bytes: int, piece_rows: int | None) -> int:
-    """Rows per piece: ``data.piece_rows``, else as many as make about ``PIECE_BYTES``. Ray keeps a task's
-    results under 100 KB in its owner's memory, the driver's here, and copies them into every task that
-    takes a reference, so a piece must be well above that (found at 2M rows: the plan's tasks carried
-    143 MiB of pieces each)."""
+    """Rows per piece: ``data.piece_rows``, else the power of two nearest to about ``PIECE_BYTES`` (a
+    power of two, so that the in-memory size, which varies a little with how the read tasks chunked the
+    rows, gives the same pieces to a resubmitted job). Ray keeps a task's results under 100 KB in its
+    owner's memory, the driver's here, and copies them into every task that takes a reference, so a piece
+    must be well above that (docs/data.md, "Scale")."""
     if piece_rows:
         return piece_rows
-    return max(1, math.ceil(PIECE_BYTES * num_rows / max(num_bytes, 1)))
+    rows = max(1.0, PIECE_BYTES * num_rows / max(num_bytes, 1))
+    return 1 << round(math.log2(rows))
 
 
 def decode_task_size(num_videos: int, task_videos: int | None) -> int:
@@ -282,9 +285,10 @@ def decode_task_size(num_videos: int, task_videos: int | None) -> int:
     return int(min(2048, max(64, math.ceil(num_videos / tasks))))
 
 
-def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None,
-                   limit: int | None = None) -> Source:
-    """Read (rows) or count (shards) one source on the cluster."""
+def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, limit: int | None = None,
+                   label_map: str | None = None, video_ext: str = ".webm") -> Source:
+    """Read (rows) or count (shards) one source on the cluster; ``label_map`` and ``video_ext`` are SSv2's
+    (``data.label_map``, ``data.video_ext``), read as validation reads them."""
     needs_labels = mode != "pretrain"
     if is_shard_set(spec.uri):
         uris, sizes, labels = shard_sizes(spec.uri, spec.split)
@@ -292,14 +296,25 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None,
             cut = np.minimum(np.cumsum(sizes), limit)
             sizes = np.diff(np.concatenate([[0], cut]))
             uris, sizes = [u for u, n in zip(uris, sizes, strict=True) if n], sizes[sizes > 0]
-        return Source(spec, "shards", np.asarray(sizes, np.int64), shard_uris=uris, labels=labels)
+        names = [posixpath.basename(storage.resolve(u)[1]) for u in uris]
+        digest = hashlib.sha1(repr(list(zip(names, np.asarray(sizes).tolist(), strict=True))).encode())
+        return Source(spec, "shards", np.asarray(sizes, np.int64), shard_uris=uris, labels=labels,
+                      digest=digest.hexdigest())
+    import ray
+
+    # NOTE: the pieces must be a function of the manifest alone (a checkpoint's done positions index
+    # them, and a resubmitted job rebuilds them): Ray Data hands blocks on in the order tasks finish
+    # unless preserve_order is set, and a non-strict repartition cuts where the read tasks' blocks end
+    context = ray.data.DataContext.get_current()
+    kept_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
     try:
-        ds = _manifest_dataset(spec, needs_labels)
+        ds = _manifest_dataset(spec, needs_labels, label_map, video_ext)
         if limit:
             ds = ds.limit(limit)
         ds = ds.materialize()
         rows = piece_size(ds.count(), ds.size_bytes(), piece_rows)
-        ds = ds.repartition(target_num_rows_per_block=rows).materialize()
+        ds = ds.repartition(target_num_rows_per_block=rows, strict=True).materialize()
     except (manifest.ManifestError, storage.StorageError):
         raise
     except Exception as e:  # a read task's failure: name the manifest's problem if it is one
@@ -307,11 +322,34 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None,
         if isinstance(inner, manifest.ManifestError):
             raise inner from None
         raise
+    finally:
+        context.execution_options.preserve_order = kept_order
     refs, sizes = _pieces(ds)
     if not sizes:
         raise manifest.ManifestError(f"{storage.redact(spec.uri)} lists no videos")
     labels = _count_labels(ds) if needs_labels else None
-    return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels)
+    return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels,
+                  digest=_digest_pieces(refs))
+
+
+def _digest_tables(*tables: pa.Table) -> list[str]:
+    out = []
+    for table in tables:
+        h = hashlib.sha1()
+        for name in COLUMNS:
+            h.update(repr(table.column(name).to_pylist()).encode())
+        out.append(h.hexdigest())
+    return out
+
+
+def _digest_pieces(refs: list[Any], per_task: int = 32) -> str:
+    """One digest of the pieces' rows in order, hashed in Ray tasks (the driver never holds the rows)."""
+    import ray
+
+    digest = ray.remote(num_cpus=0.5)(_digest_tables)
+    chunks = [refs[i : i + per_task] for i in range(0, len(refs), per_task)]
+    parts = ray.get([digest.remote(*chunk) for chunk in chunks])
+    return hashlib.sha1("".join(d for part in parts for d in part).encode()).hexdigest()
 
 
 def prepare_sources(cfg, mode: str) -> list[Source]:
@@ -321,7 +359,7 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit) for s in specs]
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext) for s in specs]
 
 
 def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
@@ -335,6 +373,38 @@ def describe(sources: list[Source], epoch_videos: int) -> str:
     return ", ".join(f"{s.spec.label()} ({s.num_videos} videos, {s.kind if s.kind == 'shards' else 'rows'}"
                      f"{f' in {len(s.sizes)} shards' if s.kind == 'shards' else ''}, {q} per epoch)"
                      for s, q in zip(sources, quotas, strict=True))
+
+
+def plan_inputs(sources: list[Source], quotas: list[int], group_pieces: int, seed: int,
+                shuffle: bool) -> list[dict[str, Any]]:
+    """What the epoch plan (and so a video's position) depends on, one entry per source after one for the
+    plan's own settings: a checkpoint keeps it, and a resumed run compares (``describe_change``). No
+    secret: URIs are redacted."""
+    out: list[dict[str, Any]] = [{"name": "(plan)", "seed": int(seed), "group_pieces": int(group_pieces),
+                                  "shuffle": bool(shuffle), "videos_per_epoch": [int(q) for q in quotas]}]
+    for source in sources:
+        out.append({"name": source.spec.label(), "uri": storage.redact(source.spec.uri), "kind": source.kind,
+                    "videos": source.num_videos, "pieces": len(source.sizes), "digest": source.digest})
+    return out
+
+
+def fingerprint(inputs: list[dict[str, Any]]) -> str:
+    return hashlib.sha1(repr(inputs).encode()).hexdigest()
+
+
+def describe_change(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """What differs between two ``plan_inputs``, in words (the first few differences)."""
+    if not before:
+        return "the checkpoint does not record its data"
+    old, new = {e["name"]: e for e in before}, {e["name"]: e for e in after}
+    changes = [f"source {name} is new" for name in new if name not in old]
+    changes += [f"source {name} is gone" for name in old if name not in new]
+    for name in (n for n in new if n in old):
+        for key in new[name]:
+            if old[name].get(key) != new[name][key]:
+                what = "contents" if key == "digest" else f"{key} {old[name].get(key)} -> {new[name][key]}"
+                changes.append(f"{name}: {what}")
+    return "; ".join(changes[:4]) or "the same inputs in another order"
 
 
 # --- the epoch plan ---------------------------------------------------------------------------------------
@@ -468,11 +538,12 @@ class StreamSpec:
     seed: int
     shuffle: bool
     run_name: str | None  # the cursor's; None: no resume state (every pass reads epoch 0 of the plan)
+    slots: int = 0  # blocks of the plan's first op: at least the tasks of any epoch (max_tasks)
 
     def fingerprint(self) -> str:
         """What the plan depends on, as a key: two streams in one process never share a cached plan."""
         parts = [self.run_name, self.seed, self.group_pieces, self.shuffle, self.quotas,
-                 [(s.kind, s.sizes.tolist()) for s in self.sources]]
+                 [(s.kind, s.sizes.tolist(), s.digest) for s in self.sources]]
         return hashlib.sha1(repr(parts).encode()).hexdigest()
 
 
@@ -510,6 +581,9 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
 
     epoch, done = _cursor(spec)
     plan = _epoch_plan(spec, epoch)
+    if len(plan) > spec.slots:  # max_tasks bounds every epoch: this would be a bug, never a silent loss
+        raise RuntimeError(f"epoch {epoch} has {len(plan)} read tasks, more than the stream's {spec.slots} "
+                           "slots: its last tasks would be lost")
     parts = []
     for slot in batch["id"]:
         if slot >= len(plan):
@@ -555,13 +629,17 @@ EMPTY_ROWS = pa.schema([
 ]).empty_table()
 
 
-def num_slots(spec: StreamSpec, epochs: range) -> int:
-    """Slots the plan's first op holds: the most tasks any epoch of the run has."""
-    most = 0
-    for epoch in epochs:
-        most = max(most, len(plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch,
-                                        spec.shuffle)))
-    return most
+def max_tasks(sources: list[Source], quotas: list[int], group_pieces: int) -> int:
+    """At most how many read tasks any epoch of the plan has, however many epochs the run takes (short
+    epochs make it take more than planned). An epoch's rows of a source are a window of ``quota`` rows of
+    its endless stream of passes; the window meets at most ``ceil(quota / n) + 1`` passes of ``groups``
+    groups each (a task per group met), and every task has at least one row."""
+    total = 0
+    for source, quota in zip(sources, quotas, strict=True):
+        group = 1 if source.kind == "shards" else group_pieces
+        groups = math.ceil(len(source.sizes) / group)
+        total += min(quota, groups * (math.ceil(quota / source.num_videos) + 1))
+    return total
 
 
 # --- what the trainer saw ---------------------------------------------------------------------------------
@@ -581,12 +659,17 @@ class Consumption:
         self.epoch, self.partial, self.done = epoch, {}, set()
         self.bitmap = np.zeros(0, bool) if bitmap is None else bitmap
 
-    def add(self, epochs: np.ndarray, positions: np.ndarray, step: int = 0) -> None:
-        """The clips of a micro-batch of optimizer step ``step`` were trained on."""
-        if self.audit_dir:  # what each step trained on, clip by clip (train.audit_dir)
+    def add(self, epochs: np.ndarray, positions: np.ndarray, step: int = 0, videos: list[str] | None = None,
+            clips: Any = None) -> None:
+        """The clips of a micro-batch of optimizer step ``step`` were trained on (``videos``: their URIs,
+        ``clips``: which clip of its video each is, for the audit)."""
+        if self.audit_dir:  # what each step trained on, clip by clip (train.audit_dir; read_audit)
+            n = len(positions)
+            uris = list(videos) if videos is not None else ["-"] * n
+            indices = np.asarray(clips).tolist() if clips is not None else [-1] * n
             with open(os.path.join(self.audit_dir, f"consumed-{os.getpid()}.txt"), "a") as out:
-                out.writelines(f"{step} {e} {p}\n" for e, p in zip(epochs.tolist(), positions.tolist(),
-                                                                   strict=True))
+                out.writelines(f"{step} {e} {p} {c} {u}\n" for e, p, c, u in zip(
+                    epochs.tolist(), positions.tolist(), indices, uris, strict=True))
         for e, p in zip(epochs.tolist(), positions.tolist(), strict=True):
             if e != self.epoch:
                 continue
@@ -612,6 +695,31 @@ class Consumption:
     @staticmethod
     def unpack(data: bytes) -> np.ndarray:
         return np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little").astype(bool)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One trained clip, as ``train.audit_dir`` records it: a line ``step epoch position clip uri``."""
+
+    step: int
+    epoch: int
+    position: int
+    clip: int  # which of its video's clips_per_video clips
+    uri: str
+    attempt: str  # the file (one per worker process: a restart writes a new one)
+
+
+def read_audit(audit_dir: str) -> list[AuditRecord]:
+    """Every clip the workers trained on, from a local ``train.audit_dir``, file by file in line order."""
+    out = []
+    for name in sorted(os.listdir(audit_dir)):
+        if not name.startswith("consumed-"):
+            continue
+        with open(os.path.join(audit_dir, name)) as f:
+            for line in f:
+                step, epoch, position, clip, uri = line.rstrip("\n").split(" ", 4)
+                out.append(AuditRecord(int(step), int(epoch), int(position), int(clip), uri, name))
+    return out
 
 
 # --- shard sets -------------------------------------------------------------------------------------------
@@ -740,15 +848,14 @@ def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: in
         yield maker.to_batch(merged) if merged else maker.empty_batch(streamed=True)
 
 
-def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_name: str | None,
-                 epochs: range):
-    """The training stream (a ``ray.data.Dataset`` of clip rows with ``epoch`` / ``position`` / ``source``)
-    for the pass whose epoch the run's cursor names; ``epochs`` bounds the plan's slots."""
+def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_name: str | None):
+    """The training stream (a ``ray.data.Dataset`` of clip rows with ``epoch`` / ``position`` / ``source``
+    / ``clip``) for the pass whose epoch the run's cursor names."""
     import ray
 
     quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], cfg.epoch_videos)
-    spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name)
-    slots = num_slots(spec, epochs)
+    slots = max_tasks(sources, quotas, cfg.group_pieces)
+    spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name, slots)
     # one block per plan slot (45 for 10M manifest rows), expanded into rows by light tasks
     ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},

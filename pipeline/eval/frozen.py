@@ -140,6 +140,7 @@ class ViewEmbedder:
         return {
             "video": batch["video"],
             "labels": batch["labels"],
+            "video_row": batch["video_row"],
             "features": features.float().cpu().numpy(),
         }
 
@@ -172,6 +173,6 @@ def embed_views(
     )
     views = ViewAccumulator(feature_dim)  # sums any per-view vector per video; here features, not scores
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        views.add([str(v) for v in batch["video"]], batch["labels"], batch["features"])
+        views.add([str(v) for v in batch["video"]], batch["labels"], batch["features"], batch["video_row"])
     result = views.result()
     return torch.from_numpy(result.probs).float(), torch.from_numpy(result.labels), result.videos

@@ -68,7 +68,7 @@ class ViewClassifier:
             logits = self.model(x).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return {"video": batch["video"], "labels": batch["labels"], "clip_index": batch["clip_index"],
-                "crop_index": batch["crop_index"], "probs": probs}
+                "crop_index": batch["crop_index"], "video_row": batch["video_row"], "probs": probs}
 
 
 def predict_views(dataset: Any, model_uri: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
@@ -89,7 +89,7 @@ def predict_views(dataset: Any, model_uri: str, num_classes: int, mean: Sequence
     acc = ViewAccumulator(num_classes)
     views, started, last = 0, time.monotonic(), time.monotonic()
     for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
-        acc.add([str(v) for v in batch["video"]], batch["labels"], batch["probs"])
+        acc.add([str(v) for v in batch["video"]], batch["labels"], batch["probs"], batch["video_row"])
         views += len(batch["labels"])
         if time.monotonic() - last > progress_every_s:
             last = time.monotonic()

@@ -14,22 +14,29 @@ import numpy as np
 
 
 class ViewAccumulator:
-    """Running per-video sums of view probabilities; ``add`` batches in any order, then ``result``."""
+    """Running per-video sums of view probabilities; ``add`` batches in any order, then ``result``.
+
+    A video is its manifest row when the views carry one (``video_row``), else its path: a manifest may
+    list one file several times with different start / end windows, and each is a video of its own."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._index: dict[str, int] = {}
+        self._index: dict[tuple[int, str], int] = {}
+        self._videos: list[str] = []
         self._labels: list[int] = []
         self._sums: list[np.ndarray] = []
         self._views: list[int] = []
 
-    def add(self, videos: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
+    def add(self, videos: list[str], labels: np.ndarray, probs: np.ndarray,
+            rows: np.ndarray | None = None) -> None:
         if probs.ndim != 2 or probs.shape[1] != self.num_classes:
             raise ValueError(f"expected view probabilities (N, {self.num_classes}), got {probs.shape}")
-        for video, label, p in zip(videos, labels, probs, strict=True):
-            i = self._index.get(video)
+        keys = [-1] * len(videos) if rows is None else [int(r) for r in rows]
+        for video, row, label, p in zip(videos, keys, labels, probs, strict=True):
+            i = self._index.get((row, video))
             if i is None:
-                self._index[video] = i = len(self._labels)
+                self._index[(row, video)] = i = len(self._labels)
+                self._videos.append(video)
                 self._labels.append(int(label))
                 self._sums.append(np.zeros(self.num_classes, np.float64))
                 self._views.append(0)
@@ -46,7 +53,7 @@ class ViewAccumulator:
             return VideoScores([], empty, np.zeros((0, self.num_classes)), empty)
         views = np.asarray(self._views)
         return VideoScores(
-            videos=list(self._index),
+            videos=list(self._videos),
             labels=np.asarray(self._labels, np.int64),
             probs=np.stack(self._sums) / views[:, None],
             num_views=views,

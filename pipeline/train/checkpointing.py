@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,10 @@ class CheckpointSection:
 class Progress:
     """Where training stands. ``step`` counts optimizer steps; ``epoch`` and ``step_in_epoch`` are the data
     position, and ``epoch_done`` the videos of the epoch trained on (a packed bitmap over its positions,
-    base64; pipeline/data/stream.py): an interrupted epoch resumes with the videos it had not trained on."""
+    base64; pipeline/data/stream.py): an interrupted epoch resumes with the videos it had not trained on.
+    The bitmap indexes the positions of one epoch plan: ``data_fingerprint`` names the plan's inputs
+    (``data_inputs``: per source its URI, size, pieces and their digest), so a resume on other data is
+    seen, and said."""
 
     step: int = 0
     epoch: int = 0
@@ -79,6 +82,8 @@ class Progress:
     clips_seen: int = 0
     world_size: int = 1
     epoch_done: str = ""
+    data_fingerprint: str = ""
+    data_inputs: list = field(default_factory=list)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

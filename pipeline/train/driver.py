@@ -155,13 +155,16 @@ class Session:
         self.config_yaml = config_lib.to_yaml(cfg)
         self.ledger = ErrorLedger.create(cfg.run_name)
         self.cursor = stream.create_cursor(self.ledger.run_name)  # which epoch a pass reads, what is done
+        self.data_inputs: list[dict] | None = None  # set by training_stream
 
     def training_stream(self, sources: list, mode: str):
-        """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py)."""
-        plan = self.plan
-        epochs = range(math.ceil(plan.total_steps / plan.steps_per_epoch) + 1)
-        return stream.build_stream(self.cfg.data, mode, sources, self.ledger, self.cfg.seed,
-                                   self.ledger.run_name, epochs)
+        """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py); what
+        the plan depends on is kept for the checkpoints (a resume on other data is seen)."""
+        data = self.cfg.data
+        quotas = stream.epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources],
+                                     data.epoch_videos)
+        self.data_inputs = stream.plan_inputs(sources, quotas, data.group_pieces, self.cfg.seed, data.shuffle)
+        return stream.build_stream(data, mode, sources, self.ledger, self.cfg.seed, self.ledger.run_name)
 
     def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):
         """Run the TorchTrainer of ``objective`` over ``datasets`` to the plan's last step."""
@@ -170,7 +173,8 @@ class Session:
 
         cfg = self.cfg
         args = LoopArgs(cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name,
-                        probe_classes, self.run_dir, cursor=self.ledger.run_name)
+                        probe_classes, self.run_dir, cursor=self.ledger.run_name,
+                        data_inputs=self.data_inputs)
         fs, path = (
             (storage.s3_filesystem_for_uploads(), storage.resolve(self.storage_path)[1])
             if storage.is_s3(self.storage_path)

@@ -146,10 +146,10 @@ class FinetuneObjective:
         mixed, targets = self._mixer(pixel_values, labels, rng)
         return soft_target_cross_entropy(model(mixed).logits, targets), None
 
-    def should_validate(self, progress: checkpointing.Progress, plan: Plan) -> bool:
-        """At each epoch's end (and the last step), when there is a validation split."""
-        epoch_end = progress.step_in_epoch == plan.steps_per_epoch or progress.step == plan.total_steps
-        return self.has_validation and epoch_end
+    def should_validate(self, epoch_end: bool, last_step: bool) -> bool:
+        """At each epoch's end, however its pass ended (pipeline/train/loop.py), and at the run's last
+        step, when there is a validation split."""
+        return self.has_validation and (epoch_end or last_step)
 
     def validate(
         self, module: torch.nn.Module, device: torch.device, rank: int, progress: checkpointing.Progress

@@ -10,11 +10,19 @@ What is trained is an *objective* (``LoopArgs.objective``): it builds the model 
 batch into a loss and may validate (pipeline/train/pretrain.py, finetune.py). The loss stays on the device
 between log steps: one host sync per log step, not per micro-step.
 
-Data position: training is counted in optimizer steps. An epoch is one pass over the worker's shard,
-capped at ``steps_per_epoch``; ``Progress`` stores the epoch and the step inside it. A run resumed in the
-middle of epoch ``e`` at step ``k`` of it starts a fresh pass of the data for the epoch's remaining
-``steps_per_epoch - k`` steps (streamed datasets cannot seek; re-decoding ``k`` batches to skip them would
-cost as much as training on them). The per-worker shuffle buffer is seeded by (seed, epoch, rank).
+Epochs: training is counted in optimizer steps; an epoch is one pass of the training stream, and it ends
+when the pass ends: its quota of ``steps_per_epoch`` steps met, or its data exhausted (unreadable videos
+make a pass short). Everything keyed to an epoch's end (validation and ``best/``, the ``epoch/steps``
+metric, the next pass) runs at that moment, whatever the step count. The LR schedule and the run's length
+are in steps, fixed by the plan, so short epochs mean the run covers a few more of them
+(docs/training.md, "Epochs").
+
+Data position: ``Progress`` stores the epoch, the steps taken in it and the videos of it trained on (a
+bitmap over its positions, gathered at each checkpoint). A resumed run reopens the epoch and the stream
+skips the done videos before decoding (pipeline/data/stream.py): it trains on the videos not yet trained
+on, and an epoch whose pass has nothing left ends at once. The bitmap holds only for the data it was made
+on: ``data_fingerprint`` ties it to the plan's inputs, and a run resumed on other data starts the epoch
+afresh, saying what changed. The per-worker shuffle buffer is seeded by (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -112,13 +120,17 @@ class LoopArgs:
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
     cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
+    data_inputs: list[dict] | None = None  # the epoch plan's inputs (stream.plan_inputs): resume checks them
 
 
-def micro_steps(global_batch: int, batch_size: int, world: int, rank: int) -> int:
-    """This rank's micro-steps per optimizer step: the plan's global batch split over ``world`` ranks, the
-    remainder to the first ranks (elastic training: the global batch is the config's at any group size)."""
+def micro_steps(global_batch: int, batch_size: int, world: int, rank: int, step: int = 0) -> int:
+    """This rank's micro-steps at optimizer step ``step``: the plan's global batch split over ``world``
+    ranks (elastic training: the global batch is the config's at any group size). The remainder goes to
+    ranks that rotate with the step, so over any ``world`` consecutive steps every rank takes the same
+    number of micro-batches: Ray's split gives every rank as many rows, and the ranks' shards then run out
+    together (a fixed remainder for rank 0 left a third of each rank's rows untrained with 3 ranks)."""
     total = global_batch // batch_size
-    return total // world + (rank < total % world)
+    return total // world + ((rank - step) % world < total % world)
 
 
 def micro_loss_weight(global_batch: int, batch_size: int, world: int) -> float:
@@ -226,7 +238,6 @@ class TrainLoop:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the plan's
         batch, world = self.cfg.train.batch_size, self.world
-        self.accum = micro_steps(args.plan.global_batch, batch, world, self.rank)
         self.even = (args.plan.global_batch // batch) % world == 0  # every rank the same micro-steps
         self.loss_weight = micro_loss_weight(args.plan.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
@@ -246,6 +257,7 @@ class TrainLoop:
         self.rolled_back = False  # the last step ended in a rollback
         t = self.cfg.train
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
+        self.data_fingerprint = stream.fingerprint(args.data_inputs) if args.data_inputs else ""
         self.resumed, self.progress = self.restore()
         self.start_step = self.progress.step
         self.reporter = Rank0Reporter(args) if self.rank == 0 else None
@@ -286,9 +298,23 @@ class TrainLoop:
         else:
             progress = self.restore_before_torn(uri, reason)
         if progress is None:
-            return False, ckpt.Progress(world_size=self.world)
+            return False, ckpt.Progress(world_size=self.world, data_fingerprint=self.data_fingerprint)
         progress.world_size = self.world
+        self.check_data(progress)
         return True, progress
+
+    def check_data(self, progress: ckpt.Progress) -> None:
+        """A checkpoint's done-bitmap indexes the positions of the data it was made on: on other data (a
+        changed manifest, other pieces) the epoch starts afresh, and rank 0 says what changed."""
+        theirs, mine = progress.data_fingerprint, self.data_fingerprint
+        if theirs and mine and theirs != mine and (progress.epoch_done or progress.step_in_epoch):
+            if self.rank == 0:
+                change = stream.describe_change(progress.data_inputs, self.args.data_inputs or [])
+                print(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
+                      f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
+            progress.step_in_epoch, progress.epoch_done = 0, ""
+        progress.data_fingerprint = mine
+        progress.data_inputs = self.args.data_inputs or []
 
     @staticmethod
     def agree_on(value: Any) -> Any:
@@ -354,8 +380,8 @@ class TrainLoop:
         where = f"resuming from step {progress.step} (epoch {progress.epoch})" if self.resumed else "starting"
         print(
             f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
-            f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) x {self.accum} "
-            f"micro-step(s) on "
+            f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) x "
+            f"{p.global_batch // self.cfg.train.batch_size / self.world:g} micro-step(s) on "
             f"{self.device}, precision {self.amp_dtype or torch.float32}",
             flush=True,
         )
@@ -386,29 +412,51 @@ class TrainLoop:
         )
 
     def train_epoch(self) -> None:
+        """One pass of the stream. It ends when the epoch's quota of steps is met or its data runs out (then
+        on every rank at the same step); either way the epoch's end runs before the next pass starts."""
         progress, plan = self.progress, self.plan
         if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
-            progress.epoch += 1
-            progress.step_in_epoch, progress.epoch_done = 0, ""
+            self.next_epoch()
+        reopened = progress.step_in_epoch > 0 or bool(progress.epoch_done)  # resumed inside this epoch
         batches = self.epoch_batches()
-        steps_this_epoch = 0
-        while progress.step_in_epoch < plan.steps_per_epoch and progress.step < plan.total_steps:
+        steps_this_pass, ran_out = 0, False
+        while progress.step < plan.total_steps:
             if not self.train_step(batches):
+                ran_out = True
                 break
-            steps_this_epoch += 1
+            steps_this_pass += 1
+            quota_met = progress.step_in_epoch >= plan.steps_per_epoch
             if self.rolled_back:  # back at a step already checkpointed and logged: nothing to redo there
                 self.rolled_back = False
-                continue
-            self.after_step()
-        if steps_this_epoch == 0:
+            else:
+                self.after_step(epoch_end=quota_met)
+            if quota_met:
+                break
+        if steps_this_pass == 0 and not reopened:
             raise RuntimeError(
                 f"epoch {progress.epoch} gave rank {self.rank} no full batch of {self.cfg.train.batch_size} "
                 f"clips: the dataset has too few readable videos for {self.world} worker(s) x batch_size "
                 f"{self.cfg.train.batch_size} (see the data error report)"
             )
-        if progress.step < plan.total_steps:  # the pass ended: the epoch's quota or the data ran out
-            progress.epoch += 1
-            progress.step_in_epoch, progress.epoch_done = 0, ""
+        if ran_out:  # a short epoch (or a reopened one with nothing left): its end is now
+            self.report(progress.step, self.end_of_epoch(last_step=False))
+        if progress.step < plan.total_steps:
+            self.next_epoch()
+
+    def next_epoch(self) -> None:
+        progress = self.progress
+        progress.epoch += 1
+        progress.step_in_epoch, progress.epoch_done = 0, ""
+
+    def end_of_epoch(self, last_step: bool) -> dict[str, float]:
+        """What runs when an epoch's pass ends (``last_step``: or the run ends inside one): validation and
+        ``best/`` (finetuning); the steps the epoch took, as a metric."""
+        out: dict[str, float] = {}
+        if self.objective.should_validate(epoch_end=not last_step, last_step=last_step):
+            out.update(self.objective.validate(self.module, self.device, self.rank, self.progress))
+        if not last_step:
+            out["epoch/steps"] = self.progress.step_in_epoch
+        return out
 
     def next_batches(self, batches):
         """This step's micro-batches, lazily; None when the shard ran out. With every rank taking the same
@@ -422,18 +470,24 @@ class TrainLoop:
             self.meter.data_wait(time.perf_counter() - waited)
             return batch
 
+        accum = self.micro_steps_now()
         if self.even:
-            return (fetch() for _ in range(self.accum))
-        fetched = [fetch() for _ in range(self.accum)]
+            return (fetch() for _ in range(accum))
+        fetched = [fetch() for _ in range(accum)]
         have_all = float(all(b is not None for b in fetched))
         (everyone,) = across_ranks([have_all], self.device, dist.ReduceOp.MIN)
         return iter(fetched) if everyone else None
+
+    def micro_steps_now(self) -> int:
+        """This rank's micro-batches at the coming step (see micro_steps: the remainder rotates)."""
+        return micro_steps(self.plan.global_batch, self.cfg.train.batch_size, self.world, self.rank,
+                           self.progress.step)
 
     def train_step(self, batches) -> bool:
         """One optimizer step over this rank's micro-batches; False when a shard ran out (then on every
         rank at the same step)."""
         cfg = self.cfg
-        accum = self.accum
+        accum = self.micro_steps_now()
         loss_sum, clips, videos = torch.zeros((), device=self.device), 0, []
         step_batches = self.next_batches(batches)
         if step_batches is None:
@@ -458,7 +512,8 @@ class TrainLoop:
             videos.extend(batch.get("video", []))
             if "position" in batch:
                 step = self.progress.step + 1
-                self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), step)
+                self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), step,
+                                     batch.get("video"), batch.get("clip"))
                 np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -522,8 +577,10 @@ class TrainLoop:
             time.sleep(1.0)
 
     def roll_back(self) -> None:
-        """Every rank (they decide together) reloads the last checkpoint; under fp16 with a lower loss
-        scale. The data stream goes on: the batches that failed are not replayed."""
+        """Every rank (they decide together) reloads the last checkpoint's weights, optimizer, schedule and
+        step; under fp16 with a lower loss scale. The data stream goes on: the batches that failed are not
+        replayed, and the data position (epoch, its done videos, this pass's consumption) stays the
+        pass's, so a later checkpoint never stores one epoch with another's positions."""
         uri = self.last_checkpoint_uri
         if self.rank == 0 and uri and self.args.run_dir and not self.wait_until_whole(uri):
             uri, _ = ckpt.newest_complete(self.args.run_dir, ckpt.checkpoint_step(uri.rsplit("/", 1)[-1]))
@@ -541,19 +598,20 @@ class TrainLoop:
             self.scaler.update(new_scale=restored / 2**self.guard.rollbacks)
             self.report(loaded.step, {"rollback/checkpoint_loss_scale": restored,
                                       "rollback/loss_scale": self.scaler.get_scale()})
-        for name, value in vars(loaded).items():  # in place: the epoch loop holds this object
-            setattr(self.progress, name, value)
+        for name in ("step", "clips_seen"):  # in place: the epoch loop holds this object
+            setattr(self.progress, name, getattr(loaded, name))
         self.rolled_back = True
         self.progress.world_size = self.world
         if self.rank == 0:
             print(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
                   f"rollback {self.guard.rollbacks} of at most {self.guard.rollback_limit}", flush=True)
 
-    def after_step(self) -> None:
+    def after_step(self, epoch_end: bool = False) -> None:
+        """The step's side jobs; ``epoch_end``: the step met the epoch's quota, so the epoch ends here."""
         step = self.progress.step
         evaluated: dict[str, float] = {}
-        if self.objective.should_validate(self.progress, self.plan):
-            evaluated.update(self.objective.validate(self.module, self.device, self.rank, self.progress))
+        if epoch_end or self.done(step):
+            evaluated.update(self.end_of_epoch(last_step=not epoch_end))
         if self.should_probe(step):
             evaluated.update(self.monitor.run(self.module.videomae, self.device, self.rank))
         self.report(step, evaluated)

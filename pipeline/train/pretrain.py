@@ -94,7 +94,7 @@ class PretrainObjective:
         mask = batch["bool_masked_pos"].to(pixel_values.device, non_blocking=True)
         return model(pixel_values, mask).loss, (pixel_values, mask)
 
-    def should_validate(self, progress, plan: Plan) -> bool:
+    def should_validate(self, epoch_end: bool, last_step: bool) -> bool:
         return False  # the frozen-feature probe (probe.*) is the pretraining's evaluation
 
     def validate(

@@ -101,7 +101,7 @@ class ProbeMonitor:
         for batch in shard.iter_torch_batches(batch_size=self.section.batch_size, collate_fn=torch_collate):
             x = to_model_input(batch["pixel_values"].to(device), cfg.mean, cfg.std)
             features = pooled_features(encoder, x).float().cpu().numpy()
-            views.add(batch["video"], batch["labels"].numpy(), features)
+            views.add(batch["video"], batch["labels"].numpy(), features, batch["video_row"].numpy())
         result = views.result()
         return torch.from_numpy(result.probs).float(), torch.from_numpy(result.labels)
 

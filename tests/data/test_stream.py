@@ -126,7 +126,7 @@ def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos
     for task_videos in (2, 8):
         cfg = tiny(str(sample_videos), videos_per_block=100, decode_task_videos=task_videos)
         sources = stream.prepare_sources(cfg, "pretrain")
-        ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run), 0, run, range(1))
+        ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run), 0, run)
         # a decode task yields its clips as one block here (videos_per_block > its videos)
         per_block[task_videos] = [len(set(b["position"].tolist())) for b in ds.iter_batches(batch_size=None)]
     assert sum(per_block[2]) == sum(per_block[8]) == 8
@@ -135,8 +135,7 @@ def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos
 
 def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"") -> dict:
     ray.get(stream.get_cursor(run_name).set.remote(epoch, done))
-    ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name,
-                             range(2))
+    ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name)
     seen: dict = {"position": [], "source": [], "epoch": set(), "video": []}
     for batch in ds.iter_batches(batch_size=8):
         seen["video"] += batch["video"].tolist()

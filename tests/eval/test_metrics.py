@@ -37,6 +37,18 @@ def test_conflicting_labels_for_one_video_are_rejected():
         acc.add(["a"], np.array([1]), np.ones((1, 3)) / 3)
 
 
+def test_one_file_listed_with_several_windows_is_several_videos():
+    """A manifest may list one file with different start/end windows (and labels): the views are grouped by
+    manifest row, not by path, so neither merges nor clashes."""
+    acc = ViewAccumulator(2)
+    acc.add(["long.mp4", "long.mp4", "long.mp4"], np.array([0, 1, 0]),
+            np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]), rows=np.array([0, 1, 0]))
+    scores = acc.result()
+    assert scores.videos == ["long.mp4", "long.mp4"] and scores.labels.tolist() == [0, 1]
+    assert scores.num_views.tolist() == [2, 1]
+    np.testing.assert_allclose(scores.probs, [[0.8, 0.2], [0.2, 0.8]])
+
+
 def test_topk_and_per_class_accuracy():
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3], [0.2, 0.5, 0.3]])
     labels = np.array([0, 1, 1, 1])

@@ -123,6 +123,15 @@ def test_decoder_masking_reconstructs_running_cell_positions():
     assert out.logits.shape == (2, int((~dec[0]).sum()), 384)
 
 
+@pytest.mark.parametrize("ratio, reconstructed", [(0.25, 3 / 4), (0.7, 2 / 4), (0.9, 1 / 4)])
+def test_decoder_mask_ratios_reconstruct_what_videomae_v2_does(ratio, reconstructed):
+    """V2 drops int(4 x ratio) of each 2x2 cell: 0.7 reconstructs half the masked positions (round() gave a
+    quarter) and 0.9 a quarter (round() dropped all four, and the loss failed on an empty target)."""
+    c = tiny(decoder_mask_ratio=ratio)
+    out = VideoMAEForPreTraining(c)(clip(2, c), bool_masked_pos=tube(2, c))
+    assert out.logits.shape[1] == int(32 * reconstructed) and torch.isfinite(out.loss)
+
+
 def test_drop_path_and_gradient_checkpointing_train_and_match():
     c = tiny(drop_path_rate=0.2)
     model = VideoMAEForPreTraining(c).train()
@@ -182,6 +191,7 @@ def test_config_json_round_trip_and_validation(tmp_path):
         (dict(image_size=30), "image_size 30 is not divisible"),
         (dict(num_frames=5), "num_frames 5 is not divisible"),
         (dict(decoder_mask_ratio=1.5), "decoder_mask_ratio"),
+        (dict(decoder_mask_ratio=0.1), r"decoder_mask_ratio must be 0 .* or lie in \[0.25, 1\)"),
         (dict(drop_path_rate=-0.1), "drop_path_rate"),
         (dict(hidden_size=0), "hidden_size must be a positive integer"),
     ]:

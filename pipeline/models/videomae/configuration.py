@@ -248,8 +248,11 @@ class VideoMAEConfig:
                 problems.append(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not self.head_init_scale > 0:
             problems.append(f"head_init_scale must be > 0, got {self.head_init_scale}")
-        if not 0.0 <= self.decoder_mask_ratio < 1.0:
-            problems.append(f"decoder_mask_ratio must lie in [0, 1), got {self.decoder_mask_ratio}")
+        if self.decoder_mask_ratio != 0 and not 0.25 <= self.decoder_mask_ratio < 1.0:
+            problems.append(
+                f"decoder_mask_ratio must be 0 (reconstruct every masked token) or lie in [0.25, 1) (running "
+                f"cells drop int(4 x ratio) of each 2x2 cell, 1 to 3), got {self.decoder_mask_ratio}"
+            )
         elif self.decoder_mask_ratio > 0 and (self.image_size // self.patch_size) % 2:
             problems.append(
                 f"decoder_mask_ratio > 0 (running-cell masking) needs an even token grid, got "

@@ -39,17 +39,18 @@ def random_mask(grid: Grid, ratio: float, rng: np.random.Generator) -> np.ndarra
 
 
 def running_cell_mask(grid: Grid, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """VideoMAE V2 decoder masking: in each 2x2 spatial cell ``round(4 * ratio)`` positions are dropped,
-    and the dropped positions rotate by one each time slice, so every position is reconstructed in turn.
+    """VideoMAE V2 decoder masking: in each 2x2 spatial cell ``int(4 * ratio)`` positions are dropped (V2's
+    ``RunningCellMaskingGenerator``: 0.5 drops 2, 0.7 drops 2, 0.9 drops 3), and the dropped positions
+    rotate by one each time slice, so every position is reconstructed in turn.
 
     Returns True for tokens the decoder does *not* reconstruct. Same count in every sample.
     """
     t, h, w = grid
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"decoder mask ratio must lie in [0, 1), got {ratio}")
+    dropped = int(4 * ratio)
+    if not 0 < dropped < 4:
+        raise ValueError(f"decoder mask ratio must lie in [0.25, 1) (1 to 3 of each 2x2 cell), got {ratio}")
     if h % 2 or w % 2:
         raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}")
-    dropped = int(round(4 * ratio))
     base = np.array([True] * dropped + [False] * (4 - dropped))
     start = int(rng.integers(4))
     slices = []
