@@ -276,7 +276,13 @@ class ClipMaker:
             n = len(out["pixel_values"])
             for key in ("epoch", "position", "source"):
                 out[key] = [int(row[key])] * n
-            out["clip"] = list(range(n))  # which of the video's clips (the audit's)
+            out["clip"] = list(range(n))  # which of the video's clips (exact resume, the audit)
+            trained = int(row.get("clips_done", 0))
+            if trained:  # a resumed epoch: the clips of this video trained before the checkpoint are not made
+                keep = [i for i in range(n) if not trained >> i & 1]
+                if not keep:
+                    return None
+                out = {key: [values[i] for i in keep] for key, values in out.items()}
         return out
 
     @staticmethod

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -484,16 +485,17 @@ def plan_epoch(sources: list[Source], quotas: list[int], group_pieces: int, seed
 # --- the cursor: which epoch a pass is, and what of it is done -------------------------------------------
 
 class CursorState:
-    """The epoch a pass reads and the bitmap of its done positions (set by rank 0 before each pass)."""
+    """The epoch a pass reads, the bitmap of its done positions and the clip masks of its begun videos
+    (set by rank 0 before each pass)."""
 
     def __init__(self) -> None:
-        self.epoch, self.done = 0, b""
+        self.epoch, self.done, self.partial = 0, b"", {}
 
-    def set(self, epoch: int, done: bytes) -> None:
-        self.epoch, self.done = epoch, done
+    def set(self, epoch: int, done: bytes, partial: dict[int, int] | None = None) -> None:
+        self.epoch, self.done, self.partial = epoch, done, dict(partial or {})
 
-    def get(self) -> tuple[int, bytes]:
-        return self.epoch, self.done
+    def get(self) -> tuple[int, bytes, dict[int, int]]:
+        return self.epoch, self.done, self.partial
 
 
 def cursor_name(run_name: str) -> str:
@@ -558,9 +560,9 @@ def _epoch_plan(spec: StreamSpec, epoch: int) -> list[Task]:
     return _PLANS[key]
 
 
-def _cursor(spec: StreamSpec) -> tuple[int, bytes]:
+def _cursor(spec: StreamSpec) -> tuple[int, bytes, dict[int, int]]:
     if spec.run_name is None:
-        return 0, b""
+        return 0, b"", {}
     import ray
 
     return ray.get(get_cursor(spec.run_name).get.remote())
@@ -574,12 +576,20 @@ def _task_pieces(spec: StreamSpec, task: Task) -> np.ndarray:
     return pass_groups(source.sizes, size, spec.seed, task.source, task.pass_, spec.shuffle)[task.group]
 
 
+def task_rows(spec: StreamSpec, task: Task, num_rows: int) -> np.ndarray:
+    """Which rows of its pieces (concatenated in group order) a rows task reads, in position order: its
+    window ``[lo, hi)`` of the group's seeded permutation."""
+    order = (_rng(spec.seed, task.source, task.pass_, task.group, 7).permutation(num_rows)
+             if spec.shuffle else np.arange(num_rows))
+    return order[task.lo : task.hi]
+
+
 def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
     """Plan slots -> rows to decode: the epoch's task at each slot, its done rows dropped. A shard task
     becomes one row (kind ``shard``) that the decode step streams."""
     import ray
 
-    epoch, done = _cursor(spec)
+    epoch, done, partial = _cursor(spec)
     plan = _epoch_plan(spec, epoch)
     if len(plan) > spec.slots:  # max_tasks bounds every epoch: this would be a bug, never a silent loss
         raise RuntimeError(f"epoch {epoch} has {len(plan)} read tasks, more than the stream's {spec.slots} "
@@ -590,33 +600,37 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
             continue
         task = plan[slot]
         source = spec.sources[task.source]
-        skip = done_mask(done, task.offset, task.offset + task.hi - task.lo)
+        end = task.offset + task.hi - task.lo
+        skip = done_mask(done, task.offset, end)
         if skip.all():
             continue
+        begun = {p - task.offset: m for p, m in partial.items() if task.offset <= p < end}
         if source.kind == "shards":
             parts.append(pa.table({
                 "kind": ["shard"], "path": [source.shard_uris[int(_task_pieces(spec, task)[0])]],
                 "label": [-1], "start": [-1.0], "end": [-1.0], "epoch": [epoch], "position": [task.offset],
-                "source": [task.source],
+                "source": [task.source], "clips_done": [0],
                 "lo": [task.lo], "hi": [task.hi], "skip": [np.packbits(skip, bitorder="little").tobytes()],
                 "split": [source.spec.split or ""],
+                "begun": [json.dumps(begun)],
             }))
             continue
         table = pa.concat_tables(ray.get([source.refs[p] for p in _task_pieces(spec, task)]))
-        order = (_rng(spec.seed, task.source, task.pass_, task.group, 7).permutation(table.num_rows)
-                 if spec.shuffle else np.arange(table.num_rows))
-        keep = order[task.lo : task.hi][~skip]
-        positions = (task.offset + np.arange(task.hi - task.lo))[~skip]
+        keep = task_rows(spec, task, table.num_rows)[~skip]
+        offsets = np.arange(task.hi - task.lo)[~skip]
+        clips_done = pa.array([begun.get(int(i), 0) for i in offsets], pa.int64())
         rows = table.take(pa.array(keep)).select(list(COLUMNS))
         n = rows.num_rows
         parts.append(rows.append_column("kind", pa.array(["video"] * n))
                      .append_column("epoch", pa.array(np.full(n, epoch)))
-                     .append_column("position", pa.array(positions))
+                     .append_column("position", pa.array(task.offset + offsets))
                      .append_column("source", pa.array(np.full(n, task.source)))
+                     .append_column("clips_done", clips_done)
                      .append_column("lo", pa.array(np.zeros(n, np.int64)))
                      .append_column("hi", pa.array(np.zeros(n, np.int64)))
                      .append_column("skip", pa.array([b""] * n, pa.binary()))
-                     .append_column("split", pa.array([""] * n)))
+                     .append_column("split", pa.array([""] * n))
+                     .append_column("begun", pa.array([""] * n)))
     if not parts:
         return EMPTY_ROWS
     return pa.concat_tables([p.select(EMPTY_ROWS.column_names).cast(EMPTY_ROWS.schema) for p in parts])
@@ -625,7 +639,8 @@ def expand_slots(batch: dict[str, np.ndarray], spec: StreamSpec) -> pa.Table:
 EMPTY_ROWS = pa.schema([
     ("kind", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("start", pa.float64()),
     ("end", pa.float64()), ("epoch", pa.int64()), ("position", pa.int64()), ("source", pa.int64()),
-    ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()), ("split", pa.string()),
+    ("clips_done", pa.int64()), ("lo", pa.int64()), ("hi", pa.int64()), ("skip", pa.binary()),
+    ("split", pa.string()), ("begun", pa.string()),
 ]).empty_table()
 
 
@@ -645,45 +660,61 @@ def max_tasks(sources: list[Source], quotas: list[int], group_pieces: int) -> in
 # --- what the trainer saw ---------------------------------------------------------------------------------
 
 class Consumption:
-    """A rank's count of trained clips per position of the current epoch; a video is done when all of its
-    ``clips_per_video`` clips were trained on. ``gather`` merges every rank's into one bitmap."""
+    """Which clips of the current epoch were trained on, per position: a video is done when all of its
+    ``clips_per_video`` clips were, on whichever ranks. A rank records its own clips (``add``); ``merge``
+    unites every rank's (a checkpoint's gather), so all ranks then hold the same record: a bitmap of done
+    positions and the clip masks of the videos begun but not done (``partial``). A resumed pass skips the
+    done videos and, of a begun one, the clips already trained: every clip of an epoch once."""
 
     def __init__(self, clips_per_video: int, audit_dir: str = "") -> None:
         self.clips_per_video, self.audit_dir = clips_per_video, audit_dir
+        self.full = (1 << clips_per_video) - 1
         self.epoch = 0
-        self.partial: dict[int, int] = {}
-        self.done: set[int] = set()  # since the last gather
-        self.bitmap = np.zeros(0, bool)  # done positions of the epoch, every rank's, as of the last gather
+        self.partial: dict[int, int] = {}  # position -> mask of its trained clips (not all of them)
+        self.done: set[int] = set()  # since the last merge
+        self.bitmap = np.zeros(0, bool)  # done positions of the epoch, every rank's, as of the last merge
 
-    def start_epoch(self, epoch: int, bitmap: np.ndarray | None = None) -> None:
-        self.epoch, self.partial, self.done = epoch, {}, set()
+    def start_epoch(self, epoch: int, bitmap: np.ndarray | None = None,
+                    partial: dict[int, int] | None = None) -> None:
+        self.epoch, self.partial, self.done = epoch, dict(partial or {}), set()
         self.bitmap = np.zeros(0, bool) if bitmap is None else bitmap
 
     def add(self, epochs: np.ndarray, positions: np.ndarray, step: int = 0, videos: list[str] | None = None,
             clips: Any = None) -> None:
-        """The clips of a micro-batch of optimizer step ``step`` were trained on (``videos``: their URIs,
-        ``clips``: which clip of its video each is, for the audit)."""
+        """The clips of a micro-batch of optimizer step ``step`` were trained on: ``clips`` says which clip
+        of its video each is (the stream's ``clip`` column), ``videos`` their URIs (for the audit)."""
+        n = len(positions)
+        indices = np.asarray(clips).tolist() if clips is not None else [0] * n
         if self.audit_dir:  # what each step trained on, clip by clip (train.audit_dir; read_audit)
-            n = len(positions)
             uris = list(videos) if videos is not None else ["-"] * n
-            indices = np.asarray(clips).tolist() if clips is not None else [-1] * n
             with open(os.path.join(self.audit_dir, f"consumed-{os.getpid()}.txt"), "a") as out:
                 out.writelines(f"{step} {e} {p} {c} {u}\n" for e, p, c, u in zip(
                     epochs.tolist(), positions.tolist(), indices, uris, strict=True))
-        for e, p in zip(epochs.tolist(), positions.tolist(), strict=True):
-            if e != self.epoch:
-                continue
-            seen = self.partial.get(p, 0) + 1
-            if seen >= self.clips_per_video:
-                self.partial.pop(p, None)
-                self.done.add(p)
-            else:
-                self.partial[p] = seen
+        for e, p, c in zip(epochs.tolist(), positions.tolist(), indices, strict=True):
+            if e == self.epoch:
+                self._mark(p, 1 << c)
 
-    def merge(self, done_per_rank: list[list[int]]) -> None:
-        positions = [p for done in done_per_rank for p in done]
+    def _mark(self, position: int, mask: int) -> None:
+        seen = self.partial.get(position, 0) | mask
+        if seen & self.full == self.full:
+            self.partial.pop(position, None)
+            self.done.add(position)
+        else:
+            self.partial[position] = seen
+
+    def local(self) -> tuple[list[int], dict[int, int]]:
+        """This rank's news for a merge: positions done since the last one, and its begun videos."""
+        return sorted(self.done), dict(self.partial)
+
+    def merge(self, per_rank: list[tuple[list[int], dict[int, int]]]) -> None:
+        """Every rank's ``local()`` into the epoch's record (the same on every rank afterwards)."""
+        for _, partial in per_rank:
+            for position, mask in partial.items():
+                self._mark(int(position), int(mask))
+        positions = sorted({p for done, _ in per_rank for p in done} | self.done)
+        self.partial = {p: m for p, m in self.partial.items() if p not in set(positions)}
         if positions:
-            size = max(len(self.bitmap), max(positions) + 1)
+            size = max(len(self.bitmap), positions[-1] + 1)
             if size > len(self.bitmap):
                 self.bitmap = np.concatenate([self.bitmap, np.zeros(size - len(self.bitmap), bool)])
             self.bitmap[positions] = True
@@ -791,6 +822,7 @@ def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
 
     lo, hi, offset, split = int(row["lo"]), int(row["hi"]), int(row["position"]), row["split"]
     done = done_mask(row["skip"], 0, hi - lo)
+    begun = {int(k): int(v) for k, v in json.loads(row["begun"] or "{}").items()}
     rng = _rng(seed, int(row["epoch"]), offset, 11)
     buffer: list[dict[str, Any]] = []
     index = -1
@@ -806,7 +838,7 @@ def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
                 continue
             buffer.append({"path": sample.name, "data": sample.video, "label": sample.label, "start": -1.0,
                            "end": -1.0, "epoch": row["epoch"], "position": offset + index - lo,
-                           "source": row["source"]})
+                           "source": row["source"], "clips_done": begun.get(index - lo, 0)})
             if len(buffer) >= buffer_size:
                 yield buffer.pop(int(rng.integers(len(buffer))))
     except shards.CorruptShard as e:

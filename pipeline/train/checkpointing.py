@@ -82,6 +82,7 @@ class Progress:
     clips_seen: int = 0
     world_size: int = 1
     epoch_done: str = ""
+    epoch_begun: list = field(default_factory=list)  # [position, mask of trained clips] of begun videos
     data_fingerprint: str = ""
     data_inputs: list = field(default_factory=list)
 

@@ -312,7 +312,7 @@ class TrainLoop:
                 change = stream.describe_change(progress.data_inputs, self.args.data_inputs or [])
                 print(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
                       f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
-            progress.step_in_epoch, progress.epoch_done = 0, ""
+            progress.step_in_epoch, progress.epoch_done, progress.epoch_begun = 0, "", []
         progress.data_fingerprint = mine
         progress.data_inputs = self.args.data_inputs or []
 
@@ -387,14 +387,17 @@ class TrainLoop:
         )
 
     def start_pass(self) -> None:
-        """Point the stream at this epoch, its done videos skipped (a resumed epoch), before a rank reads."""
+        """Point the stream at this epoch, its done videos and clips skipped (a resumed epoch), before a
+        rank reads."""
         progress = self.progress
         done = Consumption.unpack(base64.b64decode(progress.epoch_done)) if progress.epoch_done else None
-        self.consumption.start_epoch(progress.epoch, done)
+        begun = {int(p): int(m) for p, m in progress.epoch_begun}
+        self.consumption.start_epoch(progress.epoch, done, begun)
         if self.args.cursor is None:
             return
         if self.rank == 0:
-            ray.get(stream.get_cursor(self.args.cursor).set.remote(progress.epoch, self.consumption.packed()))
+            cursor = stream.get_cursor(self.args.cursor)
+            ray.get(cursor.set.remote(progress.epoch, self.consumption.packed(), begun))
         if distributed():
             dist.barrier()
 
@@ -417,7 +420,7 @@ class TrainLoop:
         progress, plan = self.progress, self.plan
         if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
             self.next_epoch()
-        reopened = progress.step_in_epoch > 0 or bool(progress.epoch_done)  # resumed inside this epoch
+        reopened = progress.step_in_epoch > 0 or bool(progress.epoch_done or progress.epoch_begun)
         batches = self.epoch_batches()
         steps_this_pass, ran_out = 0, False
         while progress.step < plan.total_steps:
@@ -446,7 +449,7 @@ class TrainLoop:
     def next_epoch(self) -> None:
         progress = self.progress
         progress.epoch += 1
-        progress.step_in_epoch, progress.epoch_done = 0, ""
+        progress.step_in_epoch, progress.epoch_done, progress.epoch_begun = 0, "", []
 
     def end_of_epoch(self, last_step: bool) -> dict[str, float]:
         """What runs when an epoch's pass ends (``last_step``: or the run ends inside one): validation and
@@ -690,16 +693,17 @@ class TrainLoop:
 
 
     def gather_consumption(self) -> None:
-        """Every rank's newly done videos into the epoch's bitmap (the same on every rank), kept in the
-        progress the checkpoint saves."""
-        done = sorted(self.consumption.done)
+        """Every rank's trained clips into the epoch's record (the same on every rank), kept in the
+        progress the checkpoint saves: the done videos' bitmap and the begun videos' clip masks."""
+        mine = self.consumption.local()
         if distributed():
-            everyone: list[list[int]] = [[] for _ in range(self.world)]
-            dist.all_gather_object(everyone, done)
+            everyone: list = [None] * self.world
+            dist.all_gather_object(everyone, mine)
         else:
-            everyone = [done]
+            everyone = [mine]
         self.consumption.merge(everyone)
         self.progress.epoch_done = base64.b64encode(self.consumption.packed()).decode()
+        self.progress.epoch_begun = [[p, m] for p, m in sorted(self.consumption.partial.items())]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -67,15 +67,23 @@ def test_a_mixture_takes_each_source_in_proportion_and_a_small_one_repeats():
     assert (first_big.pass_, first_big.group, first_big.lo) == (0, 1, 200)  # 600 rows = 1.5 groups of 400
 
 
-def test_consumption_marks_a_video_done_when_all_its_clips_trained():
-    c = stream.Consumption(clips_per_video=2)
-    c.start_epoch(3)
-    c.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]))  # epoch 2's clip: another epoch, ignored
-    c.merge([sorted(c.done), [9]])  # another rank finished video 9
-    assert np.flatnonzero(c.bitmap).tolist() == [5, 9]
-    again = stream.Consumption.unpack(c.packed())
-    assert np.flatnonzero(again).tolist() == [5, 9]
-    assert np.flatnonzero(stream.done_mask(c.packed(), 4, 12)).tolist() == [1, 5]
+def test_consumption_marks_a_video_done_when_all_its_clips_trained_on_any_ranks():
+    a, b = stream.Consumption(clips_per_video=2), stream.Consumption(clips_per_video=2)
+    a.start_epoch(3)
+    b.start_epoch(3)
+    a.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]), clips=np.array([0, 1, 0, 0]))  # epoch 2's: ignored
+    b.add(np.array([3, 3, 3, 3]), np.array([9, 9, 7, 11]), clips=np.array([1, 0, 1, 1]))
+    news = [a.local(), b.local()]
+    for rank in (a, b):  # a checkpoint's gather: every rank merges every rank's news
+        rank.merge(news)
+        assert np.flatnonzero(rank.bitmap).tolist() == [5, 7, 9]  # 7: one clip on each rank
+        assert rank.partial == {11: 0b10}  # begun: clip 1 trained, clip 0 not
+    again = stream.Consumption.unpack(a.packed())
+    assert np.flatnonzero(again).tolist() == [5, 7, 9]
+    assert np.flatnonzero(stream.done_mask(a.packed(), 4, 12)).tolist() == [1, 3, 5]
+    a.add(np.array([3]), np.array([11]), clips=np.array([0]))
+    a.merge([a.local()])
+    assert a.partial == {} and a.bitmap[11]
 
 
 @pytest.mark.integration
@@ -133,12 +141,14 @@ def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos
     assert max(per_block[2]) == 2 and max(per_block[8]) > 2  # read tasks hold 6 and 2 videos
 
 
-def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"") -> dict:
-    ray.get(stream.get_cursor(run_name).set.remote(epoch, done))
+def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"",
+                begun: dict[int, int] | None = None) -> dict:
+    ray.get(stream.get_cursor(run_name).set.remote(epoch, done, begun))
     ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name)
-    seen: dict = {"position": [], "source": [], "epoch": set(), "video": []}
+    seen: dict = {"position": [], "source": [], "epoch": set(), "video": [], "clip": []}
     for batch in ds.iter_batches(batch_size=8):
         seen["video"] += batch["video"].tolist()
+        seen["clip"] += batch["clip"].tolist()
         seen["position"] += batch["position"].tolist()
         seen["source"] += batch["source"].tolist()
         seen["epoch"] |= set(batch["epoch"].tolist())
@@ -161,6 +171,11 @@ def test_the_stream_reads_each_video_of_an_epoch_once_and_skips_done_ones(ray_se
     assert sorted(set(seen["position"])) == [1, 2, 5, 6, 7]
     decoded = ErrorLedger.get_or_create("test-stream").snapshot()["videos"] - ledger_before
     assert decoded == 5  # the done ones were dropped before decoding
+
+    # begun videos: of video 1 clip 0 was trained, of video 2 clip 1: only the other clip of each comes
+    seen = read_stream(cfg, sources, "test-stream", epoch=1, done=packed, begun={1: 0b01, 2: 0b10})
+    clips = Counter(zip(seen["position"], seen["clip"], strict=True))
+    assert clips == {(1, 1): 1, (2, 0): 1, (5, 0): 1, (5, 1): 1, (6, 0): 1, (6, 1): 1, (7, 0): 1, (7, 1): 1}
 
 
 @pytest.mark.integration
