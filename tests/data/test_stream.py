@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -123,6 +124,43 @@ def test_pieces_of_a_large_manifest_live_in_the_object_store(ray_session, sample
     assert source.num_videos == rows and len(source.sizes) >= 2
     assert max(len(ray.cloudpickle.dumps(ref)) for ref in source.refs) < 4096  # a reference, not the rows
     assert min(t.nbytes for t in ray.get(source.refs[:-1])) > 100 << 10
+
+
+@pytest.mark.integration
+def test_an_ssv2_json_takes_the_label_map_and_video_suffix_the_validation_does(ray_session, tmp_path):
+    """The training stream reads an SSv2 list with data.label_map and data.video_ext, as validation does
+    (without them it looked for labels.json beside the list and for .webm files)."""
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "templates.json").write_text(json.dumps({"Pushing [something]": "0",
+                                                                  "Holding [something]": "1"}))
+    (tmp_path / "train.json").write_text(json.dumps([{"id": "1", "template": "Holding [something]"},
+                                                     {"id": "2", "template": "Holding [something]"},
+                                                     {"id": "3", "template": "Pushing [something]"}]))
+    cfg = tiny(str(tmp_path / "train.json"), label_map=str(tmp_path / "maps" / "templates.json"),
+               video_ext=".mp4")
+    (source,) = stream.prepare_sources(cfg, "finetune")
+    assert source.labels == {1: 2, 0: 1}
+    rows = [r for ref in source.refs for r in ray.get(ref).to_pylist()]
+    assert sorted(Path(r["path"]).name for r in rows) == ["1.mp4", "2.mp4", "3.mp4"]
+
+
+@pytest.mark.integration
+def test_pieces_of_a_manifest_read_by_several_tasks_are_the_same_when_rebuilt(ray_session, tmp_path):
+    """A resubmitted job rebuilds the pieces: they, and so every position, must be a function of the
+    manifest, not of which read task finished first; a changed manifest changes the digest."""
+    (tmp_path / "m.parquet").mkdir()
+    for i in range(4):
+        pq.write_table(pa.table({"path": [f"/v/{i}_{j}.mp4" for j in range(50 + 10 * i)]}),
+                       tmp_path / "m.parquet" / f"part-{i}.parquet")
+    spec = stream.SourceSpec(str(tmp_path / "m.parquet"))
+    builds = [stream.prepare_source(spec, "pretrain", piece_rows=16) for _ in range(3)]
+    rows = [[r["path"] for ref in b.refs for r in ray.get(ref).to_pylist()] for b in builds]
+    assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 260
+    # a strict repartition: every piece full but the last
+    assert [b.sizes.tolist() for b in builds] == [[16] * 16 + [4]] * 3
+    assert len({b.digest for b in builds}) == 1
+    pq.write_table(pa.table({"path": ["/v/other.mp4"]}), tmp_path / "m.parquet" / "part-9.parquet")
+    assert stream.prepare_source(spec, "pretrain", piece_rows=16).digest != builds[0].digest
 
 
 @pytest.mark.integration
