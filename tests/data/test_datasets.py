@@ -147,3 +147,22 @@ def test_ray_builders_stream_the_row_contract(ray_session, sample_videos):
         "by_reason": {},
         "by_backend": {"decord": 24},  # auto's first backend at this size read every video
     }
+
+
+def test_a_video_repeated_within_an_epoch_gets_different_cuts_and_resumes_its_missing_clips(sample_videos):
+    """With data.seed, a video's clips, crops and masks are drawn per (video, epoch, position): an
+    up-weighted source repeats a video within an epoch, and each repetition is its own sample. A resumed
+    epoch asks for the clips of a begun video not yet trained (clips_done), and gets exactly those."""
+    cfg = tiny(sample_videos, clips_per_video=3)
+    row = {**resolve_rows(cfg)[0], "epoch": 2, "source": 0}
+    first = clip_batch(cfg, "pretrain", {**row, "position": 4}, ErrorLedger.local())
+    again = clip_batch(cfg, "pretrain", {**row, "position": 4}, ErrorLedger.local())
+    other = clip_batch(cfg, "pretrain", {**row, "position": 11}, ErrorLedger.local())
+    np.testing.assert_array_equal(first["pixel_values"], again["pixel_values"])  # seeded: repeatable
+    assert not np.array_equal(first["bool_masked_pos"], other["bool_masked_pos"])
+    assert first["clip"].tolist() == [0, 1, 2] and first["position"].tolist() == [4, 4, 4]
+    rest = clip_batch(cfg, "pretrain", {**row, "position": 4, "clips_done": 0b101}, ErrorLedger.local())
+    assert rest["clip"].tolist() == [1]
+    np.testing.assert_array_equal(rest["pixel_values"][0], first["pixel_values"][1])  # the same clip 1
+    maker = ClipMaker(cfg, "pretrain", ErrorLedger.local())
+    assert maker.clips({**row, "position": 4, "clips_done": 0b111}) is None

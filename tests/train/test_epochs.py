@@ -152,7 +152,8 @@ def test_an_uneven_elastic_group_trains_every_video_of_its_epoch(ray_session, sa
     audit = tmp_path / "audit"
     audit.mkdir()
     # planned for 4 workers (global batch 8: 4 micro-batches); the session's 2 "decode" units hold 3.
-    # Binary fractions: Ray Train's elastic policy divides summed reservations (0.6 x 3 = 1.7999..., // 0.6 = 2)
+    # Binary fractions: Ray Train's elastic policy divides summed reservations (0.6 x 3 = 1.79999...,
+    # and // 0.6 gives 2 workers)
     sets = {"run_name": "uneven", "data.clips_per_video": "2", "scaling.num_workers": "[3, 4]",
             "scaling.resources_per_worker": "{decode: 0.625}", "scaling.cpus_per_worker": "0.25",
             "train.max_steps": "6", "checkpoint.every_steps": "6", "train.audit_dir": str(audit)}

@@ -8,16 +8,20 @@ a healthy tiny model on generated video produces one on cue; everything else is 
 
 from __future__ import annotations
 
+import base64
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 import ray.cloudpickle
 import ray.train
 import torch
 from mlflow.tracking import MlflowClient
+from runs import tiny_config
 from safetensors.torch import load_file
-from train.test_pretrain_run import tiny_config
 
+from pipeline.data import stream
 from pipeline.train import checkpointing
 from pipeline.train import pretrain as pretrain_job
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
@@ -55,8 +59,12 @@ def _run(monkeypatch, tmp_path, sample_videos, bad_calls: set[int], **overrides:
 def test_skipped_steps_and_a_rollback_end_the_run_at_its_planned_step(
     ray_session, sample_videos, tmp_path, monkeypatch
 ):
-    # call 3 = step 3 (one skip); calls 6, 7 = steps 6, 7: two in a row, back to the checkpoint of step 4
-    result = _run(monkeypatch, tmp_path, sample_videos, {3, 6, 7})
+    # call 3 = step 3 (one skip); calls 6, 7 = steps 6, 7: two in a row, back to the checkpoint of step 4.
+    # Epochs of 6 videos (3 steps): the rollback at step 7 (epoch 2's first) goes back to step 4 (epoch 1)
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    result = _run(monkeypatch, tmp_path, sample_videos, {3, 6, 7}, **{"data.epoch_videos": "6",
+                                                                      "train.audit_dir": str(audit)})
     assert result.final_step == 10
     run_dir = tmp_path / "runs" / "kill-test"
     state = torch.load(run_dir / "checkpoint_00000010" / checkpointing.TRAIN_STATE, weights_only=True)
@@ -70,6 +78,13 @@ def test_skipped_steps_and_a_rollback_end_the_run_at_its_planned_step(
     assert {int(s["step"]) for s in redone["optimizer"]["state"].values()} == {5}
     metrics = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
     assert metrics["nonfinite_steps"] == 3 and metrics["nonfinite_rollbacks"] == 1
+    # the data position stayed the pass's: the checkpoint after the rollback holds epoch 2 and the videos
+    # of epoch 2 trained so far (the checkpoint of step 4 had epoch 1's), so no epoch mixes another's
+    progress = checkpointing.read_progress(run_dir / "checkpoint_00000006")
+    assert (progress.epoch, progress.step_in_epoch) == (2, 3)
+    clips = Counter(r.position for r in stream.read_audit(str(audit)) if r.epoch == 2)
+    done = stream.Consumption.unpack(base64.b64decode(progress.epoch_done))
+    assert set(np.flatnonzero(done).tolist()) == {p for p, n in clips.items() if n == 2}
 
 
 def test_non_finite_steps_past_the_bound_stop_the_run_naming_step_and_videos(

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 from mlflow.tracking import MlflowClient
-from train.test_pretrain_run import pretrain_in_thread, tiny_config
+from runs import pretrain_in_thread, tiny_config
 
 from pipeline.data import storage
 from pipeline.train import checkpointing

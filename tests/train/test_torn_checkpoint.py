@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
-from train.test_pretrain_run import tiny_config
+from runs import tiny_config
 
 from pipeline.train import checkpointing
 from pipeline.train.pretrain import run_pretrain
