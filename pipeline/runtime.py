@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from pipeline.config import ConfigError
 from pipeline.data import storage
@@ -22,6 +23,18 @@ def init_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    quiet_progress_bars(sys.stdout.isatty())
+
+
+def quiet_progress_bars(terminal: bool) -> None:
+    """Ray Data's per-operator progress bars only on a terminal: in a log (``ray job logs``, CI) their
+    redraws (``\x1b[A``) fill it with copies of the bars. Off the terminal Ray Data still prints one line
+    as each dataset starts executing, naming its operators."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = terminal
+    context.enable_operator_progress_bars = terminal
 
 
 def check_run_name(name: str) -> None:

@@ -486,6 +486,28 @@ def _sizes(uris: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def is_shard_list(uri: str) -> bool:
+    """Whether a ``.txt`` file lists shards (its first entry names a ``.tar``), not videos (a VideoMAE
+    ``path label`` manifest)."""
+    for line in storage.read_bytes_range(uri, 0, 4096).decode("utf-8", "replace").splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            return entry.split()[0].lower().endswith(".tar")
+    return False
+
+
+def is_shard_folder(uri: str) -> bool:
+    """Whether a folder / prefix holds WebDataset tars and no loose videos: a set made by our
+    preprocessing job, WebDataset's ShardWriter, or video2dataset (whose per-shard ``.parquet`` and
+    ``_stats.json`` bookkeeping sits beside the tars and is not a manifest)."""
+    try:
+        files = storage.list_files(uri, (".tar", *storage.VIDEO_SUFFIXES))
+    except StorageError:
+        return False
+    tars = sum(1 for path, _ in files if path.lower().endswith(".tar"))
+    return tars > 0 and tars == len(files)
+
+
 def list_shards(uri: str) -> list[tuple[str, int]]:
     """The shards of a shard set as ``(uri, size)``: every ``*.tar`` below a folder or prefix (sorted), a
     brace pattern (``s3://b/train-{000000..000099}.tar``, in its order), or a ``.txt`` list (one URI per

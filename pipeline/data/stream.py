@@ -63,7 +63,19 @@ class SourceSpec:
     split: str | None = None  # default: data.split
 
     def label(self) -> str:
-        return self.name or posixpath.basename(self.uri.rstrip("/")).split(".")[0] or "source"
+        """The source's name in metrics, tags and lines: ``name``, else the URI's last part that is not a
+        pattern (a brace pattern's folder), made MLflow-safe."""
+        if self.name:
+            return safe_name(self.name)
+        parts = [p for p in self.uri.rstrip("/").split("/") if p and "{" not in p and "}" not in p]
+        last = parts[-1] if parts else ""
+        return safe_name(last.split(".")[0] if "." in last.lstrip(".") else last)
+
+
+def safe_name(text: str) -> str:
+    """A name MLflow takes as (part of) a metric or tag name: letters, digits and ``_ - . /`` kept, any
+    other run of characters one ``_``; never empty."""
+    return re.sub(r"[^A-Za-z0-9_.\-/]+", "_", text).strip("_") or "source"
 
 
 def source_specs(cfg) -> list[SourceSpec]:
@@ -89,12 +101,18 @@ def source_specs(cfg) -> list[SourceSpec]:
 
 
 def is_shard_set(uri: str) -> bool:
-    lower = uri.lower().rstrip("/")
-    if lower.endswith(".tar") or ("{" in uri and ".." in uri):
-        return True
+    """A ``.tar``, a brace pattern, a ``.txt`` list of shards, or a folder / prefix of tars (with our
+    ``index.parquet`` or without: WebDataset's and video2dataset's sets)."""
     from pipeline.data import shards
 
-    return not lower.endswith(manifest.MANIFEST_SUFFIXES) and storage.exists(storage.join(uri, shards.INDEX))
+    lower = uri.lower().rstrip("/")
+    if lower.endswith(".tar") or ("{" in uri and "}" in uri):
+        return True
+    if lower.endswith(".txt"):
+        return storage.exists(uri) and shards.is_shard_list(uri)
+    if lower.endswith(manifest.MANIFEST_SUFFIXES):
+        return False
+    return storage.exists(storage.join(uri, shards.INDEX)) or shards.is_shard_folder(uri)
 
 
 # --- reading a manifest on the cluster --------------------------------------------------------------------
@@ -778,7 +796,7 @@ def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dic
     listed = [u for u, _ in shards.list_shards(uri)]
     if not listed:
         raise manifest.ManifestError(f"no shards (*.tar) at {storage.redact(uri)!r}")
-    one_folder = not uri.lower().endswith(".tar") and "{" not in uri
+    one_folder = not uri.lower().endswith((".tar", ".txt")) and "{" not in uri
     folder = uri.rstrip("/") if one_folder else posixpath.dirname(uri)
     index_uri = storage.join(folder, shards.INDEX)
     if storage.exists(index_uri):

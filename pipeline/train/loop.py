@@ -49,7 +49,7 @@ from pipeline.data.stream import Consumption
 from pipeline.data.transforms import to_model_input
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
-from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line
+from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line, say
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
@@ -195,14 +195,14 @@ class Rank0Reporter:
         )
 
     def log(self, step: int, epoch: int, lr: float, window: dict[str, float]) -> None:
-        print(progress_line(step, self.args.plan.total_steps, epoch, lr, window), flush=True)
+        say(progress_line(step, self.args.plan.total_steps, epoch, lr, window), flush=True)
         if self.logger:
             metrics = {"lr": lr, "epoch": epoch, **window, **_error_metrics(self.args.ledger_name)}
             metrics.pop("eta_s")
             self.logger.log_metrics(metrics, step)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        print(
+        say(
             f"step {step}/{self.args.plan.total_steps} | "
             + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
             flush=True,
@@ -310,7 +310,7 @@ class TrainLoop:
         if theirs and mine and theirs != mine and (progress.epoch_done or progress.step_in_epoch):
             if self.rank == 0:
                 change = stream.describe_change(progress.data_inputs, self.args.data_inputs or [])
-                print(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
+                say(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
                       f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
             progress.step_in_epoch, progress.epoch_done, progress.epoch_begun = 0, "", []
         progress.data_fingerprint = mine
@@ -353,12 +353,12 @@ class TrainLoop:
             dist.barrier()  # nobody still reads what rank 0 removes
         if self.rank == 0:
             for bad, why in torn:
-                print(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
+                say(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
                       "removed", flush=True)
                 with contextlib.suppress(Exception):  # already gone, or storage refuses: reported anyway
                     storage.delete(bad, recursive=True)
             where = f"step {progress.step}" if progress else "the start (no complete checkpoint)"
-            print(f"[{self.cfg.run_name}] resuming from {where} instead", flush=True)
+            say(f"[{self.cfg.run_name}] resuming from {where} instead", flush=True)
         self.torn_checkpoints = len(torn)
         return progress
 
@@ -378,7 +378,7 @@ class TrainLoop:
             return
         p, progress = self.plan, self.progress
         where = f"resuming from step {progress.step} (epoch {progress.epoch})" if self.resumed else "starting"
-        print(
+        say(
             f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
             f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) x "
             f"{p.global_batch // self.cfg.train.batch_size / self.world:g} micro-step(s) on "
@@ -545,7 +545,7 @@ class TrainLoop:
             verdict = self.guard.skipped(progress.step + 1, videos, batch)
             if self.rank == 0:
                 in_a_row = self.guard.in_a_row or self.guard.in_a_row_limit
-                print(f"step {progress.step + 1}: loss {float(loss_sum):.4g}, gradient norm "
+                say(f"step {progress.step + 1}: loss {float(loss_sum):.4g}, gradient norm "
                       f"{float(grad_norm):.4g}: not finite, step skipped ({in_a_row} in a row, "
                       f"{self.guard.total} in all)", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -606,7 +606,7 @@ class TrainLoop:
         self.rolled_back = True
         self.progress.world_size = self.world
         if self.rank == 0:
-            print(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
+            say(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
                   f"rollback {self.guard.rollbacks} of at most {self.guard.rollback_limit}", flush=True)
 
     def after_step(self, epoch_end: bool = False) -> None:

@@ -74,6 +74,15 @@ class StepMeter:
         return out
 
 
+def say(*objects: Any, flush: bool = True) -> None:
+    """``print`` for the training workers: one line on this process's stdout, once. Ray Train 2.60 patches
+    ``print`` in its workers to log through the root logger, and, since Ray's worker replaced
+    ``sys.stdout``, to print as well: every line of a job's log came out twice."""
+    sys.stdout.write(" ".join(map(str, objects)) + "\n")
+    if flush:
+        sys.stdout.flush()
+
+
 def progress_line(step: int, total: int, epoch: int, lr: float, m: dict[str, float]) -> str:
     return (f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) | epoch {epoch} | "
             f"loss {m['loss']:.4f} | lr {lr:.2e} | {m['clips_per_s']:.1f} clips/s | "

@@ -188,6 +188,12 @@ def test_submit_stop_and_resume_under_token_auth(cluster, tmp_path, sample_video
     logs = second.stdout + second.stderr
     assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
     assert "finished at step 8" in logs
+    # the console a user reads: each progress line once (Ray Train's patched print gave every line
+    # twice), and no progress-bar redraws in a log that is not a terminal
+    progress = [line for line in logs.splitlines() if re.search(r"step \d+/8 \(\d+%\) \| epoch", line)]
+    steps = [re.search(r"step \d+/8", line).group() for line in progress]
+    assert steps and len(steps) == len(set(steps)), progress
+    assert "\x1b[A" not in logs
 
     final = sorted((storage / "job-test").glob("checkpoint_0*"))[-1]
     assert checkpointing.read_progress(final).step == 8
