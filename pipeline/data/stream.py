@@ -73,9 +73,10 @@ class SourceSpec:
 
 
 def safe_name(text: str) -> str:
-    """A name MLflow takes as (part of) a metric or tag name: letters, digits and ``_ - . /`` kept, any
-    other run of characters one ``_``; never empty."""
-    return re.sub(r"[^A-Za-z0-9_.\-/]+", "_", text).strip("_") or "source"
+    """A name MLflow takes as one part of a metric or tag name: letters, digits and ``_ - .`` kept, any
+    other run of characters one ``_``, no dot or ``_`` at the ends (MLflow refuses names that resolve to
+    another path, as ``data/clips/..`` would); never empty."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("._") or "source"
 
 
 def source_specs(cfg) -> list[SourceSpec]:

@@ -381,7 +381,7 @@ class TrainLoop:
         say(
             f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
             f"global batch {p.global_batch}, peak lr {p.peak_lr:.3g}, {self.world} worker(s) x "
-            f"{p.global_batch // self.cfg.train.batch_size / self.world:g} micro-step(s) on "
+            f"{self.micro_steps_shown()} micro-step(s) on "
             f"{self.device}, precision {self.amp_dtype or torch.float32}",
             flush=True,
         )
@@ -481,6 +481,13 @@ class TrainLoop:
         (everyone,) = across_ranks([have_all], self.device, dist.ReduceOp.MIN)
         return iter(fetched) if everyone else None
 
+    def micro_steps_shown(self) -> str:
+        """Micro-steps per rank and step: ``N``, or ``N-M`` when the group's size does not divide the
+        global batch's micro-batches (the remainder rotates over the ranks)."""
+        total = self.plan.global_batch // self.cfg.train.batch_size
+        low = total // self.world
+        return str(low) if self.even else f"{low}-{low + 1}"
+
     def micro_steps_now(self) -> int:
         """This rank's micro-batches at the coming step (see micro_steps: the remainder rotates)."""
         return micro_steps(self.plan.global_batch, self.cfg.train.batch_size, self.world, self.rank,
@@ -496,6 +503,7 @@ class TrainLoop:
         if step_batches is None:
             self.optimizer.zero_grad(set_to_none=True)
             return False
+        trained: list[dict] = []
         for micro, batch in enumerate(step_batches):
             if batch is None:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -514,10 +522,11 @@ class TrainLoop:
             clips += pixel_values.shape[0]
             videos.extend(batch.get("video", []))
             if "position" in batch:
-                step = self.progress.step + 1
-                self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), step,
-                                     batch.get("video"), batch.get("clip"))
-                np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
+                trained.append(batch)
+        for batch in trained:  # recorded once the step has all its micro-batches (a shard may run out)
+            self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), self.progress.step + 1,
+                                 batch.get("video"), batch.get("clip"))
+            np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

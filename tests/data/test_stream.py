@@ -131,8 +131,8 @@ def test_an_ssv2_json_takes_the_label_map_and_video_suffix_the_validation_does(r
     """The training stream reads an SSv2 list with data.label_map and data.video_ext, as validation does
     (without them it looked for labels.json beside the list and for .webm files)."""
     (tmp_path / "maps").mkdir()
-    (tmp_path / "maps" / "templates.json").write_text(json.dumps({"Pushing [something]": "0",
-                                                                  "Holding [something]": "1"}))
+    (tmp_path / "maps" / "templates.json").write_text(json.dumps({"Pushing something": "0",
+                                                                  "Holding something": "1"}))
     (tmp_path / "train.json").write_text(json.dumps([{"id": "1", "template": "Holding [something]"},
                                                      {"id": "2", "template": "Holding [something]"},
                                                      {"id": "3", "template": "Pushing [something]"}]))
