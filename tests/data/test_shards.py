@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
 import random
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import boto3
 import pyarrow.parquet as pq
 import pytest
+import webdataset
 from s3_proxy import RecordingProxy, Request
 
 from pipeline.data import storage
@@ -42,10 +44,6 @@ _spec = importlib.util.spec_from_file_location(
 )
 preprocess_job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(preprocess_job)
-
-# WebDataset's own split of a member name into key and extension (webdataset.tariterators.base_plus_ext)
-WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
 
 def labeled_videos(root: Path) -> list[tuple[str, bytes, dict]]:
     """(relative path without extension, file bytes, meta) of the sample dataset, in label order (as
@@ -99,14 +97,16 @@ def test_round_trip_on_s3_with_ranged_reads_through_the_index(s3_bucket, sample_
     for row, (_, data, _) in zip(index, videos, strict=True):
         assert read_sample(f"{root}/{row['shard']}", row["offset"], row["bytes"]) == data
 
-    # a plain POSIX tar: members consecutive per key, named as WebDataset splits them
+    # a plain POSIX tar that WebDataset itself reads as these samples: keys, video bytes, metadata
     local = tmp_path / "shard.tar"
     local.write_bytes(storage.read_bytes(f"{root}/shard-000000.tar"))
     with tarfile.open(local) as tar:
-        names = tar.getnames()
         assert all(m.size < 8 << 20 for m in tar.getmembers())
-    pairs = [WDS_NAME.match(n).groups() for n in names]
-    assert pairs == [(safe_key(k), e) for k, _, _ in videos for e in ("mp4", "json")]
+    samples = list(webdataset.WebDataset(str(local), shardshuffle=False))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        (safe_key(k), ["json", "mp4"]) for k, _, _ in videos]
+    assert [s["mp4"] for s in samples] == [data for _, data, _ in videos]
+    assert [json.loads(s["json"])["label"] for s in samples] == [m["label"] for _, _, m in videos]
     assert local.read_bytes()[257:263] == b"ustar\x00"  # POSIX ustar magic of the first header
 
 

@@ -144,7 +144,7 @@ def test_every_kind_of_source_pretrains_with_mlflow(ray_session, sample_videos, 
     """A folder, a manifest, a brace pattern, a video2dataset folder and a shard list, mixed in one job:
     each source's clips are logged under its name, and no name fails the run."""
     good = videos(sample_videos)
-    write_video2dataset(tmp_path / "v2d", good)
+    broken = write_video2dataset(tmp_path / "v2d", good)
     write_shardwriter(tmp_path / "wds", good)
     (tmp_path / "lists").mkdir()
     tars = sorted((tmp_path / "v2d").glob("*.tar"))
@@ -165,3 +165,12 @@ def test_every_kind_of_source_pretrains_with_mlflow(ray_session, sample_videos, 
     names = {k.removeprefix("data/clips/") for k in metrics if k.startswith("data/clips/")}
     assert names == {"folder", "manifest", "wds", "v2d", "v2d_list_txt"}
     assert np.isfinite(metrics["loss"])
+    report = [json.loads(line) for line in Path(result.error_report_uri).read_text().splitlines()]
+    assert {e["uri"] for e in report} == set(broken)  # video2dataset's two broken samples, named
+
+    # a brace pattern alone as data.uri: its name is its folder's (it was "{000000", and MLflow refused it)
+    alone = tiny_config(tmp_path, f"{tmp_path}/wds/train-{{000000..000002}}.tar", run_name="pattern", **{
+        "train.max_steps": "2", "scaling.num_workers": "1"})
+    result = pretrain_job.run_pretrain(alone)
+    metrics = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
+    assert result.final_step == 2 and "data/clips/wds" in metrics
