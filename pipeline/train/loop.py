@@ -311,7 +311,7 @@ class TrainLoop:
             if self.rank == 0:
                 change = stream.describe_change(progress.data_inputs, self.args.data_inputs or [])
                 say(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
-                      f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
+                    f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
             progress.step_in_epoch, progress.epoch_done, progress.epoch_begun = 0, "", []
         progress.data_fingerprint = mine
         progress.data_inputs = self.args.data_inputs or []
@@ -354,7 +354,7 @@ class TrainLoop:
         if self.rank == 0:
             for bad, why in torn:
                 say(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
-                      "removed", flush=True)
+                    "removed", flush=True)
                 with contextlib.suppress(Exception):  # already gone, or storage refuses: reported anyway
                     storage.delete(bad, recursive=True)
             where = f"step {progress.step}" if progress else "the start (no complete checkpoint)"
@@ -555,8 +555,8 @@ class TrainLoop:
             if self.rank == 0:
                 in_a_row = self.guard.in_a_row or self.guard.in_a_row_limit
                 say(f"step {progress.step + 1}: loss {float(loss_sum):.4g}, gradient norm "
-                      f"{float(grad_norm):.4g}: not finite, step skipped ({in_a_row} in a row, "
-                      f"{self.guard.total} in all)", flush=True)
+                    f"{float(grad_norm):.4g}: not finite, step skipped ({in_a_row} in a row, "
+                    f"{self.guard.total} in all)", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.scheduler.lr
         self.scheduler.step()
@@ -616,7 +616,7 @@ class TrainLoop:
         self.progress.world_size = self.world
         if self.rank == 0:
             say(f"[{self.cfg.run_name}] rolled back to {storage.redact(uri)} (step {loaded.step}), "
-                  f"rollback {self.guard.rollbacks} of at most {self.guard.rollback_limit}", flush=True)
+                f"rollback {self.guard.rollbacks} of at most {self.guard.rollback_limit}", flush=True)
 
     def after_step(self, epoch_end: bool = False) -> None:
         """The step's side jobs; ``epoch_end``: the step met the epoch's quota, so the epoch ends here."""
