@@ -387,9 +387,14 @@ def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
     return epoch_videos or sum(s.num_videos for s in sources)
 
 
+def source_quotas(sources: list[Source], epoch_videos: int | None) -> list[int]:
+    """Videos each source gives an epoch (``epoch_quotas`` of the sources' sizes and weights)."""
+    return epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], epoch_videos)
+
+
 def describe(sources: list[Source], epoch_videos: int) -> str:
     """One line per run start: each source's size, kind and share of an epoch."""
-    quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], epoch_videos)
+    quotas = source_quotas(sources, epoch_videos)
     return ", ".join(f"{s.spec.label()} ({s.num_videos} videos, {s.kind if s.kind == 'shards' else 'rows'}"
                      f"{f' in {len(s.sizes)} shards' if s.kind == 'shards' else ''}, {q} per epoch)"
                      for s, q in zip(sources, quotas, strict=True))
@@ -698,12 +703,12 @@ class Consumption:
         self.epoch, self.partial, self.done = epoch, dict(partial or {}), set()
         self.bitmap = np.zeros(0, bool) if bitmap is None else bitmap
 
-    def add(self, epochs: np.ndarray, positions: np.ndarray, step: int = 0, videos: list[str] | None = None,
-            clips: Any = None) -> None:
+    def add(self, epochs: np.ndarray, positions: np.ndarray, clips: Any, step: int = 0,
+            videos: list[str] | None = None) -> None:
         """The clips of a micro-batch of optimizer step ``step`` were trained on: ``clips`` says which clip
         of its video each is (the stream's ``clip`` column), ``videos`` their URIs (for the audit)."""
         n = len(positions)
-        indices = np.asarray(clips).tolist() if clips is not None else [0] * n
+        indices = np.asarray(clips).tolist()
         if self.audit_dir:  # what each step trained on, clip by clip (train.audit_dir; read_audit)
             uris = list(videos) if videos is not None else ["-"] * n
             with open(os.path.join(self.audit_dir, f"consumed-{os.getpid()}.txt"), "a") as out:
@@ -730,8 +735,9 @@ class Consumption:
         for _, partial in per_rank:
             for position, mask in partial.items():
                 self._mark(int(position), int(mask))
-        positions = sorted({p for done, _ in per_rank for p in done} | self.done)
-        self.partial = {p: m for p, m in self.partial.items() if p not in set(positions)}
+        finished = {p for done, _ in per_rank for p in done} | self.done
+        self.partial = {p: m for p, m in self.partial.items() if p not in finished}
+        positions = sorted(finished)
         if positions:
             size = max(len(self.bitmap), positions[-1] + 1)
             if size > len(self.bitmap):
@@ -904,7 +910,7 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     / ``clip``) for the pass whose epoch the run's cursor names."""
     import ray
 
-    quotas = epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources], cfg.epoch_videos)
+    quotas = source_quotas(sources, cfg.epoch_videos)
     slots = max_tasks(sources, quotas, cfg.group_pieces)
     spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name, slots)
     # one block per plan slot (45 for 10M manifest rows), expanded into rows by light tasks

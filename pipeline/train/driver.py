@@ -161,8 +161,7 @@ class Session:
         """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py); what
         the plan depends on is kept for the checkpoints (a resume on other data is seen)."""
         data = self.cfg.data
-        quotas = stream.epoch_quotas([s.num_videos for s in sources], [s.spec.weight for s in sources],
-                                     data.epoch_videos)
+        quotas = stream.source_quotas(sources, data.epoch_videos)
         self.data_inputs = stream.plan_inputs(sources, quotas, data.group_pieces, self.cfg.seed, data.shuffle)
         return stream.build_stream(data, mode, sources, self.ledger, self.cfg.seed, self.ledger.run_name)
 

@@ -524,8 +524,8 @@ class TrainLoop:
             if "position" in batch:
                 trained.append(batch)
         for batch in trained:  # recorded once the step has all its micro-batches (a shard may run out)
-            self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), self.progress.step + 1,
-                                 batch.get("video"), batch.get("clip"))
+            self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), batch["clip"].numpy(),
+                                 self.progress.step + 1, batch.get("video"))
             np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

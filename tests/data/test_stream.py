@@ -72,8 +72,8 @@ def test_consumption_marks_a_video_done_when_all_its_clips_trained_on_any_ranks(
     a, b = stream.Consumption(clips_per_video=2), stream.Consumption(clips_per_video=2)
     a.start_epoch(3)
     b.start_epoch(3)
-    a.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]), clips=np.array([0, 1, 0, 0]))  # epoch 2's: ignored
-    b.add(np.array([3, 3, 3, 3]), np.array([9, 9, 7, 11]), clips=np.array([1, 0, 1, 1]))
+    a.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]), np.array([0, 1, 0, 0]))  # epoch 2's: ignored
+    b.add(np.array([3, 3, 3, 3]), np.array([9, 9, 7, 11]), np.array([1, 0, 1, 1]))
     news = [a.local(), b.local()]
     for rank in (a, b):  # a checkpoint's gather: every rank merges every rank's news
         rank.merge(news)
@@ -82,7 +82,7 @@ def test_consumption_marks_a_video_done_when_all_its_clips_trained_on_any_ranks(
     again = stream.Consumption.unpack(a.packed())
     assert np.flatnonzero(again).tolist() == [5, 7, 9]
     assert np.flatnonzero(stream.done_mask(a.packed(), 4, 12)).tolist() == [1, 3, 5]
-    a.add(np.array([3]), np.array([11]), clips=np.array([0]))
+    a.add(np.array([3]), np.array([11]), np.array([0]))
     a.merge([a.local()])
     assert a.partial == {} and a.bitmap[11]
 

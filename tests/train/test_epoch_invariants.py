@@ -168,7 +168,7 @@ class Run:
                     for batch in batches[r][taken[r] : taken[r] + need[r]]:
                         positions = np.array([p for p, _ in batch])
                         which = np.array([c for _, c in batch])
-                        ranks[r].add(np.full(len(batch), epoch), positions, step + 1, clips=which)
+                        ranks[r].add(np.full(len(batch), epoch), positions, which, step + 1)
                         events += [(len(events) + 1, epoch, p, c) for p, c in batch]
                     taken[r] += need[r]
                 step, in_epoch, steps_this_pass = step + 1, in_epoch + 1, steps_this_pass + 1
