@@ -96,6 +96,9 @@ class DataConfig:
     std: tuple[float, float, float] = transforms.IMAGENET_STD
     # decoding and robustness
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    light_num_cpus: float = 0.25  # CPUs reserved per light task of the stream (expanding the epoch plan into
+    # rows, cutting them into decode tasks, hashing pieces, counting shards, reading manifests): Ray's
+    # default of 1 would need a whole free CPU beside the training workers (docs/cluster.md)
     decode_concurrency: int | None = None  # max decode tasks at once (None = as many as CPUs allow)
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom resources per decode task,
     # e.g. {decode: 1} pins decoding to nodes that advertise a `decode` resource (infra/, docs/cluster.md)
@@ -141,6 +144,9 @@ class DataConfig:
             raise ValueError(f"decoder must be one of {[*BACKENDS, 'auto']}, got {self.decoder!r}")
         if self.decode_device not in ("cpu", "cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
+        for name in ("decode_num_cpus", "light_num_cpus"):
+            if not 0 < getattr(self, name) <= 1024:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         bad = {k: v for k, v in self.decode_resources.items() if not isinstance(v, int | float) or v <= 0}
         if bad:
             raise ValueError(f"decode_resources must map resource names to amounts > 0, got {bad}")

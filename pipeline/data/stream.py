@@ -183,8 +183,10 @@ ROW_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("start", 
                         ("end", pa.float64())])
 
 
-def _manifest_dataset(spec: SourceSpec, needs_labels: bool, label_map: str | None, video_ext: str):
-    """A Ray dataset of (path, label, start, end) for one manifest or folder, read by the cluster's tasks."""
+def _manifest_dataset(spec: SourceSpec, needs_labels: bool, label_map: str | None, video_ext: str,
+                      num_cpus: float):
+    """A Ray dataset of (path, label, start, end) for one manifest or folder, read by the cluster's tasks
+    of ``num_cpus`` each."""
     import ray
 
     uri, lower = spec.uri, spec.uri.lower().rstrip("/")
@@ -193,7 +195,7 @@ def _manifest_dataset(spec: SourceSpec, needs_labels: bool, label_map: str | Non
         # a folder (listed here: use the preprocessing manifest for millions of videos) or SSv2's one JSON
         rows = manifest.read_manifest(uri, spec.data_root, spec.split, label_map, video_ext)
         return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=ROW_SCHEMA)).map_batches(
-            _normalize, batch_format="pyarrow", batch_size=None,
+            _normalize, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
             fn_kwargs={"source": source, "root": "/", "allow_absolute": True, "split": None,
                        "needs_labels": needs_labels})
     root = spec.data_root or posixpath.dirname(uri.rstrip("/")) or "."
@@ -203,18 +205,18 @@ def _manifest_dataset(spec: SourceSpec, needs_labels: bool, label_map: str | Non
     if not storage.exists(uri):
         raise manifest.ManifestError(f"manifest {source} does not exist")
     if lower.endswith(".parquet"):
-        ds = ray.data.read_parquet(path, filesystem=fs)
+        ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=num_cpus)
     elif lower.endswith(".jsonl"):
-        ds = ray.data.read_json(path, filesystem=fs)
+        ds = ray.data.read_json(path, filesystem=fs, num_cpus=num_cpus)
     else:  # .csv / .txt: lines, parsed in the read tasks (a header, if any, read here from the first line)
         first = storage.read_bytes_range(uri, 0, 4096).decode("utf-8", "replace").splitlines()[:1]
         fields = first[0].replace(" ", ",").split(",") if first else []
         header = [f.strip() for f in fields] if fields and fields[0].strip().lower() == "path" else None
-        ds = ray.data.read_text(path, filesystem=fs).map_batches(
-            _parse_lines, batch_format="pyarrow", batch_size=None,
+        ds = ray.data.read_text(path, filesystem=fs, num_cpus=num_cpus).map_batches(
+            _parse_lines, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
             fn_kwargs={"source": source, "header": header})
     return ds.map_batches(
-        _normalize, batch_format="pyarrow", batch_size=None,
+        _normalize, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
         fn_kwargs={"source": source, "root": root, "allow_absolute": spec.data_root is None,
                    "split": spec.split, "needs_labels": needs_labels})
 
@@ -306,12 +308,13 @@ def decode_task_size(num_videos: int, task_videos: int | None) -> int:
 
 
 def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, limit: int | None = None,
-                   label_map: str | None = None, video_ext: str = ".webm") -> Source:
-    """Read (rows) or count (shards) one source on the cluster; ``label_map`` and ``video_ext`` are SSv2's
-    (``data.label_map``, ``data.video_ext``), read as validation reads them."""
+                   label_map: str | None = None, video_ext: str = ".webm", num_cpus: float = 0.25) -> Source:
+    """Read (rows) or count (shards) one source on the cluster in tasks of ``num_cpus`` each;
+    ``label_map`` and ``video_ext`` are SSv2's (``data.label_map``, ``data.video_ext``), read as validation
+    reads them."""
     needs_labels = mode != "pretrain"
     if is_shard_set(spec.uri):
-        uris, sizes, labels = shard_sizes(spec.uri, spec.split)
+        uris, sizes, labels = shard_sizes(spec.uri, spec.split, num_cpus)
         if limit:
             cut = np.minimum(np.cumsum(sizes), limit)
             sizes = np.diff(np.concatenate([[0], cut]))
@@ -329,12 +332,12 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, l
     kept_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
     try:
-        ds = _manifest_dataset(spec, needs_labels, label_map, video_ext)
+        ds = _manifest_dataset(spec, needs_labels, label_map, video_ext, num_cpus)
         if limit:
             ds = ds.limit(limit)
         ds = ds.materialize()
         rows = piece_size(ds.count(), ds.size_bytes(), piece_rows)
-        ds = ds.repartition(target_num_rows_per_block=rows, strict=True).materialize()
+        ds = repartition(ds, rows, num_cpus, strict=True).materialize()
     except (manifest.ManifestError, storage.StorageError):
         raise
     except Exception as e:  # a read task's failure: name the manifest's problem if it is one
@@ -349,7 +352,23 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, l
         raise manifest.ManifestError(f"{storage.redact(spec.uri)} lists no videos")
     labels = _count_labels(ds) if needs_labels else None
     return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels,
-                  digest=_digest_pieces(refs))
+                  digest=_digest_pieces(refs, num_cpus))
+
+
+def repartition(ds, rows_per_block: int, num_cpus: float, strict: bool = False):
+    """``ds.repartition(target_num_rows_per_block=rows_per_block)`` in tasks of ``num_cpus`` CPUs.
+
+    Ray's ``repartition`` takes no remote arguments, and a map task without ``num_cpus`` asks for 1 CPU:
+    on a cluster whose training workers hold all but a fraction of each node's CPUs, such a task never
+    starts and the stream waits for ever (docs/cluster.md, "The resource plan"). Its logical operator
+    keeps the arguments in a dict the planner reads, so they are set there."""
+    out = ds.repartition(target_num_rows_per_block=rows_per_block, strict=strict)
+    remote_args = getattr(out._logical_plan.dag, "ray_remote_args", None)
+    if not isinstance(remote_args, dict):
+        raise RuntimeError("this Ray's repartition operator keeps no ray_remote_args: pipeline/data/stream.py's "
+                           "repartition needs updating for it")
+    remote_args["num_cpus"] = num_cpus
+    return out
 
 
 def _digest_tables(*tables: pa.Table) -> list[str]:
@@ -362,11 +381,11 @@ def _digest_tables(*tables: pa.Table) -> list[str]:
     return out
 
 
-def _digest_pieces(refs: list[Any], per_task: int = 32) -> str:
+def _digest_pieces(refs: list[Any], num_cpus: float, per_task: int = 32) -> str:
     """One digest of the pieces' rows in order, hashed in Ray tasks (the driver never holds the rows)."""
     import ray
 
-    digest = ray.remote(num_cpus=0.5)(_digest_tables)
+    digest = ray.remote(num_cpus=num_cpus)(_digest_tables)
     chunks = [refs[i : i + per_task] for i in range(0, len(refs), per_task)]
     parts = ray.get([digest.remote(*chunk) for chunk in chunks])
     return hashlib.sha1("".join(d for part in parts for d in part).encode()).hexdigest()
@@ -379,7 +398,8 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext) for s in specs]
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext, cfg.light_num_cpus)
+            for s in specs]
 
 
 def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
@@ -793,7 +813,8 @@ def _scan_shard(uri: str, split: str | None) -> tuple[int, dict[int, int]]:
     return n, labels
 
 
-def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dict[int, int]]:
+def shard_sizes(uri: str, split: str | None, num_cpus: float = 0.25) -> tuple[list[str], np.ndarray,
+                                                                               dict[int, int]]:
     """(shard URIs, samples of ``split`` per shard, label counts) from the set's index.parquet when it has
     one, else from a scan of every shard in Ray tasks (a WebDataset set made elsewhere)."""
     import pyarrow.parquet as pq
@@ -822,7 +843,7 @@ def shard_sizes(uri: str, split: str | None) -> tuple[list[str], np.ndarray, dic
     else:
         import ray
 
-        scan = ray.remote(num_cpus=0.5)(_scan_shard)
+        scan = ray.remote(num_cpus=num_cpus)(_scan_shard)
         results = ray.get([scan.remote(u, split) for u in listed])
         sizes = [n for n, _ in results]
         labels = {}
@@ -916,11 +937,11 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     # one block per plan slot (45 for 10M manifest rows), expanded into rows by light tasks
     ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
-                        compute=ray.data.TaskPoolStrategy(size=2))
+                        num_cpus=cfg.light_num_cpus, compute=ray.data.TaskPoolStrategy(size=2))
     # a read task's rows in blocks of decode_task_size videos, one decode task per block. The repartition
     # runs as its own light tasks (expand_slots' concurrency cap keeps Ray Data from fusing the three
     # operators, which would decode a whole read task in one task again)
-    ds = ds.repartition(target_num_rows_per_block=decode_task_size(sum(quotas), cfg.decode_task_videos))
+    ds = repartition(ds, decode_task_size(sum(quotas), cfg.decode_task_videos), cfg.light_num_cpus)
     return ds.map_batches(
         clips_of_rows, batch_size=None, batch_format="numpy",
         fn_kwargs={"cfg": cfg, "mode": mode, "ledger": ledger, "seed": seed},
