@@ -365,8 +365,8 @@ def repartition(ds, rows_per_block: int, num_cpus: float, strict: bool = False):
     out = ds.repartition(target_num_rows_per_block=rows_per_block, strict=strict)
     remote_args = getattr(out._logical_plan.dag, "ray_remote_args", None)
     if not isinstance(remote_args, dict):
-        raise RuntimeError("this Ray's repartition operator keeps no ray_remote_args: pipeline/data/stream.py's "
-                           "repartition needs updating for it")
+        raise RuntimeError("this Ray's repartition operator keeps no ray_remote_args: "
+                           "pipeline/data/stream.py's repartition needs updating for it")
     remote_args["num_cpus"] = num_cpus
     return out
 
@@ -398,8 +398,8 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext, cfg.light_num_cpus)
-            for s in specs]
+    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext,
+                           cfg.light_num_cpus) for s in specs]
 
 
 def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:

@@ -31,7 +31,7 @@ from pipeline import runtime, tracking
 from pipeline.config import ConfigError
 from pipeline.data import storage, stream
 from pipeline.data.errors import ErrorLedger
-from pipeline.train import checkpointing
+from pipeline.train import checkpointing, resources
 from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
 
@@ -48,6 +48,8 @@ class ScalingSection:
     resize_interval_s: float = 60.0  # elastic: how often a healthy group looks for room to grow (then it
     # restarts from the last checkpoint with more workers)
     ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
+    check_resources: bool = True  # refuse a plan whose data stream cannot run beside the workers on the
+    # cluster as it is (pipeline/train/resources.py); false for an autoscaling cluster whose nodes come later
 
     @property
     def min_workers(self) -> int:
@@ -68,6 +70,10 @@ class ScalingSection:
         if self.max_failures < -1:
             raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
 
+    def worker_request(self, use_gpu: bool) -> dict[str, float]:
+        """What one training worker asks Ray for."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {}), **self.resources_per_worker}
+
     def ray_scaling(self, use_gpu: bool):
         """Ray Train's ScalingConfig: a fixed group, or an elastic (min, max) one."""
         import ray.train
@@ -77,9 +83,9 @@ class ScalingSection:
             workers = self.min_workers
         interval = self.resize_interval_s
         elastic = {} if isinstance(workers, int) else {"elastic_resize_monitor_interval_s": interval}
-        return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                       resources_per_worker={"CPU": self.cpus_per_worker,
-                                                             **self.resources_per_worker}, **elastic)
+        resources = {k: v for k, v in self.worker_request(use_gpu).items() if k != "GPU"}
+        return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                       **elastic)
 
 
 def checked_storage(storage_path: str) -> str:
@@ -171,9 +177,15 @@ class Session:
         from ray.train.torch import TorchTrainer
 
         cfg = self.cfg
+        use_gpu = resolve_use_gpu(cfg.scaling)
+        plan = {name: resources.stages(name, ds) for name, ds in datasets.items()}
+        if cfg.scaling.check_resources:
+            self.check_resources(plan, use_gpu)
+        requests = ", ".join(f"{stage.name.removeprefix('train: ')} {{{resources.show(stage.request)}}}"
+                             for stage in plan.get("train", []))
         args = LoopArgs(cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name,
                         probe_classes, self.run_dir, cursor=self.ledger.run_name,
-                        data_inputs=self.data_inputs)
+                        data_inputs=self.data_inputs, data_requests=requests)
         fs, path = (
             (storage.s3_filesystem_for_uploads(), storage.resolve(self.storage_path)[1])
             if storage.is_s3(self.storage_path)
@@ -182,7 +194,7 @@ class Session:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"args": args},
-            scaling_config=cfg.scaling.ray_scaling(resolve_use_gpu(cfg.scaling)),
+            scaling_config=cfg.scaling.ray_scaling(use_gpu),
             run_config=ray.train.RunConfig(
                 name=cfg.run_name,
                 storage_path=path,
@@ -196,6 +208,14 @@ class Session:
         result = trainer.fit()
         print(f"training finished in {time.time() - started:.0f} s", flush=True)
         return result
+
+    def check_resources(self, plan: dict[str, list[resources.Stage]], use_gpu: bool) -> None:
+        """Refuse, before anything starts, a plan whose data stream could never run beside the workers
+        (resources.check); warn of one whose stages must take turns."""
+        s = self.cfg.scaling
+        for warning in resources.check(resources.cluster_nodes(), s.worker_request(use_gpu), s.min_workers,
+                                       s.max_workers, plan):
+            print(f"warning: {warning}", flush=True)
 
     def finish(self, result) -> Finished:
         """The data error report (storage and MLflow), and where the last checkpoint is."""

@@ -32,6 +32,7 @@ import contextlib
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,7 @@ from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line, say
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
+from pipeline.train.watchdog import Watched, diagnose_stream
 
 
 @dataclass
@@ -69,6 +71,8 @@ class TrainSection:
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
     shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
     log_every_steps: int = 10  # progress line + MLflow metrics
+    stall_timeout_s: float = 300.0  # no batch for this long: print what the data stream waits for; for
+    # twice as long: fail with it (pipeline/train/watchdog.py). Above the slowest decode task; 0 = off
     audit_dir: str = ""  # a local folder on the workers: each appends "<step> <epoch> <position>" per trained
     # clip (consumed-<pid>.txt), an audit of what every step and epoch trained on (exact resume)
     # a step with a non-finite loss or gradient is skipped; this many in a row roll back to the last
@@ -84,6 +88,9 @@ class TrainSection:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"train.stall_timeout_s must be >= 0 (0: no watchdog), got "
+                              f"{self.stall_timeout_s}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.max_nonfinite_rollbacks < 0:
@@ -121,6 +128,7 @@ class LoopArgs:
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
     cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
     data_inputs: list[dict] | None = None  # the epoch plan's inputs (stream.plan_inputs): resume checks them
+    data_requests: str = ""  # what the stream's tasks ask Ray for (the resource plan): a stall's diagnosis
 
 
 def micro_steps(global_batch: int, batch_size: int, world: int, rank: int, step: int = 0) -> int:
@@ -241,6 +249,7 @@ class TrainLoop:
         self.even = (args.plan.global_batch // batch) % world == 0  # every rank the same micro-steps
         self.loss_weight = micro_loss_weight(args.plan.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
+        self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="batches")  # the stall watchdog's next()
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
         self.model = ray.train.torch.prepare_model(self.objective.build_model(self.cfg))
@@ -408,11 +417,13 @@ class TrainLoop:
         buffer = t.shuffle_buffer_batches * t.batch_size or None
         seed = derive_seed(self.cfg.seed, progress.epoch, self.rank) if buffer else None
         shard = ray.train.get_dataset_shard("train")
-        return iter(
+        batches = iter(
             shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
                                      prefetch_batches=t.prefetch_batches, local_shuffle_buffer_size=buffer,
                                      local_shuffle_seed=seed, collate_fn=torch_collate)
         )
+        return Watched(batches, t.stall_timeout_s, lambda: diagnose_stream(self.args.data_requests),
+                       lambda line: say(f"[rank {self.rank}] {line}"), self.fetcher)
 
     def train_epoch(self) -> None:
         """One pass of the stream. It ends when the epoch's quota of steps is met or its data runs out (then

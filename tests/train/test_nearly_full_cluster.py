@@ -1,0 +1,62 @@
+"""A job on a cluster nearly full with training workers: refused when its data stream cannot run beside
+them, failed by the stall watchdog (with what the stream waits for) when the check is turned off, and
+trained to its last step when the stream fits, through the loss of one of its two nodes
+(tests/train/nearly_full_cluster.py runs the two-node cluster in a process of its own)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).with_name("nearly_full_cluster.py")
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("nearly-full")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(work)], capture_output=True, text=True,
+                          timeout=800)
+    (work / "cluster.log").write_text(proc.stdout + proc.stderr)  # the whole log, for a failure
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            found = json.loads(line[len("RESULT "):])
+            results[found["scenario"]] = found
+    assert proc.returncode == 0 and len(results) == 3, (proc.stdout + proc.stderr)[-6000:]
+    results["stalled"]["log"] = proc.stdout + proc.stderr
+    return results
+
+
+def test_a_plan_whose_decode_tasks_fit_no_node_beside_the_workers_is_refused_at_start(outcome):
+    refused = outcome["refused"]
+    message = refused["error"]
+    assert message and message.startswith("resource plan: the data stream cannot run"), refused
+    assert "2 training worker(s) of {CPU 1.5} leave node 0: CPU 0.5; node 1: CPU 0.5" in message
+    assert "MapBatches(clips_of_rows) needs {CPU 1} per task" in message
+    assert "scaling.cpus_per_worker" in message and "docs/cluster.md" in message
+
+
+def test_a_stream_that_never_runs_fails_the_run_with_the_watchdogs_diagnosis(outcome):
+    stalled = outcome["stalled"]
+    message = stalled["error"] or ""  # Ray Train's snippet of the failure: its last 500 characters
+    assert "MapBatches(clips_of_rows) {CPU 1}" in message, stalled  # what its decode tasks ask for
+    assert "the cluster has free: CPU 1 of 4" in message
+    assert "fixes: lower scaling.cpus_per_worker" in message
+    assert "no batch for 16 s (train.stall_timeout_s), so the run stops" in message
+    # the first period's warning named the stages' states (from the job's log)
+    assert "no batch for 8 s (train.stall_timeout_s); dataset train_" in stalled["log"]
+    assert "MapBatches(clips_of_rows) 0 task(s) done" in stalled["log"]
+    assert stalled["seconds"] < 120  # 16 s of watchdog after the start-up: never a wait for ever
+
+
+def test_the_starved_configuration_trains_and_survives_losing_a_node(outcome):
+    elastic = outcome["elastic"]
+    assert elastic["lost_after"] == "checkpoint_00000004", elastic
+    assert elastic["error"] is None and not elastic["alive"], elastic
+    assert elastic["final_step"] == 24
