@@ -270,10 +270,12 @@ def _label_counts(table: pa.Table) -> pa.Table:
     return pa.table({"label": counts.field("values"), "count": counts.field("counts")})
 
 
-def _count_labels(ds) -> dict[int, int]:
-    """Videos per label: counted per block in the read tasks, summed here (a groupby would shuffle)."""
+def _count_labels(ds, num_cpus: float) -> dict[int, int]:
+    """Videos per label: counted per block in tasks of ``num_cpus``, summed here (a groupby would
+    shuffle)."""
     out: dict[int, int] = {}
-    for row in ds.map_batches(_label_counts, batch_format="pyarrow", batch_size=None).take_all():
+    for row in ds.map_batches(_label_counts, batch_format="pyarrow", batch_size=None,
+                              num_cpus=num_cpus).take_all():
         out[int(row["label"])] = out.get(int(row["label"]), 0) + int(row["count"])
     return out
 
@@ -350,7 +352,7 @@ def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, l
     refs, sizes = _pieces(ds)
     if not sizes:
         raise manifest.ManifestError(f"{storage.redact(spec.uri)} lists no videos")
-    labels = _count_labels(ds) if needs_labels else None
+    labels = _count_labels(ds, num_cpus) if needs_labels else None
     return Source(spec, "rows", np.asarray(sizes, np.int64), refs=refs, labels=labels,
                   digest=_digest_pieces(refs, num_cpus))
 
@@ -534,9 +536,17 @@ class CursorState:
 
     def __init__(self) -> None:
         self.epoch, self.done, self.partial = 0, b"", {}
+        self.beats = 0  # the training loop's signs of life, for the driver's watch (watchdog.GroupWatch)
 
     def set(self, epoch: int, done: bytes, partial: dict[int, int] | None = None) -> None:
         self.epoch, self.done, self.partial = epoch, done, dict(partial or {})
+        self.beats += 1
+
+    def beat(self) -> None:
+        self.beats += 1
+
+    def count_beats(self) -> int:
+        return self.beats
 
     def get(self) -> tuple[int, bytes, dict[int, int]]:
         return self.epoch, self.done, self.partial

@@ -84,3 +84,72 @@ def diagnose_stream(requests: str) -> str:
     parts.append("fixes: lower scaling.cpus_per_worker or data.decode_num_cpus, add CPU nodes "
                  "(docs/cluster.md, \"The resource plan\")")
     return "; ".join(parts)
+
+
+class GroupStall(RuntimeError):
+    """The training workers did not run for two periods of ``train.stall_timeout_s``."""
+
+
+class GroupWatch:
+    """On the driver, while Ray Train runs: a worker group that never forms (its workers cannot be placed,
+    or an elastic group that will not restart) says why, as the loop's watchdog does for data.
+
+    ``beats()`` counts the training loop's signs of life (rank 0 marks each pass and each progress line
+    on the run's cursor). When it stays put for a period the watch prints ``diagnose()``; after a second it
+    records the failure and calls ``abort`` (Ray Train's own graceful abort, as Ctrl-C does), and the
+    driver raises ``GroupStall``. Without ``abort`` (a driver off the main thread) it only warns."""
+
+    def __init__(self, beats: Callable[[], int], timeout_s: float, diagnose: Callable[[], str],
+                 abort: Callable[[], None] | None) -> None:
+        import threading
+
+        self.beats, self.timeout_s, self.diagnose, self.abort = beats, timeout_s, diagnose, abort
+        self.failure: str | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True, name="group-watch")
+
+    def __enter__(self) -> GroupWatch:
+        if self.timeout_s:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+    def watch(self) -> None:
+        seen, quiet = self.read(), 0
+        while not self.done.wait(self.timeout_s):
+            now = self.read()
+            quiet = 0 if now != seen else quiet + 1
+            seen = now
+            if not quiet:
+                continue
+            waited = f"the training workers showed no progress for {quiet * self.timeout_s:g} s " \
+                     f"(train.stall_timeout_s)"
+            if quiet == 1 or self.abort is None:
+                print(f"warning: {waited}: {self.diagnose()}", flush=True)
+                continue
+            self.failure = f"{waited}, so the run stops instead of waiting for ever: {self.diagnose()}"
+            print(f"error: {self.failure}", flush=True)
+            self.abort()
+            return
+
+    def read(self) -> int:
+        try:
+            return self.beats()
+        except Exception:  # noqa: BLE001 - an unreadable count is no sign of life
+            return -1
+
+
+def diagnose_group(worker: dict[str, float], workers: str) -> str:
+    """Why a worker group may not form: what it asks for against what the cluster has free."""
+    import ray
+
+    from pipeline.train.resources import show
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    shown = ", ".join(f"{k} {free.get(k, 0):g} of {total.get(k, 0):g}" for k in sorted(worker))
+    return (f"the group asks for {workers} worker(s) of {{{show(worker)}}}; the cluster ({alive} node(s) "
+            f"alive) has free: {shown}. Ray Train's controller log says what it waits for; fixes: lower "
+            "scaling.num_workers (or its minimum) or scaling.cpus_per_worker, or add nodes")

@@ -20,6 +20,7 @@ from pipeline.data import shards, stream
 from pipeline.data.datasets import DataConfig
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.manifest import ManifestError
+from pipeline.train import resources
 
 
 def tiny(uri: str, **kw) -> DataConfig:
@@ -170,9 +171,13 @@ def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos
     ray.get(cursor.set.remote(0, b""))
     per_block = {}
     for task_videos in (2, 8):
-        cfg = tiny(str(sample_videos), videos_per_block=100, decode_task_videos=task_videos)
+        cfg = tiny(str(sample_videos), videos_per_block=100, decode_task_videos=task_videos,
+                   light_num_cpus=0.3, decode_num_cpus=0.7, decode_resources={"decode": 0.5})
         sources = stream.prepare_sources(cfg, "pretrain")
         ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run), 0, run)
+        # every stage asks for what the config says, none for Ray's default of a whole CPU
+        asked = [stage.request for stage in resources.stages("train", ds)]
+        assert asked == [{"CPU": 0.3}, {"CPU": 0.3}, {"CPU": 0.7, "decode": 0.5}]
         # a decode task yields its clips as one block here (videos_per_block > its videos)
         per_block[task_videos] = [len(set(b["position"].tolist())) for b in ds.iter_batches(batch_size=None)]
     assert sum(per_block[2]) == sum(per_block[8]) == 8

@@ -5,7 +5,9 @@ a process of its own (this process's Ray is that cluster, not the test session's
 1. A plan whose decode tasks (1 CPU) fit no node beside the workers is refused before training starts.
 2. With the check off, the same plan starts, its stream never runs, and the stall watchdog fails the run
    with its diagnosis after two periods of ``train.stall_timeout_s``.
-3. The issue's starved configuration (decode tasks of 0.5 CPU) with ``scaling.num_workers [1, 2]`` trains;
+3. With the check off, a group of three such workers, which the cluster cannot place, is stopped by the
+   driver's group watch after two periods, with what the group asks for and what the cluster has free.
+4. The issue's starved configuration (decode tasks of 0.5 CPU) with ``scaling.num_workers [1, 2]`` trains;
    the second node is then lost for good, the group restarts with one worker on the head, and the run
    finishes at its last step.
 
@@ -62,6 +64,15 @@ def main(work: Path) -> None:
         print("RESULT " + json.dumps({"scenario": "stalled", "error": None}), flush=True)
     except Exception as e:  # noqa: BLE001 - reported to the test
         print("RESULT " + json.dumps({"scenario": "stalled", "error": str(e),
+                                      "seconds": time.monotonic() - started}), flush=True)
+
+    never = {**stalled, "scaling.num_workers": "3", "data.decode_num_cpus": "0.5", "run_name": "never"}
+    started = time.monotonic()
+    try:
+        run_pretrain(tiny_config(work / "never", str(data), **never))
+        print("RESULT " + json.dumps({"scenario": "never", "error": None}), flush=True)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        print("RESULT " + json.dumps({"scenario": "never", "error": f"{type(e).__name__}: {e}",
                                       "seconds": time.monotonic() - started}), flush=True)
 
     cfg = tiny_config(work / "elastic", str(data), **nearly_full, **{

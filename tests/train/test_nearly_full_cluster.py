@@ -1,7 +1,8 @@
 """A job on a cluster nearly full with training workers: refused when its data stream cannot run beside
-them, failed by the stall watchdog (with what the stream waits for) when the check is turned off, and
-trained to its last step when the stream fits, through the loss of one of its two nodes
-(tests/train/nearly_full_cluster.py runs the two-node cluster in a process of its own)."""
+them; failed by the stall watchdog (with what the stream waits for) when the check is turned off; stopped
+by the driver's watch when its worker group cannot form; and trained to its last step when the stream
+fits, through the loss of one of its two nodes (tests/train/nearly_full_cluster.py runs the two-node
+cluster in a process of its own)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def outcome(tmp_path_factory) -> dict[str, dict]:
         if line.startswith("RESULT "):
             found = json.loads(line[len("RESULT "):])
             results[found["scenario"]] = found
-    assert proc.returncode == 0 and len(results) == 3, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and len(results) == 4, (proc.stdout + proc.stderr)[-6000:]
     results["stalled"]["log"] = proc.stdout + proc.stderr
     return results
 
@@ -53,6 +54,15 @@ def test_a_stream_that_never_runs_fails_the_run_with_the_watchdogs_diagnosis(out
     assert "no batch for 8 s (train.stall_timeout_s); dataset train_" in stalled["log"]
     assert "MapBatches(clips_of_rows) 0 task(s) done" in stalled["log"]
     assert stalled["seconds"] < 120  # 16 s of watchdog after the start-up: never a wait for ever
+
+
+def test_a_worker_group_that_never_forms_is_stopped_by_the_drivers_watch(outcome):
+    never = outcome["never"]
+    message = never["error"] or ""
+    assert message.startswith("GroupStall: the training workers showed no progress for 16 s"), never
+    assert "the group asks for 3 worker(s) of {CPU 1.5}" in message
+    assert "the cluster (2 node(s) alive) has free: CPU " in message
+    assert never["seconds"] < 120
 
 
 def test_the_starved_configuration_trains_and_survives_losing_a_node(outcome):
