@@ -17,8 +17,11 @@ config, checks, datasets, objective and what they export.
 
 from __future__ import annotations
 
+import _thread
 import math
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +34,7 @@ from pipeline import runtime, tracking
 from pipeline.config import ConfigError
 from pipeline.data import storage, stream
 from pipeline.data.errors import ErrorLedger
-from pipeline.train import checkpointing, resources
+from pipeline.train import checkpointing, resources, watchdog
 from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
 
@@ -48,6 +51,8 @@ class ScalingSection:
     resize_interval_s: float = 60.0  # elastic: how often a healthy group looks for room to grow (then it
     # restarts from the last checkpoint with more workers)
     ray_address: str | None = None  # None: RAY_ADDRESS (set under `ray job submit`), else a local Ray
+    group_timeout_s: float = 300.0  # a worker group with no sign of life this long (it cannot be placed,
+    # or cannot re-form after a failure): the driver prints why; twice as long: it stops the run. 0 = off
     check_resources: bool = True  # refuse a plan whose data stream cannot run beside the workers on the
     # cluster as it is (pipeline/train/resources.py); false for an autoscaling cluster whose nodes come later
 
@@ -67,6 +72,9 @@ class ScalingSection:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.resize_interval_s <= 0:
             raise ConfigError(f"scaling.resize_interval_s must be > 0, got {self.resize_interval_s}")
+        if self.group_timeout_s < 0:
+            raise ConfigError(f"scaling.group_timeout_s must be >= 0 (0: no watch), got "
+                              f"{self.group_timeout_s}")
         if self.max_failures < -1:
             raise ConfigError(f"scaling.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
 
@@ -173,6 +181,7 @@ class Session:
 
     def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):
         """Run the TorchTrainer of ``objective`` over ``datasets`` to the plan's last step."""
+        import ray
         import ray.train
         from ray.train.torch import TorchTrainer
 
@@ -205,7 +214,24 @@ class Session:
             datasets=datasets,
         )
         started = time.time()
-        result = trainer.fit()
+        # Ray Train aborts its run on SIGINT (Ctrl-C) when fit() runs on the main thread: the group watch
+        # raises one there (watchdog.GroupWatch); elsewhere (a driver in a thread) it can only warn
+        main = threading.current_thread() is threading.main_thread()
+        workers = f"{cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if isinstance(
+            cfg.scaling.num_workers, list | tuple) else str(cfg.scaling.num_workers)
+        request = cfg.scaling.worker_request(use_gpu)
+        beats = lambda: ray.get(self.cursor.count_beats.remote(), timeout=30)  # noqa: E731
+        diagnose = lambda: watchdog.diagnose_group(request, workers)  # noqa: E731
+        abort = (lambda: _thread.interrupt_main(signal.SIGINT)) if main else None
+        with watchdog.GroupWatch(beats, cfg.scaling.group_timeout_s, diagnose, abort) as watch:
+            try:
+                result = trainer.fit()
+            except BaseException as e:
+                if watch.failure:
+                    raise watchdog.GroupStall(watch.failure) from e
+                raise
+        if watch.failure:
+            raise watchdog.GroupStall(watch.failure)
         print(f"training finished in {time.time() - started:.0f} s", flush=True)
         return result
 

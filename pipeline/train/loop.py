@@ -31,6 +31,7 @@ import base64
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -372,6 +373,9 @@ class TrainLoop:
         return progress
 
     def run(self) -> None:
+        alive = threading.Event()
+        if self.rank == 0 and self.args.cursor is not None and self.cfg.scaling.group_timeout_s:
+            threading.Thread(target=self.beat, args=(alive,), daemon=True, name="beat").start()
         try:
             self.announce()
             if self.monitor and self.start_step == 0:  # the random init's score: the baseline of the curve
@@ -379,8 +383,15 @@ class TrainLoop:
             while self.progress.step < self.plan.total_steps:
                 self.train_epoch()
         finally:
+            alive.set()
             if self.reporter:
                 self.reporter.close()
+
+    def beat(self, stop: threading.Event) -> None:
+        """Rank 0's signs of life while the group runs, for the driver's watch (watchdog.GroupWatch)."""
+        cursor = stream.get_cursor(self.args.cursor)
+        while not stop.wait(max(1.0, self.cfg.scaling.group_timeout_s / 10)):
+            cursor.beat.remote()
 
     def announce(self) -> None:
         if not self.reporter:

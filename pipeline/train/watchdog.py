@@ -87,17 +87,19 @@ def diagnose_stream(requests: str) -> str:
 
 
 class GroupStall(RuntimeError):
-    """The training workers did not run for two periods of ``train.stall_timeout_s``."""
+    """The training workers showed no sign of life for two periods of ``scaling.group_timeout_s``."""
 
 
 class GroupWatch:
     """On the driver, while Ray Train runs: a worker group that never forms (its workers cannot be placed,
     or an elastic group that will not restart) says why, as the loop's watchdog does for data.
 
-    ``beats()`` counts the training loop's signs of life (rank 0 marks each pass and each progress line
-    on the run's cursor). When it stays put for a period the watch prints ``diagnose()``; after a second it
-    records the failure and calls ``abort`` (Ray Train's own graceful abort, as Ctrl-C does), and the
-    driver raises ``GroupStall``. Without ``abort`` (a driver off the main thread) it only warns."""
+    ``beats()`` counts the group's signs of life (rank 0 marks each pass on the run's cursor and beats
+    while it runs). When it stays put for a period (``scaling.group_timeout_s``) the watch prints
+    ``diagnose()``; after a second it records the failure and calls ``abort``: a SIGINT, on which Ray Train
+    aborts its run as on Ctrl-C; its controller, busy starting a group, may not answer, and at the third
+    Ray's handler stops waiting for it. The driver then raises ``GroupStall``. Without ``abort`` (a driver
+    off the main thread) it only warns."""
 
     def __init__(self, beats: Callable[[], int], timeout_s: float, diagnose: Callable[[], str],
                  abort: Callable[[], None] | None) -> None:
@@ -124,14 +126,17 @@ class GroupWatch:
             seen = now
             if not quiet:
                 continue
-            waited = f"the training workers showed no progress for {quiet * self.timeout_s:g} s " \
-                     f"(train.stall_timeout_s)"
+            waited = f"the training workers showed no sign of life for {quiet * self.timeout_s:g} s " \
+                     f"(scaling.group_timeout_s)"
             if quiet == 1 or self.abort is None:
                 print(f"warning: {waited}: {self.diagnose()}", flush=True)
                 continue
             self.failure = f"{waited}, so the run stops instead of waiting for ever: {self.diagnose()}"
             print(f"error: {self.failure}", flush=True)
-            self.abort()
+            for _ in range(3):  # a controller busy starting a group may not answer the first
+                self.abort()
+                if self.done.wait(10):
+                    return
             return
 
     def read(self) -> int:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.train import resources
 from pipeline.train.resources import ResourcePlanError, Stage
-from pipeline.train.watchdog import DataStall, Watched
+from pipeline.train.watchdog import DataStall, GroupWatch, Watched
 
 TWO_NODES = [{"CPU": 2.0}, {"CPU": 2.0}]
 
@@ -132,3 +132,23 @@ def test_the_watchdog_passes_batches_errors_and_the_end_through():
         with pytest.raises(OSError, match="storage gone"):
             next(watched)
         assert list(Watched(iter(range(3)), 0, str, print, pool)) == [0, 1, 2]  # 0: no watchdog
+
+
+def test_the_group_watch_warns_then_aborts_a_group_that_shows_no_life(capsys):
+    aborted = threading.Event()
+    with GroupWatch(lambda: 0, 0.2, lambda: "the group asks for 3 x {CPU 1.5}", aborted.set) as watch:
+        assert aborted.wait(5)
+    assert watch.failure.startswith("the training workers showed no sign of life for 0.4 s")
+    assert "the group asks for 3 x {CPU 1.5}" in watch.failure
+    out = capsys.readouterr().out
+    assert "warning: the training workers showed no sign of life for 0.2 s" in out
+
+
+def test_the_group_watch_stays_quiet_while_the_group_beats_and_only_warns_without_an_abort(capsys):
+    beats = iter(range(10**6))
+    with GroupWatch(lambda: next(beats), 0.1, str, None) as watch:
+        time.sleep(0.5)
+    assert watch.failure is None and "warning" not in capsys.readouterr().out
+    with GroupWatch(lambda: 7, 0.1, lambda: "stuck", None) as watch:
+        time.sleep(0.45)
+    assert watch.failure is None and capsys.readouterr().out.count("warning: the training workers") >= 2
