@@ -39,10 +39,11 @@ from pipeline.data.transforms import random_erasing, to_model_input
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
 from pipeline.tracking import TrackingSection
-from pipeline.train import checkpointing, driver
+from pipeline.train import checkpointing, driver, watchdog
 from pipeline.train.checkpointing import CheckpointSection
 from pipeline.train.driver import ScalingSection
 from pipeline.train.loop import Plan, TrainSection, across_ranks
+from pipeline.train.metrics import say
 from pipeline.train.mixup import Mixup, MixupSection, soft_target_cross_entropy
 from pipeline.train.optim import OptimSection, build_adamw
 
@@ -184,7 +185,8 @@ def validate_shard(
     correct = total = loss_sum = 0.0
     model.eval()
     with torch.inference_mode():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=torch_collate):
+        for batch in watchdog.watch(shard.iter_torch_batches(batch_size=batch_size, collate_fn=torch_collate),
+                                    say):
             logits = model(to_model_input(batch["pixel_values"].to(device), mean, std)).logits.float()
             labels = batch["labels"].to(device)
             correct += (logits.argmax(-1) == labels).sum().item()

@@ -55,7 +55,7 @@ from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line, say
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
-from pipeline.train.watchdog import Watched, diagnose_stream
+from pipeline.train.watchdog import Watched, diagnose_stream, set_stall_timeout
 
 
 @dataclass
@@ -251,6 +251,7 @@ class TrainLoop:
         self.loss_weight = micro_loss_weight(args.plan.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="batches")  # the stall watchdog's next()
+        set_stall_timeout(self.cfg.train.stall_timeout_s)  # validation and probe passes are watched too
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
         self.model = ray.train.torch.prepare_model(self.objective.build_model(self.cfg))

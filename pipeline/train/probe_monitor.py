@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.datasets import DataConfig
+from pipeline.train import watchdog
+from pipeline.train.metrics import say
 
 DATASETS = ("probe_bank", "probe_query")
 
@@ -98,7 +100,8 @@ class ProbeMonitor:
         cfg = self.section.data
         views = ViewAccumulator(encoder.config.hidden_size)  # mean feature per video (views may be several)
         shard = ray.train.get_dataset_shard(name)
-        for batch in shard.iter_torch_batches(batch_size=self.section.batch_size, collate_fn=torch_collate):
+        batches = shard.iter_torch_batches(batch_size=self.section.batch_size, collate_fn=torch_collate)
+        for batch in watchdog.watch(batches, say):
             x = to_model_input(batch["pixel_values"].to(device), cfg.mean, cfg.std)
             features = pooled_features(encoder, x).float().cpu().numpy()
             views.add(batch["video"], batch["labels"].numpy(), features, batch["video_row"].numpy())

@@ -10,7 +10,7 @@ batch the loop asks for is fetched, so an abandoned iterator (an epoch's quota m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -53,12 +53,33 @@ class Watched:
         return batch
 
 
+_stall_timeout_s = 0.0  # this worker's train.stall_timeout_s, set once by its training loop
+
+
+def set_stall_timeout(seconds: float) -> None:
+    """The watchdog period of this worker's validation and probe passes (``watch``)."""
+    global _stall_timeout_s
+    _stall_timeout_s = seconds
+
+
+def watch(batches: Iterable, say: Callable[[str], Any]) -> Iterator:
+    """``batches`` of a validation or probe pass under this worker's stall watchdog, with a helper thread
+    of its own (a pass never waits silently for a dataset that cannot run either)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="eval-batches")
+    try:
+        yield from Watched(iter(batches), _stall_timeout_s, lambda: diagnose_stream(""), say, pool)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def diagnose_stream(requests: str) -> str:
     """What a stalled stream's stages have done and wait for: Ray Data's operator states for this job's
     running datasets (from its stats actor), what the stream's tasks ask for (``requests``, from the
     resource plan), what the cluster has free, and the fixes."""
     import ray
 
+    if not ray.is_initialized():  # nothing to ask (a pass outside a Ray worker)
+        return "Ray is not running here"
     parts = []
     try:
         from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE

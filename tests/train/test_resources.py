@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.train import resources
+from pipeline.train import resources, watchdog
 from pipeline.train.resources import ResourcePlanError, Stage
 from pipeline.train.watchdog import DataStall, GroupWatch, Watched
 
@@ -152,3 +152,18 @@ def test_the_group_watch_stays_quiet_while_the_group_beats_and_only_warns_withou
     with GroupWatch(lambda: 7, 0.1, lambda: "stuck", None) as watch:
         time.sleep(0.45)
     assert watch.failure is None and capsys.readouterr().out.count("warning: the training workers") >= 2
+
+
+def test_a_validation_pass_is_watched_with_the_workers_stall_timeout():
+    release, said = threading.Event(), []
+    watchdog.set_stall_timeout(0.2)
+    try:
+        passes = watchdog.watch(_stops_after(1, release), said.append)
+        assert next(passes) == 0
+        with pytest.raises(DataStall, match="Ray is not running here; no batch for 0.4 s"):
+            next(passes)
+        assert len(said) == 1
+    finally:
+        release.set()
+        watchdog.set_stall_timeout(0.0)
+    assert list(watchdog.watch(iter(range(3)), said.append)) == [0, 1, 2]  # 0: no watchdog
