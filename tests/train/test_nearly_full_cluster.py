@@ -53,7 +53,6 @@ def test_a_stream_that_never_runs_fails_the_run_with_the_watchdogs_diagnosis(out
     # the first period's warning named the stages' states (from the job's log)
     assert "no batch for 8 s (train.stall_timeout_s); dataset train_" in stalled["log"]
     assert "MapBatches(clips_of_rows) 0 task(s) done" in stalled["log"]
-    assert stalled["seconds"] < 120  # 16 s of watchdog after the start-up: never a wait for ever
 
 
 def test_a_worker_group_that_never_forms_is_stopped_by_the_drivers_watch(outcome):
@@ -63,7 +62,6 @@ def test_a_worker_group_that_never_forms_is_stopped_by_the_drivers_watch(outcome
                               "(scaling.group_timeout_s)"), never
     assert "the group asks for 3 worker(s) of {CPU 1.5}" in message
     assert "node(s) alive) has free: CPU " in message
-    assert never["seconds"] < 120
 
 
 def test_the_starved_configuration_trains_and_survives_losing_a_node(outcome):

@@ -135,7 +135,6 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
 
 
 def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, sample_videos, capsys):
-    started = time.monotonic()
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
         run_pretrain(tiny_config(tmp_path, str(tmp_path), storage_path="s3://no-such-bucket-here/runs"))
     with pytest.raises(StorageError, match="unsupported URI scheme"):
@@ -147,8 +146,8 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, s3_endpoint, sample_
     unlabeled = {"probe.every_steps": "5", "probe.data.uri": str(tmp_path / "unlabeled")}
     with pytest.raises(LabelError, match="probe train split have no label"):
         run_pretrain(tiny_config(tmp_path, str(sample_videos), **unlabeled))
-    assert time.monotonic() - started < 60
-    assert not (tmp_path / "mlflow.db").exists()  # nothing was started or recorded
+    # the MLflow run opens before Ray Train starts (driver.session): no store, no worker started
+    assert not (tmp_path / "mlflow.db").exists()
 
     assert main(["--set", "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
