@@ -309,9 +309,11 @@ def decode_task_size(num_videos: int, task_videos: int | None) -> int:
     return int(min(2048, max(64, math.ceil(num_videos / tasks))))
 
 
-def prepare_source(spec: SourceSpec, mode: str, piece_rows: int | None = None, limit: int | None = None,
-                   label_map: str | None = None, video_ext: str = ".webm", num_cpus: float = 0.25) -> Source:
-    """Read (rows) or count (shards) one source on the cluster in tasks of ``num_cpus`` each;
+def prepare_source(spec: SourceSpec, mode: str, num_cpus: float, piece_rows: int | None = None,
+                   limit: int | None = None, label_map: str | None = None,
+                   video_ext: str = ".webm") -> Source:
+    """Read (rows) or count (shards) one source on the cluster in tasks of ``num_cpus`` each
+    (``data.light_num_cpus``);
     ``label_map`` and ``video_ext`` are SSv2's (``data.label_map``, ``data.video_ext``), read as validation
     reads them."""
     needs_labels = mode != "pretrain"
@@ -400,8 +402,8 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
         from pipeline.data.synthetic import ensure_sample_dataset
 
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
-    return [prepare_source(s, mode, cfg.piece_rows, cfg.limit, cfg.label_map, cfg.video_ext,
-                           cfg.light_num_cpus) for s in specs]
+    return [prepare_source(s, mode, cfg.light_num_cpus, cfg.piece_rows, cfg.limit, cfg.label_map,
+                           cfg.video_ext) for s in specs]
 
 
 def epoch_size(sources: list[Source], epoch_videos: int | None) -> int:
@@ -823,8 +825,7 @@ def _scan_shard(uri: str, split: str | None) -> tuple[int, dict[int, int]]:
     return n, labels
 
 
-def shard_sizes(uri: str, split: str | None, num_cpus: float = 0.25) -> tuple[list[str], np.ndarray,
-                                                                               dict[int, int]]:
+def shard_sizes(uri: str, split: str | None, num_cpus: float) -> tuple[list[str], np.ndarray, dict[int, int]]:
     """(shard URIs, samples of ``split`` per shard, label counts) from the set's index.parquet when it has
     one, else from a scan of every shard in Ray tasks (a WebDataset set made elsewhere)."""
     import pyarrow.parquet as pq

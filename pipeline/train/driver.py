@@ -217,11 +217,10 @@ class Session:
         # Ray Train aborts its run on SIGINT (Ctrl-C) when fit() runs on the main thread: the group watch
         # raises one there (watchdog.GroupWatch); elsewhere (a driver in a thread) it can only warn
         main = threading.current_thread() is threading.main_thread()
-        workers = f"{cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if isinstance(
-            cfg.scaling.num_workers, list | tuple) else str(cfg.scaling.num_workers)
-        request = cfg.scaling.worker_request(use_gpu)
+        s = cfg.scaling
+        request = s.worker_request(use_gpu)
         beats = lambda: ray.get(self.cursor.count_beats.remote(), timeout=30)  # noqa: E731
-        diagnose = lambda: watchdog.diagnose_group(request, workers)  # noqa: E731
+        diagnose = lambda: watchdog.diagnose_group(request, s.min_workers, s.max_workers)  # noqa: E731
         abort = (lambda: _thread.interrupt_main(signal.SIGINT)) if main else None
         with watchdog.GroupWatch(beats, cfg.scaling.group_timeout_s, diagnose, abort) as watch:
             try:

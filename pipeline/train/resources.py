@@ -48,6 +48,11 @@ def _take(free: dict[str, float], request: dict[str, float]) -> dict[str, float]
     return {k: free.get(k, 0.0) - request.get(k, 0.0) for k in set(free) | set(request)}
 
 
+def group_size(low: int, high: int) -> str:
+    """A group's size as messages give it: ``2``, or ``1-2`` for an elastic range."""
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def show(resources: dict[str, float]) -> str:
     shown = [f"{k} {v:g}" for k, v in sorted(resources.items()) if abs(v) > 1e-9]
     return ", ".join(shown) or "nothing"
@@ -85,12 +90,12 @@ def check(nodes: list[dict[str, float]], worker: dict[str, float], low: int, hig
 
     ``nodes`` are the alive nodes' total resources, ``worker`` one training worker's request, ``low`` and
     ``high`` the group's size range, ``datasets`` each dataset's stages."""
-    total = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in {k for n in nodes for k in n}}
     count = workers_started(nodes, worker, low, high)
-    size = f"{low}" if low == high else f"{low}-{high}"
     if not count:
         raise ResourcePlanError(
-            f"resource plan: {size} training worker(s) of {{{show(worker)}}} do not fit this cluster "
+            f"resource plan: {group_size(low, high)} training worker(s) of {{{show(worker)}}} do not fit "
+            f"this cluster "
             f"({len(nodes)} node(s): {'; '.join(show({k: n.get(k, 0) for k in worker}) for n in nodes)}). "
             f"Fixes: {FIXES}"
         )

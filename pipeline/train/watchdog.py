@@ -167,15 +167,16 @@ class GroupWatch:
             return -1
 
 
-def diagnose_group(worker: dict[str, float], workers: str) -> str:
-    """Why a worker group may not form: what it asks for against what the cluster has free."""
+def diagnose_group(worker: dict[str, float], low: int, high: int) -> str:
+    """Why a worker group of ``low``..``high`` may not form: what it asks for against what the cluster has
+    free."""
     import ray
 
-    from pipeline.train.resources import show
+    from pipeline.train.resources import group_size, show
 
     free, total = ray.available_resources(), ray.cluster_resources()
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
     shown = ", ".join(f"{k} {free.get(k, 0):g} of {total.get(k, 0):g}" for k in sorted(worker))
-    return (f"the group asks for {workers} worker(s) of {{{show(worker)}}}; the cluster ({alive} node(s) "
-            f"alive) has free: {shown}. Ray Train's controller log says what it waits for; fixes: lower "
-            "scaling.num_workers (or its minimum) or scaling.cpus_per_worker, or add nodes")
+    return (f"the group asks for {group_size(low, high)} worker(s) of {{{show(worker)}}}; the cluster "
+            f"({alive} node(s) alive) has free: {shown}. Ray Train's controller log says what it waits for; "
+            "fixes: lower scaling.num_workers (or its minimum) or scaling.cpus_per_worker, or add nodes")

@@ -97,7 +97,7 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
              {"path": "missing.mp4", "label": 0, "split": "train", "status": "undecodable"}]
     pq.write_table(pa.Table.from_pylist(rows), sample_videos / "all.parquet")
     source = stream.prepare_source(stream.SourceSpec(str(sample_videos / "all.parquet"), split="train"),
-                                   "finetune", piece_rows=3)
+                                   "finetune", 0.25, piece_rows=3)
     assert source.num_videos == 8 and list(source.sizes) == [3, 3, 2]  # ok rows of the split, in pieces
     assert source.labels == {i: 1 for i in range(8)}
     table = pa.concat_tables(ray.get(source.refs))
@@ -106,10 +106,11 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
     (tmp_path / "escape.csv").write_text("../../etc/passwd 0\n")
     with pytest.raises(ManifestError, match="escapes the data root"):
         stream.prepare_source(stream.SourceSpec(str(tmp_path / "escape.csv"), data_root=str(tmp_path)),
-                              "pretrain", piece_rows=3)
+                              "pretrain", 0.25, piece_rows=3)
     (tmp_path / "unlabelled.csv").write_text(f"{sample_videos / 'videos'}\n")
     with pytest.raises(ManifestError, match="have no label"):
-        stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", piece_rows=3)
+        stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", 0.25,
+                              piece_rows=3)
 
 
 @pytest.mark.integration
@@ -121,7 +122,7 @@ def test_pieces_of_a_large_manifest_live_in_the_object_store(ray_session, sample
     paths = [videos[i % len(videos)] for i in range(rows)]
     pq.write_table(pa.table({"path": paths}), tmp_path / "big.parquet")
     source = stream.prepare_source(stream.SourceSpec(str(tmp_path / "big.parquet"),
-                                                     data_root=str(sample_videos)), "pretrain")
+                                                     data_root=str(sample_videos)), "pretrain", 0.25)
     assert source.num_videos == rows and len(source.sizes) >= 2
     assert max(len(ray.cloudpickle.dumps(ref)) for ref in source.refs) < 4096  # a reference, not the rows
     assert min(t.nbytes for t in ray.get(source.refs[:-1])) > 100 << 10
@@ -154,14 +155,14 @@ def test_pieces_of_a_manifest_read_by_several_tasks_are_the_same_when_rebuilt(ra
         pq.write_table(pa.table({"path": [f"/v/{i}_{j}.mp4" for j in range(50 + 10 * i)]}),
                        tmp_path / "m.parquet" / f"part-{i}.parquet")
     spec = stream.SourceSpec(str(tmp_path / "m.parquet"))
-    builds = [stream.prepare_source(spec, "pretrain", piece_rows=16) for _ in range(3)]
+    builds = [stream.prepare_source(spec, "pretrain", 0.25, piece_rows=16) for _ in range(3)]
     rows = [[r["path"] for ref in b.refs for r in ray.get(ref).to_pylist()] for b in builds]
     assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 260
     # a strict repartition: every piece full but the last
     assert [b.sizes.tolist() for b in builds] == [[16] * 16 + [4]] * 3
     assert len({b.digest for b in builds}) == 1
     pq.write_table(pa.table({"path": ["/v/other.mp4"]}), tmp_path / "m.parquet" / "part-9.parquet")
-    assert stream.prepare_source(spec, "pretrain", piece_rows=16).digest != builds[0].digest
+    assert stream.prepare_source(spec, "pretrain", 0.25, piece_rows=16).digest != builds[0].digest
 
 
 @pytest.mark.integration
