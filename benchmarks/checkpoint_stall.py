@@ -43,7 +43,7 @@ def run(mode: str, steps: int, every: int, data: str, root: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
     from pipeline import config as C
-    from pipeline.data import storage
+    from pipeline import storage
     from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
     sets = [

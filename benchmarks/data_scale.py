@@ -142,6 +142,8 @@ def startup_child(spec: dict) -> dict:
 
     from pipeline.data import datasets, manifest, stream
     from pipeline.data.errors import ErrorLedger
+    from pipeline.data.resume import create_cursor
+    from pipeline.data.sources import prepare_sources
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     quiet_ray_data()
@@ -156,12 +158,12 @@ def startup_child(spec: dict) -> dict:
     signal.alarm(int(spec["cap"]))
     started = time.perf_counter()
     try:
-        cfg = datasets.DataConfig(uri=spec["manifest"], decode_isolation="inline", **CLIP)
+        cfg = datasets.DataSection(uri=spec["manifest"], decode_isolation="inline", **CLIP)
         ledger = ErrorLedger.get_or_create("startup")
         if spec["path"] == "new":
-            sources = stream.prepare_sources(cfg, "pretrain")
+            sources = prepare_sources(cfg, "pretrain")
             out["prepare_s"] = time.perf_counter() - started
-            cursor = stream.create_cursor("startup")
+            cursor = create_cursor("startup")
             ray.get(cursor.set.remote(0, b""))
             ds = stream.build_stream(cfg, "pretrain", sources, ledger, 0, "startup")
         else:
@@ -414,12 +416,14 @@ def open_stream(uri: str, name: str, seed: int, isolation: str, epoch_videos: in
     import ray
 
     from pipeline.data import stream
-    from pipeline.data.datasets import DataConfig
     from pipeline.data.errors import ErrorLedger
+    from pipeline.data.resume import create_cursor
+    from pipeline.data.section import DataSection
+    from pipeline.data.sources import prepare_sources
 
-    cfg = DataConfig(uri=uri, decode_isolation=isolation, epoch_videos=epoch_videos, **CLIP)
-    sources = stream.prepare_sources(cfg, "pretrain")
-    cursor = stream.create_cursor(name)
+    cfg = DataSection(uri=uri, decode_isolation=isolation, epoch_videos=epoch_videos, **CLIP)
+    sources = prepare_sources(cfg, "pretrain")
+    cursor = create_cursor(name)
     ray.get(cursor.set.remote(0, b""))
     ledger = ErrorLedger.get_or_create(name)
     return stream.build_stream(cfg, "pretrain", sources, ledger, seed, name), (cursor, ledger)

@@ -39,9 +39,11 @@ import numpy as np
 import psutil
 import torch
 
-from pipeline.data.datasets import ClipMaker, DataConfig, build_dataset
+from pipeline.data.clips import ClipMaker
+from pipeline.data.datasets import build_dataset
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.sampling import DenseSampler
+from pipeline.data.section import DataSection
 from pipeline.models.videomae.masking import make_mask, token_grid
 
 NUM_FRAMES, RATE, SIZE = 16, 4, 224
@@ -91,7 +93,7 @@ def our_path(
 ) -> int:
     key = (clips_per_video, isolation, shared)
     if key not in makers:
-        cfg = DataConfig(
+        cfg = DataSection(
             num_frames=NUM_FRAMES,
             sampling_rate=RATE,
             image_size=SIZE,
@@ -174,7 +176,7 @@ def ray_read_videos(paths: list[str]) -> int:
 
 
 def ray_our_path(paths: list[str], workers: int, clips_per_video: int) -> int:
-    cfg = DataConfig(
+    cfg = DataSection(
         num_frames=NUM_FRAMES,
         sampling_rate=RATE,
         image_size=SIZE,

@@ -1,6 +1,6 @@
 """Preprocessing throughput, and the training-read speed-up it buys, measured in one run.
 
-1. The preprocessing job (pipeline.data.preprocess.run, real local Ray) on generated 1280x720 H.264
+1. The preprocessing job (pipeline.preprocess.job.run, real local Ray) on generated 1280x720 H.264
    originals: videos/s and videos/s per core for probe-only and for transcode to short side 320,
    with 1 and 2 Ray workers.
 2. What training gains: decord clips/s (open the video from bytes, decode one 16-frame clip at
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.preprocess import PreprocessConfig, run  # noqa: E402
+from pipeline.preprocess.job import PreprocessConfig, run  # noqa: E402
 
 CLIP_FRAMES, STRIDE = 16, 4
 

@@ -12,10 +12,10 @@ import argparse
 import logging
 import sys
 
-from pipeline.data.annotations import FORMATS, AnnotationError
-from pipeline.data.preprocess import PreprocessConfig, run
 from pipeline.data.shards import parse_size
-from pipeline.data.storage import StorageError
+from pipeline.preprocess.annotations import FORMATS, AnnotationError
+from pipeline.preprocess.job import PreprocessConfig, run
+from pipeline.storage import StorageError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import config as config_lib
-from pipeline import runtime
+from pipeline import runtime, storage, tracking
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
-from pipeline.data import storage
+from pipeline.data.synthetic import ensure_sample_dataset
+from pipeline.eval.evaluate import EvalConfig, run_evaluate
+from pipeline.train.finetune import FinetuneConfig, run_finetune
+from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
 STAGES = ("pretrain", "finetune", "evaluate")
 RECORD = "stages.json"
@@ -112,11 +115,6 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Run the chain's unfinished stages in order; see the module docstring."""
-    from pipeline import tracking
-    from pipeline.data.synthetic import ensure_sample_dataset
-    from pipeline.eval.evaluate import EvalConfig, run_evaluate
-    from pipeline.train.finetune import FinetuneConfig, run_finetune
-    from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
     started = time.time()
     print(f"pipeline config:\n{config_lib.to_yaml(cfg)}", flush=True)

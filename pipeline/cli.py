@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import config as config_lib
+from pipeline.data.labels import LabelError
+from pipeline.data.manifest import ManifestError
+from pipeline.models.videomae import CheckpointError
+from pipeline.storage import StorageError
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -24,10 +28,6 @@ R = TypeVar("R")
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input (config, storage, manifest, checkpoint, labels), not a bug."""
-    from pipeline.data.labels import LabelError
-    from pipeline.data.manifest import ManifestError
-    from pipeline.data.storage import StorageError
-    from pipeline.models.videomae import CheckpointError
 
     return config_lib.ConfigError, StorageError, ManifestError, CheckpointError, LabelError
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pipeline.data.storage import redact
+from pipeline.storage import redact
 
 T = TypeVar("T")
 

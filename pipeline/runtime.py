@@ -11,8 +11,8 @@ import os
 import re
 import sys
 
+from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.data import storage
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

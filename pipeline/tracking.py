@@ -31,9 +31,9 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.data import storage
-from pipeline.data.storage import redact
+from pipeline.storage import redact
 
 RUN_NAME_TAG = "pipeline.run_name"
 JOB_TAG = "pipeline.job"

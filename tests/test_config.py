@@ -11,7 +11,7 @@ import yaml
 
 from pipeline import config as C
 from pipeline.config import ConfigError
-from pipeline.data.datasets import DataConfig
+from pipeline.data.section import DataSection
 from pipeline.train.pretrain import PretrainConfig
 
 
@@ -134,7 +134,7 @@ def test_round_trip_through_yaml_and_flatten_scrubs_secrets():
 
 @dataclass
 class _JobWithOwnDataDefaults:
-    data: DataConfig = field(default_factory=lambda: DataConfig(hflip=False, clips_per_video=3))
+    data: DataSection = field(default_factory=lambda: DataSection(hflip=False, clips_per_video=3))
 
 
 def test_a_partial_section_keeps_the_jobs_own_section_defaults(tmp_path):

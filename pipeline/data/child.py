@@ -10,7 +10,7 @@ request starts a fresh one too. Starting a child costs its imports once, not per
 not counted against a request's limit.
 
 Used by the training decoder (pipeline/data/decode.py) and the preprocessing worker
-(pipeline/data/video_worker.py); a child module calls :func:`parent_channel` and answers in a loop.
+(pipeline/preprocess/worker.py); a child module calls :func:`parent_channel` and answers in a loop.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ worker (pipeline/data/child.py, the supervisor preprocessing uses too): the pare
 ``timeout_s`` for the answer, and on expiry kills the helper (SIGKILL works on C code), records
 ``timeout`` and starts a new helper on the next video. A segfault in the helper becomes ``decoder_crash``
 instead of killing the Ray worker. S3 bytes are read by the worker before, so retries through an outage
-(pipeline/data/storage.py) are not decode time; local files are read in the helper, so a read that hangs
+(pipeline/storage.py) are not decode time; local files are read in the helper, so a read that hangs
 (a stuck network mount) is stopped too. Frames come back through a shared memory map (an unlinked file
 in /dev/shm whose descriptor the helper inherits), not a pipe, so the isolation costs one memcpy of the
 decoded frames (see benchmarks/data_throughput.py).
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data import decoders, mp4, storage
+from pipeline import storage
+from pipeline.data import decoders, mp4
 from pipeline.data.child import ChildDied, ChildProcess, ChildTimeout, parent_channel
 from pipeline.data.errors import VideoError
 

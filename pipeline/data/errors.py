@@ -27,7 +27,7 @@ import json
 import math
 from collections import Counter
 
-from pipeline.data import storage
+from pipeline import storage
 
 REASONS = {
     "not_found": "the object does not exist (deleted after listing?)",

@@ -13,25 +13,26 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.data import storage
-from pipeline.data.datasets import DataConfig
+from pipeline import storage
+from pipeline.data.datasets import resolve_rows
 from pipeline.data.manifest import ManifestError, read_label_map
+from pipeline.data.section import DataSection
+from pipeline.data.synthetic import ensure_sample_dataset
 
 
 class LabelError(ValueError):
     """Labels and label map (or model) disagree; the message names the split and examples."""
 
 
-def dataset_root(cfg: DataConfig) -> str:
+def dataset_root(cfg: DataSection) -> str:
     """The dataset's URI, generating the sample dataset when ``cfg.uri`` is empty (as resolve_rows does)."""
     if cfg.uri:
         return cfg.uri
-    from pipeline.data.synthetic import ensure_sample_dataset
 
     return ensure_sample_dataset(cfg.sample_cache_dir)
 
 
-def dataset_label_names(cfg: DataConfig) -> dict[int, str] | None:
+def dataset_label_names(cfg: DataSection) -> dict[int, str] | None:
     """``{id: name}`` from ``cfg.label_map`` or a ``labels.json`` beside the manifest; None if neither."""
     if cfg.label_map:
         candidate = cfg.label_map
@@ -96,9 +97,8 @@ def missing_classes(counts: Counter, id2label: dict[int, str]) -> list[str]:
     return [id2label[i] for i in sorted(id2label) if counts.get(i, 0) == 0]
 
 
-def read_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+def read_rows(cfg: DataSection) -> list[dict[str, Any]]:
     """Manifest rows of ``cfg``'s split, with an empty or unreadable split as a LabelError naming it."""
-    from pipeline.data.datasets import resolve_rows
 
     try:
         rows = resolve_rows(cfg)
@@ -111,7 +111,7 @@ def read_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def labeled_splits(cfg: DataConfig, splits: Sequence[str], limit: int | None = None,
+def labeled_splits(cfg: DataSection, splits: Sequence[str], limit: int | None = None,
                    prefix: str = "") -> tuple[list[list[dict[str, Any]]], dict[int, str]]:
     """The rows of each of ``splits`` of ``cfg``'s dataset (a seeded subset of at most ``limit`` each) and
     the class names (the label map, else ``class_<i>`` for every label seen), every row checked labeled and

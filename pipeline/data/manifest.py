@@ -28,7 +28,7 @@ import json
 import posixpath
 from typing import Any
 
-from pipeline.data import storage
+from pipeline import storage
 
 MANIFEST_SUFFIXES = (".csv", ".txt", ".json", ".jsonl", ".parquet")
 

@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.data import storage
-from pipeline.data.storage import ObjectNotFound, StorageError, redact
+from pipeline import storage
+from pipeline.storage import ObjectNotFound, StorageError, redact
 
 if TYPE_CHECKING:
     from botocore.response import StreamingBody

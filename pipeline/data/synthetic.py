@@ -24,7 +24,7 @@ Layout below ``root``::
     labels.json                      {"<class_name>": <label id>} (the SSv2 label-map shape)
     dataset.json                     generation parameters and recommended data settings
 
-Horizontal flips turn "left" into "right": finetune on this data with ``DataConfig(hflip=False)``.
+Horizontal flips turn "left" into "right": finetune on this data with ``DataSection(hflip=False)``.
 """
 
 from __future__ import annotations

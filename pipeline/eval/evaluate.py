@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import config as config_lib
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
 from pipeline.data import labels as label_lib
-from pipeline.data import storage
-from pipeline.data.datasets import DataConfig, build_dataset
-from pipeline.eval.inference import InferenceSection
+from pipeline.data.datasets import build_dataset
+from pipeline.data.errors import ErrorLedger
+from pipeline.data.section import DataSection
+from pipeline.eval.inference import InferenceSection, predict_views
 from pipeline.eval.metrics import EvalReport, evaluate_scores
 from pipeline.eval.report import confusion_matrix_png, parquet_bytes, predictions_table, report_json
 from pipeline.models.section import derived_from_model
+from pipeline.models.weights import load_classifier, locate
 from pipeline.tracking import TrackingSection, job_run
 
 # Defaults that differ from the shared sections' own (a partial section in YAML or --set keeps them).
@@ -46,7 +48,7 @@ class EvalConfig:
     model_uri: str = "runs/finetune-demo"  # a classifier: run folder, checkpoint or transformers directory
     storage_path: str = "runs"  # results under <storage_path>/<run_name>
     ray_address: str | None = None  # None: RAY_ADDRESS (under `ray job submit`), else a local Ray
-    data: DataConfig = field(default_factory=lambda: DataConfig(**DEFAULTS["data"]))
+    data: DataSection = field(default_factory=lambda: DataSection(**DEFAULTS["data"]))
     inference: InferenceSection = field(default_factory=InferenceSection)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(**DEFAULTS["tracking"]))
 
@@ -80,7 +82,6 @@ class EvalResult:
 
 def check_eval_inputs(cfg: EvalConfig):
     """Driver-side checks and inputs: (classifier, data config in the model's clip format, rows, names)."""
-    from pipeline.models.weights import load_classifier, locate
 
     model_uri = locate(cfg.model_uri)
     model = load_classifier(model_uri)
@@ -105,8 +106,6 @@ def check_eval_inputs(cfg: EvalConfig):
 
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Score every video of ``cfg.data``'s split and write the report (see the module docstring)."""
-    from pipeline.data.errors import ErrorLedger
-    from pipeline.eval.inference import predict_views
 
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
+from pipeline.eval.metrics import ViewAccumulator
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEModel
+from pipeline.models.weights import model_dir
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -127,7 +129,6 @@ class ViewEmbedder:
 
     def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
                  convert: dict[str, Any] | None = None):
-        from pipeline.models.weights import model_dir
 
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.encoder = load_encoder(str(model_dir(model_uri, convert))).to(self.device)
@@ -159,7 +160,6 @@ def embed_views(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features (V, D), labels (V,), video URIs) for the videos of an eval-mode ``dataset``: the mean
     feature of each video's views."""
-    from pipeline.eval.metrics import ViewAccumulator
 
     embedded = dataset.map_batches(
         ViewEmbedder,

@@ -19,6 +19,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
 from pipeline.eval.metrics import VideoScores, ViewAccumulator
+from pipeline.models.weights import load_classifier
 
 
 @dataclass
@@ -51,7 +52,6 @@ class ViewClassifier:
 
     def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
                  precision: str = "fp32"):
-        from pipeline.models.weights import load_classifier
 
         self.device = pick_device(use_gpu)
         self.model = load_classifier(model_uri).to(self.device)

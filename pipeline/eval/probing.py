@@ -25,17 +25,19 @@ from pathlib import Path
 import torch
 
 from pipeline import config as config_lib
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
 from pipeline.data import labels as label_lib
-from pipeline.data import storage
-from pipeline.data.datasets import DataConfig, build_dataset
+from pipeline.data.datasets import build_dataset
+from pipeline.data.errors import ErrorLedger
+from pipeline.data.section import DataSection
 from pipeline.eval import frozen
 from pipeline.eval.frozen import KnnSection
 from pipeline.eval.inference import InferenceSection
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEModel
+from pipeline.models.weights import CONVERT_FIELDS, locate, read_config
 from pipeline.tracking import TrackingSection, job_run
 
 RESULT_FILE = "probe.json"
@@ -57,8 +59,8 @@ class ProbeConfig:
     storage_path: str = "runs"
     ray_address: str | None = None  # None: RAY_ADDRESS (under `ray job submit`), else a local Ray
     # the kNN bank and the linear probe's training videos: data.split; scored: test_split
-    data: DataConfig = field(
-        default_factory=lambda: DataConfig(
+    data: DataSection = field(
+        default_factory=lambda: DataSection(
             split="train", sampling_rate=2, eval_num_clips=1, eval_num_crops=1, shuffle=False, hflip=False
         )  # sampling_rate 2: the pretraining demo's
     )
@@ -105,7 +107,6 @@ class ProbeResult:
 def _locate(cfg: ProbeConfig) -> tuple[str, VideoMAEConfig, dict]:
     """(located model URI or "" for a random init, its model config, conversion settings for an original
     .pth); errors name ``model_uri``."""
-    from pipeline.models.weights import CONVERT_FIELDS, locate, read_config
 
     if not cfg.model_uri:
         return "", cfg.model.build(), {}
@@ -131,7 +132,6 @@ def _save_random_init(cfg: ProbeConfig, output: str) -> str:
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Embed both splits with the frozen encoder, score kNN and the linear probe, write the results."""
-    from pipeline.data.errors import ErrorLedger
 
     started = time.time()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)

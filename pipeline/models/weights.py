@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import storage
-from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
+from pipeline import storage
+from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification, convert
 
 CACHE_DIR = Path(os.environ.get("PIPELINE_MODEL_CACHE", "~/.cache/videomae-pipeline/models")).expanduser()
 ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
@@ -120,7 +120,6 @@ def model_dir(uri: str, convert: dict[str, Any] | None = None) -> Path:
 
 def _convert_original(file: Path, uri: str, overrides: dict[str, Any]) -> Path:
     """Original VideoMAE ``.pth`` -> a transformers-format directory in the cache (once per settings)."""
-    from pipeline.models.videomae import convert
 
     key = json.dumps([uri, sorted(overrides.items())])
     target = CACHE_DIR / ("converted-" + hashlib.sha1(key.encode()).hexdigest()[:16])

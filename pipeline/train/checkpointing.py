@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.data import storage
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_lib
-from pipeline import runtime, tracking
+from pipeline import runtime, storage, tracking
 from pipeline.config import ConfigError
-from pipeline.data import storage, stream
+from pipeline.data import stream
 from pipeline.data.errors import ErrorLedger
+from pipeline.data.plan import plan_inputs, source_quotas
+from pipeline.data.resume import create_cursor
 from pipeline.train import checkpointing, resources, watchdog
 from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
@@ -168,15 +170,15 @@ class Session:
         self.run_dir = storage.join(storage_path, cfg.run_name)
         self.config_yaml = config_lib.to_yaml(cfg)
         self.ledger = ErrorLedger.create(cfg.run_name)
-        self.cursor = stream.create_cursor(self.ledger.run_name)  # which epoch a pass reads, what is done
+        self.cursor = create_cursor(self.ledger.run_name)  # which epoch a pass reads, what is done
         self.data_inputs: list[dict] | None = None  # set by training_stream
 
     def training_stream(self, sources: list, mode: str):
         """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py); what
         the plan depends on is kept for the checkpoints (a resume on other data is seen)."""
         data = self.cfg.data
-        quotas = stream.source_quotas(sources, data.epoch_videos)
-        self.data_inputs = stream.plan_inputs(sources, quotas, data.group_pieces, self.cfg.seed, data.shuffle)
+        quotas = source_quotas(sources, data.epoch_videos)
+        self.data_inputs = plan_inputs(sources, quotas, data.group_pieces, self.cfg.seed, data.shuffle)
         return stream.build_stream(data, mode, sources, self.ledger, self.cfg.seed, self.ledger.run_name)
 
     def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):

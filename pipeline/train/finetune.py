@@ -28,16 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import config as config_lib
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
 from pipeline.data import labels as label_lib
-from pipeline.data import storage, stream
-from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
+from pipeline.data.clips import torch_collate
+from pipeline.data.datasets import build_dataset
 from pipeline.data.manifest import ManifestError
+from pipeline.data.plan import describe, epoch_size
+from pipeline.data.section import DataSection
+from pipeline.data.sources import Source, prepare_sources, source_specs
 from pipeline.data.transforms import random_erasing, to_model_input
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
+from pipeline.models.weights import load_for_finetuning, locate
 from pipeline.tracking import TrackingSection
 from pipeline.train import checkpointing, driver, watchdog
 from pipeline.train.checkpointing import CheckpointSection
@@ -76,7 +80,7 @@ class FinetuneConfig:
     model: ModelSection = field(
         default_factory=lambda: config_lib.build(ModelSection, DEFAULTS["model"], prefix="model")
     )
-    data: DataConfig = field(default_factory=lambda: DataConfig(**DEFAULTS["data"]))
+    data: DataSection = field(default_factory=lambda: DataSection(**DEFAULTS["data"]))
     optim: OptimSection = field(default_factory=lambda: config_lib.build(OptimSection, DEFAULTS["optim"]))
     mixup: MixupSection = field(default_factory=MixupSection)
     train: TrainSection = field(default_factory=lambda: TrainSection(**DEFAULTS["train"]))
@@ -120,7 +124,6 @@ class FinetuneObjective:
         config = VideoMAEConfig.from_dict(self.model_config)
         if not self.init_from:
             return VideoMAEForVideoClassification(config)
-        from pipeline.models.weights import load_for_finetuning
 
         overrides = {k: v for k, v in self.model_config.items() if k not in ("id2label", "label2id")}
         return load_for_finetuning(self.init_from, config.id2label, **overrides).train()
@@ -241,7 +244,7 @@ class FinetuneInputs:
 
     cfg: FinetuneConfig  # with the data geometry and normalisation of the model
     storage_path: str
-    train_sources: list[stream.Source]  # read and label-counted on the cluster
+    train_sources: list[Source]  # read and label-counted on the cluster
     val_rows: list[dict]
     id2label: dict[int, str]
     model_config: dict[str, Any]
@@ -256,7 +259,7 @@ def class_names(cfg: FinetuneConfig, counts: Counter) -> dict[int, str]:
     """From the label map (``data.label_map`` or the first source's labels.json), else class_<i>."""
     data = cfg.data
     if data.sources and not data.label_map:
-        data = dataclasses.replace(data, uri=stream.source_specs(data)[0].uri)
+        data = dataclasses.replace(data, uri=source_specs(data)[0].uri)
     names = label_lib.dataset_label_names(data)
     if names is not None:
         return names
@@ -266,12 +269,11 @@ def class_names(cfg: FinetuneConfig, counts: Counter) -> dict[int, str]:
 def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     """Checks before any training worker starts: storage, splits and labels (the training sources are read
     and their labels counted on the cluster), weights; the model config and its clip format."""
-    from pipeline.models.weights import load_for_finetuning, locate
 
     storage_path = driver.checked_storage(cfg.storage_path)
     runtime.init_ray(cfg.scaling.ray_address)
     try:
-        sources = stream.prepare_sources(cfg.data, "finetune")
+        sources = prepare_sources(cfg.data, "finetune")
     except ManifestError as e:
         raise label_lib.LabelError(f"{cfg.data.split} split: {e}") from e
     counts: Counter = Counter()
@@ -314,7 +316,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     return FinetuneInputs(cfg, storage_path, sources, val_rows, id2label, model_config, init_from)
 
 
-def val_data(cfg: FinetuneConfig) -> DataConfig:
+def val_data(cfg: FinetuneConfig) -> DataSection:
     """Validation clips: one centre view per video, in order."""
     return dataclasses.replace(
         cfg.data, split=cfg.val_split, eval_num_clips=1, eval_num_crops=1, shuffle=False
@@ -326,14 +328,14 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     inputs = check_finetune_inputs(cfg)
     cfg = inputs.cfg
-    epoch_videos = stream.epoch_size(inputs.train_sources, cfg.data.epoch_videos)
+    epoch_videos = epoch_size(inputs.train_sources, cfg.data.epoch_videos)
     plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
     source = storage.redact(inputs.init_from) if inputs.init_from else "scratch (random init)"
     mc = inputs.model_config
     print(
         f"finetune from {source}: {len(inputs.id2label)} classes, {mc['num_hidden_layers']} layers x "
         f"{mc['hidden_size']}, {mc['num_frames']} frames at {mc['image_size']} px; "
-        f"{stream.describe(inputs.train_sources, epoch_videos)}: {epoch_videos} train videos x "
+        f"{describe(inputs.train_sources, epoch_videos)}: {epoch_videos} train videos x "
         f"{cfg.data.clips_per_video} clip(s) per epoch, "
         f"{len(inputs.val_rows)} val videos; "
         f"plan: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, "

@@ -44,10 +44,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.data import storage, stream
-from pipeline.data.datasets import torch_collate
-from pipeline.data.stream import Consumption
+from pipeline.data.clips import torch_collate
+from pipeline.data.errors import ErrorLedger
+from pipeline.data.plan import describe_change, fingerprint
+from pipeline.data.resume import Consumption, get_cursor
+from pipeline.data.sources import source_specs
 from pipeline.data.transforms import to_model_input
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
@@ -56,6 +59,7 @@ from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
 from pipeline.train.watchdog import Watched, diagnose_stream, set_stall_timeout
+from pipeline.viz import reconstruct, save_reconstruction_png
 
 
 @dataclass
@@ -128,7 +132,7 @@ class LoopArgs:
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
     cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
-    data_inputs: list[dict] | None = None  # the epoch plan's inputs (stream.plan_inputs): resume checks them
+    data_inputs: list[dict] | None = None  # the epoch plan's inputs (plan_inputs): resume checks them
     data_requests: str = ""  # what the stream's tasks ask Ray for (the resource plan): a stall's diagnosis
 
 
@@ -181,7 +185,6 @@ def across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -
 def _error_metrics(ledger_name: str | None) -> dict[str, float]:
     if not ledger_name:
         return {}
-    from pipeline.data.errors import ErrorLedger
 
     try:
         snap = ErrorLedger.get(ledger_name).snapshot()
@@ -224,7 +227,6 @@ class Rank0Reporter:
     ) -> None:
         if not self.logger:
             return
-        from pipeline.viz import reconstruct, save_reconstruction_png
 
         original, masked, recon = reconstruct(model, pixel_values[:2], mask[:2])
         with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +270,7 @@ class TrainLoop:
         self.rolled_back = False  # the last step ended in a rollback
         t = self.cfg.train
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
-        self.data_fingerprint = stream.fingerprint(args.data_inputs) if args.data_inputs else ""
+        self.data_fingerprint = fingerprint(args.data_inputs) if args.data_inputs else ""
         self.resumed, self.progress = self.restore()
         self.start_step = self.progress.step
         self.reporter = Rank0Reporter(args) if self.rank == 0 else None
@@ -278,7 +280,7 @@ class TrainLoop:
         self.meter = StepMeter(p.total_steps, self.start_step, self.world)
         # which videos this rank trained on (exact resume)
         self.consumption = Consumption(self.cfg.data.clips_per_video, self.cfg.train.audit_dir)
-        self.source_names = [spec.label() for spec in stream.source_specs(self.cfg.data)]
+        self.source_names = [spec.label() for spec in source_specs(self.cfg.data)]
         self.clips_by_source = np.zeros(len(self.source_names))  # in the current log window
         self.last_batch: tuple | None = None  # what the reconstruction picture needs
         self.last_loss: torch.Tensor | None = None
@@ -320,7 +322,7 @@ class TrainLoop:
         theirs, mine = progress.data_fingerprint, self.data_fingerprint
         if theirs and mine and theirs != mine and (progress.epoch_done or progress.step_in_epoch):
             if self.rank == 0:
-                change = stream.describe_change(progress.data_inputs, self.args.data_inputs or [])
+                change = describe_change(progress.data_inputs, self.args.data_inputs or [])
                 say(f"[{self.cfg.run_name}] warning: the data differs from the checkpoint's ({change}): "
                     f"epoch {progress.epoch} starts afresh at step {progress.step}", flush=True)
             progress.step_in_epoch, progress.epoch_done, progress.epoch_begun = 0, "", []
@@ -390,7 +392,7 @@ class TrainLoop:
 
     def beat(self, stop: threading.Event) -> None:
         """Rank 0's signs of life while the group runs, for the driver's watch (watchdog.GroupWatch)."""
-        cursor = stream.get_cursor(self.args.cursor)
+        cursor = get_cursor(self.args.cursor)
         while not stop.wait(max(1.0, self.cfg.scaling.group_timeout_s / 10)):
             cursor.beat.remote()
 
@@ -417,7 +419,7 @@ class TrainLoop:
         if self.args.cursor is None:
             return
         if self.rank == 0:
-            cursor = stream.get_cursor(self.args.cursor)
+            cursor = get_cursor(self.args.cursor)
             ray.get(cursor.set.remote(progress.epoch, self.consumption.packed(), begun))
         if distributed():
             dist.barrier()

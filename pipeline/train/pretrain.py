@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline import config as config_lib
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.cli import run_job
 from pipeline.config import ConfigError
-from pipeline.data import storage, stream
-from pipeline.data.datasets import DataConfig
 from pipeline.data.errors import ErrorLedger
+from pipeline.data.plan import describe, epoch_size
+from pipeline.data.section import DataSection
+from pipeline.data.sources import prepare_sources
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.tracking import TrackingSection
@@ -42,7 +43,7 @@ class PretrainConfig:
     model: ModelSection = field(
         default_factory=lambda: config_lib.build(ModelSection, {"use_mean_pooling": False}, prefix="model")
     )
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -140,11 +141,11 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     storage_path = driver.checked_storage(cfg.storage_path)
     runtime.init_ray(cfg.scaling.ray_address)  # the manifests are read on the cluster
-    sources = stream.prepare_sources(cfg.data, "pretrain")
-    epoch_videos = stream.epoch_size(sources, cfg.data.epoch_videos)
+    sources = prepare_sources(cfg.data, "pretrain")
+    epoch_videos = epoch_size(sources, cfg.data.epoch_videos)
     plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
     print(
-        f"data: {stream.describe(sources, epoch_videos)}; {epoch_videos} videos x {cfg.data.clips_per_video} "
+        f"data: {describe(sources, epoch_videos)}; {epoch_videos} videos x {cfg.data.clips_per_video} "
         f"clip(s) per epoch; plan: {plan.total_steps} steps "
         f"({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, global batch {plan.global_batch}, "
         f"peak lr {plan.peak_lr:.3g}",

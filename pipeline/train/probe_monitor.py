@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.data.datasets import DataConfig
+from pipeline.data.clips import torch_collate
+from pipeline.data.datasets import build_dataset
+from pipeline.data.labels import labeled_splits
+from pipeline.data.section import DataSection
+from pipeline.data.transforms import to_model_input
+from pipeline.eval.frozen import knn_top1, pooled_features
+from pipeline.eval.metrics import ViewAccumulator
 from pipeline.train import watchdog
 from pipeline.train.metrics import say
 
@@ -35,8 +41,8 @@ class ProbeSection:
     sampling rate and normalisation are the training data's (set there)."""
 
     every_steps: int = 0  # 0 = off; else at step 0, every N steps and at the end
-    data: DataConfig = field(
-        default_factory=lambda: DataConfig(split="train", eval_num_clips=1, eval_num_crops=1, shuffle=False)
+    data: DataSection = field(
+        default_factory=lambda: DataSection(split="train", eval_num_clips=1, eval_num_crops=1, shuffle=False)
     )
     query_split: str = "val"
     max_videos: int = 400  # per split, a fixed random subset: bounds the cost of one probe
@@ -60,7 +66,6 @@ class ProbeSection:
 def probe_rows(section: ProbeSection) -> tuple[dict[str, list[dict]], int]:
     """The rows of both probe splits (a seeded subset of at most ``max_videos`` each) and the class count;
     checked on the driver before any worker starts."""
-    from pipeline.data.labels import labeled_splits
 
     splits = (section.data.split, section.query_split)
     rows, names = labeled_splits(section.data, splits, section.max_videos, prefix="probe ")
@@ -69,7 +74,6 @@ def probe_rows(section: ProbeSection) -> tuple[dict[str, list[dict]], int]:
 
 def probe_datasets(section: ProbeSection, rows: dict[str, list[dict]], ledger: Any) -> dict[str, Any]:
     """The two streaming datasets of one centre view per video, for ``TorchTrainer(datasets=...)``."""
-    from pipeline.data.datasets import build_dataset
 
     return {
         name: build_dataset(dataclasses.replace(section.data, split=split), "eval", ledger, rows=rows[name])
@@ -92,10 +96,6 @@ class ProbeMonitor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         import ray.train
 
-        from pipeline.data.datasets import torch_collate
-        from pipeline.data.transforms import to_model_input
-        from pipeline.eval.frozen import pooled_features
-        from pipeline.eval.metrics import ViewAccumulator
 
         cfg = self.section.data
         views = ViewAccumulator(encoder.config.hidden_size)  # mean feature per video (views may be several)
@@ -111,7 +111,6 @@ class ProbeMonitor:
     @torch.inference_mode()
     def run(self, encoder: torch.nn.Module, device: torch.device, rank: int) -> dict[str, float]:
         """Embed this rank's share of both splits; rank 0 gathers and returns the metrics (others: {})."""
-        from pipeline.eval.frozen import knn_top1
 
         was_training = encoder.training
         encoder.eval()

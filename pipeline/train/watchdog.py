@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from pipeline.train.resources import group_size, show
+
 _END = object()
 
 
@@ -172,7 +174,6 @@ def diagnose_group(worker: dict[str, float], low: int, high: int) -> str:
     free."""
     import ray
 
-    from pipeline.train.resources import group_size, show
 
     free, total = ray.available_resources(), ray.cluster_resources()
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))

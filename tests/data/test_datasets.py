@@ -11,20 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.datasets import (
-    ClipMaker,
-    DataConfig,
-    build_dataset,
-    resolve_rows,
-    torch_collate,
-)
+from pipeline.data.clips import ClipMaker, torch_collate
+from pipeline.data.datasets import build_dataset, resolve_rows
 from pipeline.data.decode import read_and_decode
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.sampling import DenseSampler
+from pipeline.data.section import DataSection
 from pipeline.data.transforms import to_model_input
 
 
-def tiny(sample_videos, **kw) -> DataConfig:
+def tiny(sample_videos, **kw) -> DataSection:
     base = dict(
         uri=str(sample_videos),
         num_frames=4,
@@ -36,10 +32,10 @@ def tiny(sample_videos, **kw) -> DataConfig:
         seed=0,
         decode_isolation="inline",
     )
-    return DataConfig(**{**base, **kw})
+    return DataSection(**{**base, **kw})
 
 
-def clip_batch(cfg: DataConfig, mode: str, row: dict, ledger: ErrorLedger) -> dict:
+def clip_batch(cfg: DataSection, mode: str, row: dict, ledger: ErrorLedger) -> dict:
     """What a decode task returns for one video: its clip rows as arrays, the ledger told."""
     maker = ClipMaker(cfg, mode, ledger)
     out = maker.clips(row)

@@ -13,10 +13,11 @@ import pytest
 from codec_videos import CODECS, OPEN_GOP, reference_frames, write_codec_video
 
 from pipeline.data import decoders, mp4
-from pipeline.data.datasets import ClipMaker, DataConfig
+from pipeline.data.clips import ClipMaker
 from pipeline.data.decode import DecodeSettings, decode_bytes, read_and_decode
 from pipeline.data.errors import ErrorLedger, VideoError
 from pipeline.data.sampling import DenseSampler
+from pipeline.data.section import DataSection
 
 CASES = [*CODECS, "vfr"]
 INDICES = [0, 5, 6, 13, 24, 25, 39]  # across GOPs of 12: mid-GOP, adjacent, keyframes, the last
@@ -155,7 +156,7 @@ def test_an_unusable_decoder_is_named_before_any_video(monkeypatch):
     reason = decoders.unavailable_reason("pyav", "cuda")
     assert reason == "decode_device 'cuda' needs decoder 'torchcodec', not 'pyav'"
     with pytest.raises(ValueError, match="decoder must be one of"):
-        DataConfig(decoder="ffmpeg").validate()
+        DataSection(decoder="ffmpeg").validate()
 
 
 def test_auto_retries_a_video_the_first_decoder_cannot_read_and_says_who_read_it(
@@ -183,7 +184,7 @@ def test_auto_retries_a_video_the_first_decoder_cannot_read_and_says_who_read_it
 
     # the run's ledger counts videos per decoder, and the report names the ones read after a fallback
     ledger = ErrorLedger.local()
-    cfg = DataConfig(
+    cfg = DataSection(
         decoder="auto", decode_isolation="inline", num_frames=4, sampling_rate=3, image_size=32, patch_size=8
     )
     maker = ClipMaker(cfg, "pretrain", ledger)

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.data import storage
+from pipeline import storage
 from pipeline.data.decode import Decoder, DecodeSettings, read_and_decode
 from pipeline.data.errors import REASONS, ErrorBudgetExceeded, ErrorLedger, VideoError
 from pipeline.data.sampling import DenseSampler
@@ -239,7 +239,9 @@ def test_streaming_check_fails_fast_on_broken_data_only():
 def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucket, sample_videos, huge_video):
     """A bucket of good and bad videos through the Ray Data pretrain builder: every good video yields
     its clips, every bad one is named in the report with its reason; then the budget stops a run."""
-    from pipeline.data.datasets import DataConfig, build_dataset, torch_collate
+    from pipeline.data.clips import torch_collate
+    from pipeline.data.datasets import build_dataset
+    from pipeline.data.section import DataSection
 
     good = sorted((sample_videos / "videos").rglob("*.mp4"))[:14]
     for p in good:
@@ -255,7 +257,7 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
 
     from pipeline.data.datasets import resolve_rows
 
-    cfg = DataConfig(  # a 60% bound: 9 bad of 23 videos pass however they are ordered
+    cfg = DataSection(  # a 60% bound: 9 bad of 23 videos pass however they are ordered
         uri=f"{s3_bucket}/videos",
         num_frames=4,
         sampling_rate=2,
@@ -281,7 +283,7 @@ def test_bad_videos_in_s3_are_skipped_counted_and_reported(ray_session, s3_bucke
     report = [json.loads(line) for line in storage.read_text(report_uri).splitlines()]
     assert {r["uri"]: r["reason"] for r in report} == expected
 
-    strict = DataConfig(**{**cfg.__dict__, "max_error_fraction": 0.05})
+    strict = DataSection(**{**cfg.__dict__, "max_error_fraction": 0.05})
     ds = build_dataset(strict, "pretrain", run_name="test-bad-s3-strict")
     with pytest.raises(Exception, match="max_error_fraction") as e:
         for _ in ds.iter_torch_batches(batch_size=8, collate_fn=torch_collate):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import storage
+from pipeline import storage
 from pipeline.data.manifest import (
     ManifestError,
     parse_ssv2_json,

@@ -22,9 +22,8 @@ import pytest
 import webdataset
 from s3_proxy import RecordingProxy, Request
 
-from pipeline.data import storage
+from pipeline import storage
 from pipeline.data.decode import DecodeSettings, decode_bytes
-from pipeline.data.preprocess import PreprocessConfig, format_report, run
 from pipeline.data.sampling import DenseSampler
 from pipeline.data.shards import (
     INDEX,
@@ -38,6 +37,7 @@ from pipeline.data.shards import (
     safe_key,
     write_index,
 )
+from pipeline.preprocess.job import PreprocessConfig, format_report, run
 
 _spec = importlib.util.spec_from_file_location(
     "preprocess_job", Path(__file__).parents[2] / "jobs/preprocess.py"

@@ -17,44 +17,47 @@ import pytest
 import ray
 
 from pipeline.data import shards, stream
-from pipeline.data.datasets import DataConfig
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.manifest import ManifestError
+from pipeline.data.plan import Task, describe, epoch_quotas, pass_groups, plan_epoch
+from pipeline.data.resume import Consumption, create_cursor, done_mask, get_cursor
+from pipeline.data.section import DataSection
+from pipeline.data.sources import Source, SourceSpec, prepare_source, prepare_sources, source_specs
 from pipeline.train import resources
 
 
-def tiny(uri: str, **kw) -> DataConfig:
+def tiny(uri: str, **kw) -> DataSection:
     base = dict(uri=uri, num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2,
                 mask_ratio=0.75, seed=0, decode_isolation="inline", piece_rows=3, group_pieces=2)
-    return DataConfig(**{**base, **kw})
+    return DataSection(**{**base, **kw})
 
 
-def fake(sizes: list[int], kind: str = "rows", weight: float = 1.0) -> stream.Source:
-    return stream.Source(stream.SourceSpec(f"/data/{len(sizes)}", weight), kind, np.asarray(sizes))
+def fake(sizes: list[int], kind: str = "rows", weight: float = 1.0) -> Source:
+    return Source(SourceSpec(f"/data/{len(sizes)}", weight), kind, np.asarray(sizes))
 
 
-def positions(plan: list[stream.Task]) -> list[int]:
+def positions(plan: list[Task]) -> list[int]:
     return [t.offset + i for t in plan for i in range(t.hi - t.lo)]
 
 
 def test_an_epoch_plan_is_a_seeded_permutation_and_rotates_over_epochs():
     sources = [fake([1024, 1024, 1024, 500])]
-    quotas = stream.epoch_quotas([s.num_videos for s in sources], [1.0], None)
-    plan = stream.plan_epoch(sources, quotas, 2, seed=0, epoch=0)
+    quotas = epoch_quotas([s.num_videos for s in sources], [1.0], None)
+    plan = plan_epoch(sources, quotas, 2, seed=0, epoch=0)
     assert positions(plan) == list(range(3572))  # every position once, in order of the tasks
-    assert plan == stream.plan_epoch(sources, quotas, 2, seed=0, epoch=0)  # a function of its inputs
-    other = stream.plan_epoch(sources, quotas, 2, seed=0, epoch=1)
-    groups = [[int(p) for p in g] for g in stream.pass_groups(sources[0].sizes, 2, 0, 0, 0)]
+    assert plan == plan_epoch(sources, quotas, 2, seed=0, epoch=0)  # a function of its inputs
+    other = plan_epoch(sources, quotas, 2, seed=0, epoch=1)
+    groups = [[int(p) for p in g] for g in pass_groups(sources[0].sizes, 2, 0, 0, 0)]
     assert sorted(p for g in groups for p in g) == [0, 1, 2, 3]
     assert [(t.pass_, t.group) for t in other] == [(1, 0), (1, 1)]  # epoch 1 reads pass 1
-    assert groups != [[int(p) for p in g] for g in stream.pass_groups(sources[0].sizes, 2, 0, 0, 1)]
+    assert groups != [[int(p) for p in g] for g in pass_groups(sources[0].sizes, 2, 0, 0, 1)]
 
 
 def test_a_mixture_takes_each_source_in_proportion_and_a_small_one_repeats():
     big, small = fake([100] * 30), fake([50, 50], weight=1.0)
-    quotas = stream.epoch_quotas([3000, 100], [3.0, 1.0], 800)
+    quotas = epoch_quotas([3000, 100], [3.0, 1.0], 800)
     assert quotas == [600, 200]
-    plan = stream.plan_epoch([big, small], quotas, 4, seed=1, epoch=0)
+    plan = plan_epoch([big, small], quotas, 4, seed=1, epoch=0)
     per_source = Counter()
     for t in plan:
         per_source[t.source] += t.hi - t.lo
@@ -64,13 +67,13 @@ def test_a_mixture_takes_each_source_in_proportion_and_a_small_one_repeats():
     order = [t.source for t in plan]  # interleaved, not one source after the other
     assert order != sorted(order)
     # the big source's part rotates: epoch 1 continues its stream where epoch 0 stopped
-    later = stream.plan_epoch([big, small], quotas, 4, seed=1, epoch=1)
+    later = plan_epoch([big, small], quotas, 4, seed=1, epoch=1)
     first_big = next(t for t in later if t.source == 0)
     assert (first_big.pass_, first_big.group, first_big.lo) == (0, 1, 200)  # 600 rows = 1.5 groups of 400
 
 
 def test_consumption_marks_a_video_done_when_all_its_clips_trained_on_any_ranks():
-    a, b = stream.Consumption(clips_per_video=2), stream.Consumption(clips_per_video=2)
+    a, b = Consumption(clips_per_video=2), Consumption(clips_per_video=2)
     a.start_epoch(3)
     b.start_epoch(3)
     a.add(np.array([3, 3, 3, 2]), np.array([5, 5, 7, 1]), np.array([0, 1, 0, 0]))  # epoch 2's: ignored
@@ -80,9 +83,9 @@ def test_consumption_marks_a_video_done_when_all_its_clips_trained_on_any_ranks(
         rank.merge(news)
         assert np.flatnonzero(rank.bitmap).tolist() == [5, 7, 9]  # 7: one clip on each rank
         assert rank.partial == {11: 0b10}  # begun: clip 1 trained, clip 0 not
-    again = stream.Consumption.unpack(a.packed())
+    again = Consumption.unpack(a.packed())
     assert np.flatnonzero(again).tolist() == [5, 7, 9]
-    assert np.flatnonzero(stream.done_mask(a.packed(), 4, 12)).tolist() == [1, 3, 5]
+    assert np.flatnonzero(done_mask(a.packed(), 4, 12)).tolist() == [1, 3, 5]
     a.add(np.array([3]), np.array([11]), np.array([0]))
     a.merge([a.local()])
     assert a.partial == {} and a.bitmap[11]
@@ -96,7 +99,7 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
     rows += [{"path": rows[0]["path"], "label": 0, "split": "val", "status": "ok"},
              {"path": "missing.mp4", "label": 0, "split": "train", "status": "undecodable"}]
     pq.write_table(pa.Table.from_pylist(rows), sample_videos / "all.parquet")
-    source = stream.prepare_source(stream.SourceSpec(str(sample_videos / "all.parquet"), split="train"),
+    source = prepare_source(SourceSpec(str(sample_videos / "all.parquet"), split="train"),
                                    "finetune", 0.25, piece_rows=3)
     assert source.num_videos == 8 and list(source.sizes) == [3, 3, 2]  # ok rows of the split, in pieces
     assert source.labels == {i: 1 for i in range(8)}
@@ -105,11 +108,11 @@ def test_manifests_are_read_on_the_cluster_and_checked_there(ray_session, sample
 
     (tmp_path / "escape.csv").write_text("../../etc/passwd 0\n")
     with pytest.raises(ManifestError, match="escapes the data root"):
-        stream.prepare_source(stream.SourceSpec(str(tmp_path / "escape.csv"), data_root=str(tmp_path)),
+        prepare_source(SourceSpec(str(tmp_path / "escape.csv"), data_root=str(tmp_path)),
                               "pretrain", 0.25, piece_rows=3)
     (tmp_path / "unlabelled.csv").write_text(f"{sample_videos / 'videos'}\n")
     with pytest.raises(ManifestError, match="have no label"):
-        stream.prepare_source(stream.SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", 0.25,
+        prepare_source(SourceSpec(str(tmp_path / "unlabelled.csv")), "finetune", 0.25,
                               piece_rows=3)
 
 
@@ -121,7 +124,7 @@ def test_pieces_of_a_large_manifest_live_in_the_object_store(ray_session, sample
     rows = 40_000
     paths = [videos[i % len(videos)] for i in range(rows)]
     pq.write_table(pa.table({"path": paths}), tmp_path / "big.parquet")
-    source = stream.prepare_source(stream.SourceSpec(str(tmp_path / "big.parquet"),
+    source = prepare_source(SourceSpec(str(tmp_path / "big.parquet"),
                                                      data_root=str(sample_videos)), "pretrain", 0.25)
     assert source.num_videos == rows and len(source.sizes) >= 2
     assert max(len(ray.cloudpickle.dumps(ref)) for ref in source.refs) < 4096  # a reference, not the rows
@@ -140,7 +143,7 @@ def test_an_ssv2_json_takes_the_label_map_and_video_suffix_the_validation_does(r
                                                      {"id": "3", "template": "Pushing [something]"}]))
     cfg = tiny(str(tmp_path / "train.json"), label_map=str(tmp_path / "maps" / "templates.json"),
                video_ext=".mp4")
-    (source,) = stream.prepare_sources(cfg, "finetune")
+    (source,) = prepare_sources(cfg, "finetune")
     assert source.labels == {1: 2, 0: 1}
     rows = [r for ref in source.refs for r in ray.get(ref).to_pylist()]
     assert sorted(Path(r["path"]).name for r in rows) == ["1.mp4", "2.mp4", "3.mp4"]
@@ -154,27 +157,27 @@ def test_pieces_of_a_manifest_read_by_several_tasks_are_the_same_when_rebuilt(ra
     for i in range(4):
         pq.write_table(pa.table({"path": [f"/v/{i}_{j}.mp4" for j in range(50 + 10 * i)]}),
                        tmp_path / "m.parquet" / f"part-{i}.parquet")
-    spec = stream.SourceSpec(str(tmp_path / "m.parquet"))
-    builds = [stream.prepare_source(spec, "pretrain", 0.25, piece_rows=16) for _ in range(3)]
+    spec = SourceSpec(str(tmp_path / "m.parquet"))
+    builds = [prepare_source(spec, "pretrain", 0.25, piece_rows=16) for _ in range(3)]
     rows = [[r["path"] for ref in b.refs for r in ray.get(ref).to_pylist()] for b in builds]
     assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 260
     # a strict repartition: every piece full but the last
     assert [b.sizes.tolist() for b in builds] == [[16] * 16 + [4]] * 3
     assert len({b.digest for b in builds}) == 1
     pq.write_table(pa.table({"path": ["/v/other.mp4"]}), tmp_path / "m.parquet" / "part-9.parquet")
-    assert stream.prepare_source(spec, "pretrain", 0.25, piece_rows=16).digest != builds[0].digest
+    assert prepare_source(spec, "pretrain", 0.25, piece_rows=16).digest != builds[0].digest
 
 
 @pytest.mark.integration
 def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos):
     run = "test-task-size"
-    cursor = stream.create_cursor(run)  # noqa: F841 - held: the actor lives as long as its handle
+    cursor = create_cursor(run)  # noqa: F841 - held: the actor lives as long as its handle
     ray.get(cursor.set.remote(0, b""))
     per_block = {}
     for task_videos in (2, 8):
         cfg = tiny(str(sample_videos), videos_per_block=100, decode_task_videos=task_videos,
                    light_num_cpus=0.3, decode_num_cpus=0.7, decode_resources={"decode": 0.5})
-        sources = stream.prepare_sources(cfg, "pretrain")
+        sources = prepare_sources(cfg, "pretrain")
         ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run), 0, run)
         # every stage asks for what the config says, none for Ray's default of a whole CPU
         asked = [stage.request for stage in resources.stages("train", ds)]
@@ -185,9 +188,9 @@ def test_decode_tasks_take_at_most_decode_task_videos(ray_session, sample_videos
     assert max(per_block[2]) == 2 and max(per_block[8]) > 2  # read tasks hold 6 and 2 videos
 
 
-def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: bytes = b"",
+def read_stream(cfg: DataSection, sources, run_name: str, epoch: int = 0, done: bytes = b"",
                 begun: dict[int, int] | None = None) -> dict:
-    ray.get(stream.get_cursor(run_name).set.remote(epoch, done, begun))
+    ray.get(get_cursor(run_name).set.remote(epoch, done, begun))
     ds = stream.build_stream(cfg, "pretrain", sources, ErrorLedger.get_or_create(run_name), 0, run_name)
     seen: dict = {"position": [], "source": [], "epoch": set(), "video": [], "clip": []}
     for batch in ds.iter_batches(batch_size=8):
@@ -202,8 +205,8 @@ def read_stream(cfg: DataConfig, sources, run_name: str, epoch: int = 0, done: b
 @pytest.mark.integration
 def test_the_stream_reads_each_video_of_an_epoch_once_and_skips_done_ones(ray_session, sample_videos):
     cfg = tiny(str(sample_videos), clips_per_video=2)
-    sources = stream.prepare_sources(cfg, "pretrain")
-    cursor = stream.create_cursor("test-stream")  # noqa: F841 - held: the actor lives as long as its handle
+    sources = prepare_sources(cfg, "pretrain")
+    cursor = create_cursor("test-stream")  # noqa: F841 - held: the actor lives as long as its handle
     seen = read_stream(cfg, sources, "test-stream", epoch=1)
     assert sorted(seen["position"]) == sorted(list(range(8)) * 2) and seen["epoch"] == {1}
 
@@ -244,10 +247,10 @@ def test_a_weighted_mixture_of_a_folder_and_shards(ray_session, sample_videos, t
     mix = [{"uri": str(folder), "weight": 3, "name": "folder"},
            {"uri": str(tmp_path / "shards"), "weight": 1, "name": "shards"}]
     cfg = tiny("", sources=mix, epoch_videos=12, shard_shuffle_buffer=2)
-    sources = stream.prepare_sources(cfg, "pretrain")
+    sources = prepare_sources(cfg, "pretrain")
     assert [s.kind for s in sources] == ["rows", "shards"] and [s.num_videos for s in sources] == [8, 8]
-    assert "shards (8 videos, shards in 3 shards, 3 per epoch)" in stream.describe(sources, 12)
-    cursor = stream.create_cursor("test-mixture")  # noqa: F841
+    assert "shards (8 videos, shards in 3 shards, 3 per epoch)" in describe(sources, 12)
+    cursor = create_cursor("test-mixture")  # noqa: F841
     seen = read_stream(cfg, sources, "test-mixture")
     assert Counter(seen["source"]) == {0: 9, 1: 3}  # 3:1 of 12 videos, one clip each
     assert sorted(seen["position"]) == list(range(12))
@@ -255,22 +258,22 @@ def test_a_weighted_mixture_of_a_folder_and_shards(ray_session, sample_videos, t
 
     # the shards alone, of 3, 3 and 2 videos: one epoch reads every video once, whatever the shard order
     only = tiny(str(tmp_path / "shards"), shard_shuffle_buffer=2)
-    (shard_source,) = stream.prepare_sources(only, "pretrain")
-    cursor = stream.create_cursor("test-shards")  # noqa: F841
+    (shard_source,) = prepare_sources(only, "pretrain")
+    cursor = create_cursor("test-shards")  # noqa: F841
     for epoch in (0, 1):
         seen = read_stream(only, [shard_source], "test-shards", epoch=epoch)
         assert sorted(seen["position"]) == list(range(8)), epoch
         assert len(set(seen["video"])) == 8, seen["video"]  # each shard's videos, none lost or repeated
-    orders = [[g[0] for g in stream.pass_groups(shard_source.sizes, 1, 0, 0, q)] for q in range(4)]
+    orders = [[g[0] for g in pass_groups(shard_source.sizes, 1, 0, 0, q)] for q in range(4)]
     assert len({tuple(o) for o in orders}) > 1  # the shard order changes between passes
 
 
 def test_sources_are_checked(sample_videos):
     with pytest.raises(ValueError, match="weight must be > 0"):
-        stream.source_specs(tiny("", sources=[{"uri": "a", "weight": 0}]))
+        source_specs(tiny("", sources=[{"uri": "a", "weight": 0}]))
     with pytest.raises(ValueError, match="names must differ"):
-        stream.source_specs(tiny("", sources=["s3://b/x/videos", "s3://c/y/videos"]))
+        source_specs(tiny("", sources=["s3://b/x/videos", "s3://c/y/videos"]))
     with pytest.raises(ValueError, match="needs 'uri'"):
-        stream.source_specs(tiny("", sources=[{"path": "a"}]))
-    specs = stream.source_specs(dataclasses.replace(tiny(str(sample_videos)), split="val"))
+        source_specs(tiny("", sources=[{"path": "a"}]))
+    specs = source_specs(dataclasses.replace(tiny(str(sample_videos)), split="val"))
     assert [(s.uri, s.weight, s.split) for s in specs] == [(str(sample_videos), 1.0, "val")]

@@ -24,8 +24,10 @@ from mlflow.utils.validation import _validate_metric_name
 from runs import tiny_config
 
 from pipeline.data import shards, stream
-from pipeline.data.datasets import DataConfig
 from pipeline.data.errors import ErrorLedger
+from pipeline.data.resume import create_cursor
+from pipeline.data.section import DataSection
+from pipeline.data.sources import SourceSpec, is_shard_set, prepare_sources
 from pipeline.train import pretrain as pretrain_job
 
 
@@ -66,15 +68,15 @@ def write_shardwriter(folder: Path, good: list[Path]) -> None:
             sink.write({"__key__": f"clip{i:03d}", "mp4": path.read_bytes(), "cls": i % 4})
 
 
-def tiny(uri: str, **kw) -> DataConfig:
+def tiny(uri: str, **kw) -> DataSection:
     base = dict(uri=uri, num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2,
                 mask_ratio=0.75, seed=0, decode_isolation="inline", max_error_fraction=0.5)
-    return DataConfig(**{**base, **kw})
+    return DataSection(**{**base, **kw})
 
 
-def read_epoch(cfg: DataConfig, run: str) -> tuple[Counter, dict]:
-    sources = stream.prepare_sources(cfg, "pretrain")
-    cursor = stream.create_cursor(run)  # noqa: F841 - held: the actor lives as long as its handle
+def read_epoch(cfg: DataSection, run: str) -> tuple[Counter, dict]:
+    sources = prepare_sources(cfg, "pretrain")
+    cursor = create_cursor(run)  # noqa: F841 - held: the actor lives as long as its handle
     ray.get(cursor.set.remote(0, b""))
     ledger = ErrorLedger.get_or_create(run)
     ds = stream.build_stream(cfg, "pretrain", sources, ledger, 0, run)
@@ -87,8 +89,8 @@ def test_a_video2dataset_folder_is_a_shard_set_and_its_broken_samples_are_named(
                                                                                 tmp_path):
     good = videos(sample_videos)
     broken = write_video2dataset(tmp_path / "v2d", good)
-    assert stream.is_shard_set(str(tmp_path / "v2d"))  # no index.parquet: the bookkeeping is not one
-    (source,) = stream.prepare_sources(tiny(str(tmp_path / "v2d")), "pretrain")
+    assert is_shard_set(str(tmp_path / "v2d"))  # no index.parquet: the bookkeeping is not one
+    (source,) = prepare_sources(tiny(str(tmp_path / "v2d")), "pretrain")
     assert source.kind == "shards" and source.sizes.tolist() == [5, 5] and source.spec.label() == "v2d"
     seen, snap = read_epoch(tiny(str(tmp_path / "v2d")), "test-v2d")
     assert sorted(seen) == sorted(f"{tmp_path / 'v2d'}/{s:05d}.tar#{s:05d}{i:04d}" for s in (0, 1)
@@ -109,10 +111,10 @@ def test_shardwriter_sets_brace_patterns_and_shard_lists_are_shard_sets(ray_sess
     (tmp_path / "shards.txt").write_text("# the training shards\n" + "\n".join(f"wds/{n}" for n in names))
     (tmp_path / "videos.txt").write_text("videos/a.mp4 0\n")  # a VideoMAE manifest, not a shard list
     for uri in (tmp_path / "wds", f"{tmp_path}/wds/train-{{000000..000002}}.tar", tmp_path / "shards.txt"):
-        assert stream.is_shard_set(str(uri)), uri
-        (source,) = stream.prepare_sources(tiny(str(uri)), "finetune")
+        assert is_shard_set(str(uri)), uri
+        (source,) = prepare_sources(tiny(str(uri)), "finetune")
         assert source.sizes.tolist() == [3, 3, 2] and source.labels == {0: 2, 1: 2, 2: 2, 3: 2}
-    assert not stream.is_shard_set(str(tmp_path / "videos.txt"))
+    assert not is_shard_set(str(tmp_path / "videos.txt"))
     seen, snap = read_epoch(tiny(str(tmp_path / "shards.txt")), "test-shard-list")
     assert len(seen) == 8 and snap["errors"] == 0
 
@@ -132,8 +134,8 @@ def test_our_shards_read_with_webdataset(sample_videos, tmp_path):
 
 @given(st.text(max_size=40), st.text(max_size=20))
 def test_every_source_name_is_a_valid_mlflow_metric_name(uri, name):
-    for spec in (stream.SourceSpec(uri), stream.SourceSpec(uri, name=name),
-                 stream.SourceSpec(f"s3://bucket/{uri}/{{00000..00009}}.tar")):
+    for spec in (SourceSpec(uri), SourceSpec(uri, name=name),
+                 SourceSpec(f"s3://bucket/{uri}/{{00000..00009}}.tar")):
         label = spec.label()
         assert label
         _validate_metric_name(f"data/clips/{label}")  # raises MlflowException on a bad one

@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import config as config_lib
-from pipeline.data.datasets import ClipMaker
+from pipeline.data.clips import ClipMaker
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.manifest import read_manifest
 from pipeline.data.transforms import to_model_input

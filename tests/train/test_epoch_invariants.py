@@ -3,7 +3,7 @@ resume, over random sources, weights, unreadable videos, world sizes that change
 ones included), kills at any step (an epoch's last one included), resubmissions that rebuild the plan, and
 rollbacks.
 
-The simulation drives the real pieces (``stream.plan_epoch``, ``task_rows``, ``max_tasks``, ``done_mask``,
+The simulation drives the real pieces (``plan_epoch``, ``task_rows``, ``max_tasks``, ``done_mask``,
 ``Consumption``, ``loop.micro_steps``) the way ``TrainLoop.train_epoch`` and the stream do: a pass delivers
 the epoch's clips that are neither done nor unreadable, in any order, split equally over the ranks (Ray's
 ``streaming_split(equal=True)``: the remainder dropped), batched with ``drop_last``; a step takes each
@@ -27,6 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data import stream
+from pipeline.data.plan import describe_change, epoch_quotas, fingerprint, max_tasks, plan_epoch, plan_inputs
+from pipeline.data.resume import Consumption, done_mask
+from pipeline.data.sources import Source, SourceSpec
 from pipeline.train.loop import micro_steps
 
 
@@ -58,13 +61,13 @@ class Setup:
     def global_batch(self) -> int:
         return self.batch_size * self.max_world * self.accum
 
-    def sources(self) -> list[stream.Source]:
-        """The sources as a (re)submitted job builds them: deterministic pieces (stream.prepare_source)."""
-        return [stream.Source(stream.SourceSpec(f"/data/s{i}", w), kind, np.asarray(sizes, np.int64))
+    def sources(self) -> list[Source]:
+        """The sources as a (re)submitted job builds them: deterministic pieces (prepare_source)."""
+        return [Source(SourceSpec(f"/data/s{i}", w), kind, np.asarray(sizes, np.int64))
                 for i, (sizes, kind, w) in enumerate(zip(self.sizes, self.kinds, self.weights, strict=True))]
 
     def quotas(self) -> list[int]:
-        return stream.epoch_quotas([sum(s) for s in self.sizes], self.weights, self.epoch_videos)
+        return epoch_quotas([sum(s) for s in self.sizes], self.weights, self.epoch_videos)
 
     def steps_per_epoch(self) -> int:  # driver.plan_run's
         clips = sum(self.quotas()) * self.clips_per_video
@@ -75,8 +78,8 @@ def epoch_videos(setup: Setup, epoch: int) -> dict[int, tuple[int, int, int]]:
     """Position -> video (source, piece, row) of an epoch, as expand_slots and _shard_rows place them."""
     sources, quotas = setup.sources(), setup.quotas()
     spec = stream.StreamSpec(sources, quotas, setup.group_pieces, setup.seed, True, None,
-                             stream.max_tasks(sources, quotas, setup.group_pieces))
-    plan = stream.plan_epoch(sources, quotas, setup.group_pieces, setup.seed, epoch)
+                             max_tasks(sources, quotas, setup.group_pieces))
+    plan = plan_epoch(sources, quotas, setup.group_pieces, setup.seed, epoch)
     assert len(plan) <= spec.slots, "max_tasks must bound every epoch"
     out = {}
     for task in plan:
@@ -144,12 +147,12 @@ class Run:
             if in_epoch >= spe:
                 epoch, in_epoch, done, begun = epoch + 1, 0, b"", {}
             reopened = in_epoch > 0 or bool(done) or bool(begun)
-            ranks = [stream.Consumption(s.clips_per_video) for _ in range(world)]
-            bitmap = stream.Consumption.unpack(done) if done else None
+            ranks = [Consumption(s.clips_per_video) for _ in range(world)]
+            bitmap = Consumption.unpack(done) if done else None
             for r in ranks:
                 r.start_epoch(epoch, bitmap, begun)
             videos = epoch_videos(s, epoch)
-            skip = stream.done_mask(done, 0, len(videos))
+            skip = done_mask(done, 0, len(videos))
             clips = [(p, c) for p, video in videos.items() if not skip[p] and video not in s.unreadable
                      for c in range(s.clips_per_video) if not begun.get(p, 0) >> c & 1]
             self.rng.shuffle(clips)
@@ -278,11 +281,11 @@ def test_an_uneven_group_trains_its_whole_epoch():
 @given(st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=8), min_size=1, max_size=3),
        st.integers(1, 4), st.integers(1, 60), st.integers(0, 3))
 def test_max_tasks_bounds_every_epoch_of_any_length(sizes, group_pieces, epoch_videos, seed):
-    sources = [stream.Source(stream.SourceSpec(f"/d{i}"), "rows", np.asarray(s)) for i, s in enumerate(sizes)]
-    quotas = stream.epoch_quotas([sum(s) for s in sizes], [1.0] * len(sizes), epoch_videos)
-    bound = stream.max_tasks(sources, quotas, group_pieces)
+    sources = [Source(SourceSpec(f"/d{i}"), "rows", np.asarray(s)) for i, s in enumerate(sizes)]
+    quotas = epoch_quotas([sum(s) for s in sizes], [1.0] * len(sizes), epoch_videos)
+    bound = max_tasks(sources, quotas, group_pieces)
     for epoch in range(40):  # far past any planned count: short epochs make a run take more
-        assert len(stream.plan_epoch(sources, quotas, group_pieces, seed, epoch)) <= bound
+        assert len(plan_epoch(sources, quotas, group_pieces, seed, epoch)) <= bound
 
 
 def test_a_changed_source_is_named_and_a_rebuilt_one_matches():
@@ -290,18 +293,18 @@ def test_a_changed_source_is_named_and_a_rebuilt_one_matches():
     sources = setup.sources()
     for s in sources:
         s.digest = "abc"
-    before = stream.plan_inputs(sources, setup.quotas(), 2, 0, True)
+    before = plan_inputs(sources, setup.quotas(), 2, 0, True)
     again = setup.sources()
     for s in again:
         s.digest = "abc"
-    rebuilt = stream.plan_inputs(again, setup.quotas(), 2, 0, True)
-    assert stream.fingerprint(rebuilt) == stream.fingerprint(before)
+    rebuilt = plan_inputs(again, setup.quotas(), 2, 0, True)
+    assert fingerprint(rebuilt) == fingerprint(before)
     again[0].digest = "abd"
-    after = stream.plan_inputs(again, setup.quotas(), 2, 0, True)
-    assert stream.fingerprint(after) != stream.fingerprint(before)
-    assert stream.describe_change(before, after) == "s0: contents"
-    grown = stream.plan_inputs([stream.Source(stream.SourceSpec("/data/s0"), "rows", np.asarray([3, 3]),
+    after = plan_inputs(again, setup.quotas(), 2, 0, True)
+    assert fingerprint(after) != fingerprint(before)
+    assert describe_change(before, after) == "s0: contents"
+    grown = plan_inputs([Source(SourceSpec("/data/s0"), "rows", np.asarray([3, 3]),
                                               digest="abc")], [6], 2, 0, True)
-    assert "s0: videos 5 -> 6" in stream.describe_change(before, grown)
-    assert "(plan): videos_per_epoch [5] -> [6]" in stream.describe_change(before, grown)
+    assert "s0: videos 5 -> 6" in describe_change(before, grown)
+    assert "(plan): videos_per_epoch [5] -> [6]" in describe_change(before, grown)
 

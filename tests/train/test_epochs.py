@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from runs import committed_checkpoint, pretrain_in_thread, tiny_config, train_worker_pids
 
-from pipeline.data import stream
+from pipeline.data.resume import AuditRecord, read_audit
 from pipeline.train import checkpointing
 from pipeline.train import finetune as finetune_job
 from pipeline.train import pretrain as pretrain_job
@@ -39,7 +39,7 @@ def with_broken(folder: Path, good: list[Path]) -> list[Path]:
     return out
 
 
-def readable_clips(records: list[stream.AuditRecord]) -> Counter:
+def readable_clips(records: list[AuditRecord]) -> Counter:
     return Counter((r.epoch, r.position, r.clip) for r in records)
 
 
@@ -95,7 +95,7 @@ def test_a_job_stopped_right_after_a_short_epochs_last_checkpoint_resumes(ray_se
         "scaling.num_workers": "1", "train.audit_dir": str(audit)})
     result = pretrain_job.run_pretrain(again)
     assert (result.start_step, result.final_step) == (4, 10)
-    records = stream.read_audit(str(audit))
+    records = read_audit(str(audit))
     later = {(r.step, r.epoch) for r in records if r.step > 4}
     assert later == {(s, 1) for s in range(5, 9)} | {(9, 2), (10, 2)}
     assert Counter(r.epoch for r in records) == {0: 8, 1: 8, 2: 4}  # every readable video once an epoch
@@ -129,7 +129,7 @@ def test_a_killed_job_resubmitted_trains_exactly_the_clips_not_yet_trained(ray_s
     assert killed is not None and "error" in outcome, "the first job was to die mid-epoch"
     result = pretrain_job.run_pretrain(tiny_config(tmp_path, str(manifest), **sets))  # a new job
     assert 6 <= result.start_step < 24 and result.final_step == 24
-    records = stream.read_audit(str(audit))
+    records = read_audit(str(audit))
     attempts = sorted({r.attempt for r in records}, key=lambda a: min(r.step for r in records
                                                                       if r.attempt == a))
     assert len(attempts) == 2
@@ -159,7 +159,7 @@ def test_an_uneven_elastic_group_trains_every_video_of_its_epoch(ray_session, sa
             "train.max_steps": "6", "checkpoint.every_steps": "6", "train.audit_dir": str(audit)}
     result = pretrain_job.run_pretrain(tiny_config(tmp_path, str(tmp_path / "videos"), **sets))
     assert result.final_step == 6
-    records = stream.read_audit(str(audit))
+    records = read_audit(str(audit))
     assert len({r.attempt for r in records}) == 3  # three ranks: 2, 1, 1 micro-batches, rotating
     trained = readable_clips(records)
     # 48 readable clips, 16 a rank: every one trained once in epoch 0's 6 steps (with the remainder fixed

@@ -123,7 +123,7 @@ def test_an_original_videomae_pth_is_converted(data, tmp_path):
 
 
 def test_weights_are_found_in_s3_run_folders(s3_bucket, tmp_path, monkeypatch):
-    from pipeline.data import storage
+    from pipeline import storage
     from pipeline.models import weights
 
     monkeypatch.setattr(weights, "CACHE_DIR", tmp_path / "cache")

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from runs import tiny_config
 from safetensors.torch import load_file
 
-from pipeline.data import stream
+from pipeline.data.resume import Consumption, read_audit
 from pipeline.train import checkpointing
 from pipeline.train import pretrain as pretrain_job
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
@@ -82,8 +82,8 @@ def test_skipped_steps_and_a_rollback_end_the_run_at_its_planned_step(
     # of epoch 2 trained so far (the checkpoint of step 4 had epoch 1's), so no epoch mixes another's
     progress = checkpointing.read_progress(run_dir / "checkpoint_00000006")
     assert (progress.epoch, progress.step_in_epoch) == (2, 3)
-    clips = Counter(r.position for r in stream.read_audit(str(audit)) if r.epoch == 2)
-    done = stream.Consumption.unpack(base64.b64decode(progress.epoch_done))
+    clips = Counter(r.position for r in read_audit(str(audit)) if r.epoch == 2)
+    done = Consumption.unpack(base64.b64decode(progress.epoch_done))
     assert set(np.flatnonzero(done).tolist()) == {p for p, n in clips.items() if n == 2}
 
 

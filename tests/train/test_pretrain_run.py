@@ -29,8 +29,8 @@ from runs import (
 
 from pipeline.config import ConfigError
 from pipeline.data.labels import LabelError
-from pipeline.data.storage import StorageError
 from pipeline.models.videomae import VideoMAEForPreTraining
+from pipeline.storage import StorageError
 from pipeline.train import checkpointing
 from pipeline.train.pretrain import main, run_pretrain
 

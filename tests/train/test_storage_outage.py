@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from runs import pretrain_in_thread, tiny_config
 
-from pipeline.data import storage
+from pipeline import storage
 from pipeline.train import checkpointing
 
 pytestmark = pytest.mark.integration

@@ -194,7 +194,7 @@ class VideoMAEConfig:
         return token_grid(self.num_frames, self.image_size, self.patch_size, self.tubelet_size)
 
     def clip_format(self) -> dict[str, Any]:
-        """The data settings this model dictates (``DataConfig`` field names): geometry and normalisation."""
+        """The data settings this model dictates (``DataSection`` field names): geometry and normalisation."""
         return {**{name: getattr(self, name) for name in CLIP_FIELDS}, "mean": self.image_mean,
                 "std": self.image_std}
 

@@ -32,7 +32,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.data import manifest, storage
+from pipeline import storage
+from pipeline.data import manifest
 
 FORMATS = ("auto", "videomae-csv", "kinetics-csv", "ssv2-json", "ucf101", "hmdb51")
 _SPLIT_WORDS = {

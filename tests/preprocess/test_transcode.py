@@ -12,8 +12,8 @@ import decord
 import pytest
 from preprocess_videos import HUGE_MAX_PIXELS, ODD_CODECS, write_broken_set, write_video
 
-from pipeline.data.transcode import VideoSettings, output_size, process_video
-from pipeline.data.video_worker import IsolatedVideoWorker
+from pipeline.preprocess.transcode import VideoSettings, output_size, process_video
+from pipeline.preprocess.worker import IsolatedVideoWorker
 
 SMALL = VideoSettings(short_side=64, max_pixels=HUGE_MAX_PIXELS)
 
@@ -102,7 +102,7 @@ def test_missing_file_and_missing_object(tmp_path: Path, s3_bucket: str):
 
 
 def test_transcode_from_and_to_s3(tmp_path: Path, s3_bucket: str):
-    from pipeline.data import storage
+    from pipeline import storage
 
     src = write_video(tmp_path / "a.mp4", frames=12)
     storage.upload_file(str(src), f"{s3_bucket}/raw/a.mp4")
@@ -149,7 +149,7 @@ def test_worker_reports_a_crashed_child_and_starts_a_new_one(tmp_path: Path, slo
 
 
 def test_rerun_plan_redoes_transient_failures_and_changed_inputs(tmp_path: Path):
-    from pipeline.data.preprocess import PreprocessConfig, _plan, _write_parquet
+    from pipeline.preprocess.job import PreprocessConfig, _plan, _write_parquet
 
     for name in ("timed_out", "broken", "changed", "done"):
         write_video(tmp_path / f"in/{name}.mp4", frames=4)

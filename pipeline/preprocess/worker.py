@@ -1,8 +1,8 @@
-"""Run :func:`pipeline.data.transcode.process_video` in a child process with a time limit per video.
+"""Run :func:`pipeline.preprocess.transcode.process_video` in a child process with a time limit per video.
 
 A video that hangs the demuxer or decoder (or a file that blocks on read) cannot be interrupted from
 a Python thread, and a decoder crash would take the Ray worker down with it. So each preprocessing worker
-keeps one long-lived child (``python -m pipeline.data.video_worker``, supervised by
+keeps one long-lived child (``python -m pipeline.preprocess.worker``, supervised by
 pipeline/data/child.py, as the training decoder is); past the limit the child is killed, its temporary
 output removed, and a fresh child takes the next video.
 """
@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 
 from pipeline.data.child import ChildDied, ChildProcess, ChildTimeout, parent_channel
-from pipeline.data.transcode import VideoSettings, process_video
+from pipeline.preprocess.transcode import VideoSettings, process_video
 
 
 class IsolatedVideoWorker:
@@ -23,7 +23,7 @@ class IsolatedVideoWorker:
     def __init__(self, settings: VideoSettings, timeout_s: float):
         self.settings = settings
         self.timeout_s = timeout_s
-        self._child = ChildProcess("pipeline.data.video_worker")
+        self._child = ChildProcess("pipeline.preprocess.worker")
 
     def process(self, src: str, dst: str | None, tmp_path: str | None) -> dict:
         """Result row for one video; ``timeout`` / ``decoder_crash`` rows when the child does not answer."""

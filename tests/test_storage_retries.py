@@ -12,7 +12,7 @@ import boto3
 import pytest
 from conftest import S3Server
 
-from pipeline.data import storage
+from pipeline import storage
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.annotations import (
+from pipeline.preprocess.annotations import (
     Annotation,
     AnnotationError,
     detect_format,

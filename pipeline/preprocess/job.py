@@ -7,7 +7,7 @@ local folder or an S3 prefix:
 1. list the input videos, join annotations (labels, splits) to them, and read what a previous run
    already finished (``manifest.parquet`` plus the partial manifests an interrupted run left);
 2. send the rest through Ray Data tasks (``--workers`` at a time), each Ray worker process driving
-   one isolated child (:mod:`pipeline.data.video_worker`) that probes, checks decoding and
+   one isolated child (:mod:`pipeline.preprocess.worker`) that probes, checks decoding and
    transcodes with a time limit per video;
 3. stream the result rows back to the driver, which appends them to partial manifests every few
    seconds (so an interruption loses nothing already written), prints progress, and finally writes
@@ -47,12 +47,12 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import runtime
-from pipeline.data import decoders, shards, storage
-from pipeline.data.annotations import Matched, load_annotations, match
+from pipeline import runtime, storage, tracking
+from pipeline.data import decoders, shards
 from pipeline.data.decode import DecodeSettings
-from pipeline.data.transcode import TRANSIENT_REASONS, VideoSettings
-from pipeline.data.video_worker import IsolatedVideoWorker
+from pipeline.preprocess.annotations import Matched, load_annotations, match
+from pipeline.preprocess.transcode import TRANSIENT_REASONS, VideoSettings
+from pipeline.preprocess.worker import IsolatedVideoWorker
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +554,6 @@ def _log_mlflow(cfg: PreprocessConfig, report: dict) -> None:
     tracking_uri = cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         return
-    from pipeline import tracking
 
     name = f"preprocess-{posixpath.basename(_normalize(cfg.output))}"
     mlrun = tracking.start_run(name, cfg.experiment, tracking_uri, job="preprocess", resume=False)

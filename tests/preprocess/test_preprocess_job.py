@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from preprocess_videos import HUGE_MAX_PIXELS, write_broken_set, write_video
 
-from pipeline.data import preprocess, storage
+from pipeline import storage
 from pipeline.data.manifest import read_manifest
-from pipeline.data.preprocess import PreprocessConfig, run
+from pipeline.preprocess import job as preprocess_module
+from pipeline.preprocess.job import PreprocessConfig, run
 
 _spec = importlib.util.spec_from_file_location(
     "preprocess_job", Path(__file__).parents[2] / "jobs/preprocess.py"
@@ -115,14 +116,14 @@ def test_interrupted_probe_run_resumes_from_partial_manifests(
     out = tmp_path / "out"
     cfg = PreprocessConfig(input=str(raw), output=str(out), transcode=False, max_pixels=HUGE_MAX_PIXELS,
                            workers=2, flush_s=0.0)  # fmt: skip
-    write = preprocess._write_parquet
+    write = preprocess_module._write_parquet
 
     def interrupted_before_the_final_manifest(uri: str, rows: list[dict]) -> None:
         if uri.endswith("/manifest.parquet"):
             raise KeyboardInterrupt
         write(uri, rows)
 
-    monkeypatch.setattr(preprocess, "_write_parquet", interrupted_before_the_final_manifest)
+    monkeypatch.setattr(preprocess_module, "_write_parquet", interrupted_before_the_final_manifest)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     assert list((out / "_preprocess/parts").glob("*.parquet"))

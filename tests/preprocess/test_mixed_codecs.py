@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config as C
 from pipeline.data import decoders
-from pipeline.data.datasets import DataConfig
 from pipeline.data.manifest import read_manifest
-from pipeline.data.preprocess import PreprocessConfig, run
-from pipeline.data.transcode import unreadable_by
+from pipeline.data.section import DataSection
+from pipeline.preprocess.job import PreprocessConfig, run
+from pipeline.preprocess.transcode import unreadable_by
 from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def mixed_folder(tmp_path_factory) -> Path:
 def test_a_mixed_codec_folder_pretrains_with_the_default_decoder_and_loses_nothing(
     mixed_folder, tmp_path, ray_session
 ):
-    assert DataConfig().decoder == "auto"  # the default
+    assert DataSection().decoder == "auto"  # the default
     sets = {
         "run_name": "mixed-codecs", "storage_path": str(tmp_path / "runs"), "data.uri": str(mixed_folder),
         "data.clips_per_video": "2", "train.batch_size": "2", "train.max_steps": "8",

@@ -18,7 +18,8 @@ from typing import Any
 
 import av
 
-from pipeline.data import errors, storage
+from pipeline import storage
+from pipeline.data import decoders, errors
 from pipeline.data.errors import VideoError
 
 # Failure reasons: the decode path's (errors.REASONS) plus what only a full read can tell.
@@ -264,7 +265,6 @@ def transcode(
 def unreadable_by(decoder: str, data: bytes) -> str | None:
     """Why the training decoder cannot read this video (its first and last frames), or None if it can;
     for ``auto``, None when any of its backends can, as training falls back per video the same way."""
-    from pipeline.data import decoders
 
     failed = []
     for name in decoders.candidates(decoder):

@@ -1,0 +1,1 @@
+"""The offline preprocessing job: inspect, check and transcode a collection into a manifest or shards."""
