@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.train import ranks
+from pipeline.train.metrics import say
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"
@@ -265,3 +268,150 @@ def export_model(checkpoint_dir: str | os.PathLike, dest_uri: str) -> str:
             shutil.copyfile(src / name, dest / f".{name}.tmp")
             os.replace(dest / f".{name}.tmp", dest / name)
     return dest_uri
+
+
+# --- one rank's recovery: load, save, roll back ----------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """The live objects a checkpoint restores (the model as trained: wrapped in DDP or not)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+
+
+class NothingToRollBackTo(RuntimeError):
+    """A rollback was asked for before any complete checkpoint exists."""
+
+
+class Checkpointer:
+    """One rank's checkpoints: which one to resume from (past torn ones), saving through Ray Train, and
+    rolling back to the last whole one. Rank 0 decides every choice and the others follow
+    (``ranks.agree_on``), so all ranks load the same checkpoint."""
+
+    def __init__(self, state: TrainState, *, rank: int, world: int, seed: int, run_name: str,
+                 run_dir: str | None, upload: str, job_config_yaml: str) -> None:
+        self.state, self.rank, self.world, self.seed = state, rank, world, seed
+        self.run_name, self.run_dir = run_name, run_dir
+        self.upload, self.job_config_yaml = upload, job_config_yaml
+        self.last_uri: str | None = None  # where a rollback goes
+        self.torn_found = 0  # torn checkpoints passed over at the start
+
+    def load(self) -> Progress | None:
+        """The progress of the checkpoint Ray Train hands over, or, when that one is torn (its upload was
+        cut off), of the newest complete one before it; None for a fresh start."""
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if not restored:
+            return None
+        uri = self._uri_of(restored.path)
+
+        def verdict() -> str | None:
+            try:
+                with restored.as_directory() as directory:
+                    return torn_reason(directory)
+            except storage.StorageUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - gone (removed as torn before) or unreadable
+                return f"unreadable ({type(e).__name__}: {str(e)[:100]})"
+
+        reason = ranks.agree_on(verdict())
+        if reason is not None:
+            return self._load_before_torn(uri, reason)
+        with restored.as_directory() as directory:
+            progress = self._load_from(directory)
+        self.last_uri = uri
+        return progress
+
+    def save(self, progress: Progress, metrics: dict[str, float]) -> None:
+        """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint, in
+        the background under ``checkpoint.upload: async`` (training goes on meanwhile), and then deletes
+        the local folder."""
+        import ray.train
+
+        local = tempfile.mkdtemp(prefix="videomae-checkpoint-")
+        s = self.state
+        save(local, rank=self.rank, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
+             scaler=s.scaler, progress=progress, job_config_yaml=self.job_config_yaml)
+        name = f"checkpoint_{progress.step:08d}"
+        modes = ray.train.CheckpointUploadMode
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=name,
+                             checkpoint_upload_mode=modes.ASYNC if self.upload == "async" else modes.SYNC,
+                             delete_local_checkpoint_after_upload=True)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)  # Ray deletes it only after an upload
+            raise
+        if self.run_dir:
+            self.last_uri = storage.join(self.run_dir, name)
+
+    def roll_back(self) -> tuple[Progress, str]:
+        """(progress, URI) of the last whole checkpoint, loaded into the live objects on every rank. An
+        asynchronous upload may still be on its way, or may have failed: then an older one."""
+        uri = self.last_uri
+        if self.rank == 0 and uri and self.run_dir and not wait_until_whole(uri):
+            uri, _ = newest_complete(self.run_dir, checkpoint_step(uri.rsplit("/", 1)[-1]))
+        uri = ranks.agree_on(uri)
+        if not uri:
+            raise NothingToRollBackTo("no complete checkpoint yet")
+        with fetched(uri) as directory:
+            return self._load_from(directory), uri
+
+    def _uri_of(self, path: str) -> str:
+        """The storage URI of a path in Ray Train's storage filesystem."""
+        return f"s3://{path}" if self.run_dir and storage.is_s3(self.run_dir) else path
+
+    def _load_from(self, directory: str | Path) -> Progress:
+        s = self.state
+        progress = load(directory, rank=self.rank, model=s.model, optimizer=s.optimizer,
+                        scheduler=s.scheduler, scaler=s.scaler)
+        if not (Path(directory) / f"rng_rank{self.rank}.pt").exists():  # a new rank after a resize
+            seed_everything(ranks.derive_seed(self.seed, self.rank, progress.step))
+        return progress
+
+    def _load_before_torn(self, torn_uri: str, reason: str) -> Progress | None:
+        """Resume from the newest complete checkpoint older than a torn one (rank 0 chooses); once every
+        rank has loaded it, rank 0 reports and removes the torn ones it passed."""
+        torn_step = checkpoint_step(torn_uri.rstrip("/").rsplit("/", 1)[-1])
+        at_most = None if torn_step is None else torn_step - 1
+        choice = newest_complete(self.run_dir or "", at_most) if self.rank == 0 else None
+        uri, passed = ranks.agree_on(choice)
+        torn = [(torn_uri, reason), *passed]
+        progress = None
+        if uri:
+            with fetched(uri) as directory:
+                progress = self._load_from(directory)
+            self.last_uri = uri
+        ranks.barrier()  # nobody still reads what rank 0 removes
+        if self.rank == 0:
+            for bad, why in torn:
+                say(f"[{self.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, removed")
+                with contextlib.suppress(Exception):  # already gone, or storage refuses: reported anyway
+                    storage.delete(bad, recursive=True)
+            where = f"step {progress.step}" if progress else "the start (no complete checkpoint)"
+            say(f"[{self.run_name}] resuming from {where} instead")
+        self.torn_found = len(torn)
+        return progress
+
+
+def wait_until_whole(uri: str, timeout_s: float = 120.0) -> bool:
+    """Whether the checkpoint at ``uri`` is (or within ``timeout_s`` becomes) whole: an asynchronous
+    upload may still be on its way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with fetched(uri) as directory:
+                if torn_reason(directory) is None:
+                    return True
+        except storage.StorageUnavailable:
+            raise
+        except storage.StorageError:  # not there yet
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)

@@ -1,10 +1,10 @@
 """The one training driver: what pretraining and finetuning do on the driver, in the order a user needs.
 
-Checks that need no Ray come first (seconds, clear errors): the storage location, the plan (steps, warmup,
+Checks that need no Ray come first (seconds, clear errors): the storage location, the schedule (steps, warmup,
 LRs by the original's scaling rule). The job then makes its own checks (data, labels, weights), and inside
 ``session(...)``:
 
-1. the MLflow run is (re)opened by name and gets the config and the plan (tracking.job_run);
+1. the MLflow run is (re)opened by name and gets the config and the schedule (tracking.job_run);
 2. Ray starts and the run gets a fresh error ledger; the job builds its datasets with it;
 3. ``session.fit(objective, datasets)``: Ray Train's TorchTrainer runs ``loop.train_loop_per_worker``;
    resume is automatic (``<storage_path>/<run_name>``'s last checkpoint, after a worker failure or a rerun);
@@ -37,7 +37,7 @@ from pipeline.data.errors import ErrorLedger
 from pipeline.data.plan import plan_inputs, source_quotas
 from pipeline.data.resume import create_cursor
 from pipeline.train import checkpointing, resources, watchdog
-from pipeline.train.loop import LoopArgs, Plan, train_loop_per_worker
+from pipeline.train.loop import LoopArgs, Schedule, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
 
 
@@ -111,7 +111,7 @@ def checked_storage(storage_path: str) -> str:
     return path
 
 
-def plan_run(cfg: Any, num_clips: int) -> Plan:
+def schedule_run(cfg: Any, num_clips: int) -> Schedule:
     """Steps per epoch (a full batch on every rank, as Ray's equal split delivers), total and warmup steps,
     and the LRs by the linear scaling rule.
 
@@ -137,8 +137,8 @@ def plan_run(cfg: Any, num_clips: int) -> Plan:
         peak, floor, start = o.lr, o.min_lr, o.warmup_lr
     else:
         peak, floor, start = (scaled_lr(v, videos_per_step) for v in (o.base_lr, o.min_lr, o.warmup_lr))
-    return Plan(total_steps=total, steps_per_epoch=per_epoch, warmup_steps=min(warmup, total), peak_lr=peak,
-                global_batch=global_batch, min_lr=floor, warmup_lr=start)
+    return Schedule(total_steps=total, steps_per_epoch=per_epoch, warmup_steps=min(warmup, total),
+                    peak_lr=peak, global_batch=global_batch, min_lr=floor, warmup_lr=start)
 
 
 def resolve_use_gpu(scaling: ScalingSection) -> bool:
@@ -165,8 +165,8 @@ class Finished:
 class Session:
     """A training job's MLflow run, error ledger and Ray Train run (see the module docstring)."""
 
-    def __init__(self, cfg: Any, run: tracking.Run, plan: Plan, storage_path: str):
-        self.cfg, self.run, self.plan, self.storage_path = cfg, run, plan, storage_path
+    def __init__(self, cfg: Any, run: tracking.Run, schedule: Schedule, storage_path: str):
+        self.cfg, self.run, self.schedule, self.storage_path = cfg, run, schedule, storage_path
         self.run_dir = storage.join(storage_path, cfg.run_name)
         self.config_yaml = config_lib.to_yaml(cfg)
         self.ledger = ErrorLedger.create(cfg.run_name)
@@ -182,19 +182,19 @@ class Session:
         return stream.build_stream(data, mode, sources, self.ledger, self.cfg.seed, self.ledger.run_name)
 
     def fit(self, objective: Any, datasets: dict[str, Any], probe_classes: int = 0):
-        """Run the TorchTrainer of ``objective`` over ``datasets`` to the plan's last step."""
+        """Run the TorchTrainer of ``objective`` over ``datasets`` to the schedule's last step."""
         import ray
         import ray.train
         from ray.train.torch import TorchTrainer
 
         cfg = self.cfg
         use_gpu = resolve_use_gpu(cfg.scaling)
-        plan = {name: resources.stages(name, ds) for name, ds in datasets.items()}
+        stages = {name: resources.stages(name, ds) for name, ds in datasets.items()}
         if cfg.scaling.check_resources:
-            self.check_resources(plan, use_gpu)
+            self.check_resources(stages, use_gpu)
         requests = ", ".join(f"{stage.name.removeprefix('train: ')} {{{resources.show(stage.request)}}}"
-                             for stage in plan.get("train", []))
-        args = LoopArgs(cfg, self.config_yaml, self.plan, objective, self.run, self.ledger.run_name,
+                             for stage in stages.get("train", []))
+        args = LoopArgs(cfg, self.config_yaml, self.schedule, objective, self.run, self.ledger.run_name,
                         probe_classes, self.run_dir, cursor=self.ledger.run_name,
                         data_inputs=self.data_inputs, data_requests=requests)
         fs, path = (
@@ -236,12 +236,12 @@ class Session:
         print(f"training finished in {time.time() - started:.0f} s", flush=True)
         return result
 
-    def check_resources(self, plan: dict[str, list[resources.Stage]], use_gpu: bool) -> None:
-        """Refuse, before anything starts, a plan whose data stream could never run beside the workers
-        (resources.check); warn of one whose stages must take turns."""
+    def check_resources(self, stages: dict[str, list[resources.Stage]], use_gpu: bool) -> None:
+        """Refuse, before anything starts, a resource plan whose data stream could never run beside the
+        workers (resources.check); warn of one whose stages must take turns."""
         s = self.cfg.scaling
         for warning in resources.check(resources.cluster_nodes(), s.worker_request(use_gpu), s.min_workers,
-                                       s.max_workers, plan):
+                                       s.max_workers, stages):
             print(f"warning: {warning}", flush=True)
 
     def finish(self, result) -> Finished:
@@ -284,12 +284,13 @@ class Session:
 
 
 @contextmanager
-def session(cfg: Any, job: str, storage_path: str, plan: Plan, params: dict[str, Any]) -> Iterator[Session]:
-    """The job's MLflow run with its params (the config, the plan, ``params``), Ray, an error ledger."""
+def session(cfg: Any, job: str, storage_path: str, schedule: Schedule,
+            params: dict[str, Any]) -> Iterator[Session]:
+    """The job's MLflow run with its params (the config, the schedule, ``params``), Ray, an error ledger."""
     hint = f"rerun with run_name={cfg.run_name} to resume from its last checkpoint"
     with tracking.job_run(cfg.run_name, cfg.tracking, storage_path, job, interrupted_hint=hint) as run:
         run.log_params(config_lib.flatten(cfg))
-        run.log_params({f"plan.{k}": v for k, v in vars(plan).items()} | params)
+        run.log_params({f"schedule.{k}": v for k, v in vars(schedule).items()} | params)
         run.log_text(config_lib.to_yaml(cfg), "config/resolved_config.yaml")
         runtime.init_ray(cfg.scaling.ray_address)
-        yield Session(cfg, run, plan, storage_path)
+        yield Session(cfg, run, schedule, storage_path)

@@ -46,10 +46,11 @@ from pipeline.tracking import TrackingSection
 from pipeline.train import checkpointing, driver, watchdog
 from pipeline.train.checkpointing import CheckpointSection
 from pipeline.train.driver import ScalingSection
-from pipeline.train.loop import Plan, TrainSection, across_ranks
+from pipeline.train.loop import Schedule, TrainSection
 from pipeline.train.metrics import say
 from pipeline.train.mixup import Mixup, MixupSection, soft_target_cross_entropy
 from pipeline.train.optim import OptimSection, build_adamw
+from pipeline.train.ranks import across_ranks
 
 BEST_DIR, BEST_RECORD = "best", "best.json"
 
@@ -102,23 +103,25 @@ class FinetuneConfig:
 # --- the objective the shared training loop runs -----------------------------------------------------------
 
 
+@dataclass(kw_only=True)
 class FinetuneObjective:
     """Classification with Mixup/CutMix and soft targets; validation and best-model keeping after epochs.
 
     Picklable (plain fields); the model, the mixer and the best score are made on each worker.
     """
 
-    def __init__(self, model_config: dict[str, Any], init_from: str, mixup: MixupSection, seed: int,
-                 has_validation: bool, best_uri: str, val_batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], erasing_prob: float = 0.0):
-        self.model_config, self.init_from = model_config, init_from
-        self.erasing_prob = erasing_prob
-        self.mixup_cfg, self.seed, self.has_validation = mixup, seed, has_validation
-        self.best_uri, self.val_batch_size = best_uri, val_batch_size
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mixer: Mixup | None = None
-        self._best: float | None = None
-        self._rank = 0
+    model_config: dict[str, Any]  # VideoMAEConfig.to_dict() with the labels
+    init_from: str  # weights to start from ("" = a random init)
+    mixup: MixupSection
+    seed: int
+    has_validation: bool
+    best_uri: str  # where the best model by val/top1 is kept
+    val_batch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    erasing_prob: float = 0.0
+    _mixer: Mixup | None = field(default=None, init=False, repr=False)
+    _best: float | None = field(default=None, init=False, repr=False)
 
     def build_model(self, cfg: FinetuneConfig) -> torch.nn.Module:
         config = VideoMAEConfig.from_dict(self.model_config)
@@ -129,35 +132,32 @@ class FinetuneObjective:
         return load_for_finetuning(self.init_from, config.id2label, **overrides).train()
 
     def build_optimizer(
-        self, module: torch.nn.Module, plan: Plan, cfg: FinetuneConfig
+        self, module: torch.nn.Module, schedule: Schedule, cfg: FinetuneConfig
     ) -> torch.optim.Optimizer:
-        import ray.train
-
-        self._rank = ray.train.get_context().get_world_rank()
         o = cfg.optim
-        return build_adamw(module, plan.peak_lr, o.weight_decay, o.betas, o.eps, layer_decay=o.layer_decay,
-                           num_layers=module.config.num_hidden_layers)
+        return build_adamw(module, schedule.peak_lr, o.weight_decay, o.betas, o.eps,
+                           layer_decay=o.layer_decay, num_layers=module.config.num_hidden_layers)
 
-    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, step: int, micro: int):
+    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, *, rank: int, step: int,
+             micro: int) -> tuple[torch.Tensor, None]:
         if self._mixer is None:
-            m = self.mixup_cfg
+            m = self.mixup
             self._mixer = Mixup(len(self.model_config["id2label"]), m.mixup_alpha, m.cutmix_alpha, m.prob,
                                 m.switch_prob, m.label_smoothing)
         labels = batch["labels"].to(pixel_values.device, non_blocking=True)
-        rng = np.random.default_rng([self.seed, step, self._rank, micro])  # the same mix after a resume
+        rng = np.random.default_rng([self.seed, step, rank, micro])  # the same mix after a resume
         if self.erasing_prob > 0:  # the recipe's order: erase each clip, then mix the batch
             pixel_values = random_erasing(pixel_values, self.erasing_prob, rng)
         mixed, targets = self._mixer(pixel_values, labels, rng)
         return soft_target_cross_entropy(model(mixed).logits, targets), None
 
-    def should_validate(self, epoch_end: bool, last_step: bool) -> bool:
+    def should_validate(self, *, epoch_end: bool, last_step: bool) -> bool:
         """At each epoch's end, however its pass ended (pipeline/train/loop.py), and at the run's last
         step, when there is a validation split."""
         return self.has_validation and (epoch_end or last_step)
 
-    def validate(
-        self, module: torch.nn.Module, device: torch.device, rank: int, progress: checkpointing.Progress
-    ) -> dict[str, float]:
+    def validate(self, module: torch.nn.Module, *, device: torch.device, rank: int,
+                 progress: checkpointing.Progress) -> dict[str, float]:
         """Top-1 on the validation split (all ranks), the best model kept (rank 0)."""
         correct, total, loss_sum = validate_shard(module, device, self.val_batch_size, self.mean, self.std)
         correct, total, loss_sum = across_ranks(
@@ -329,7 +329,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     inputs = check_finetune_inputs(cfg)
     cfg = inputs.cfg
     epoch_videos = epoch_size(inputs.train_sources, cfg.data.epoch_videos)
-    plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
+    schedule = driver.schedule_run(cfg, epoch_videos * cfg.data.clips_per_video)
     source = storage.redact(inputs.init_from) if inputs.init_from else "scratch (random init)"
     mc = inputs.model_config
     print(
@@ -338,20 +338,22 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         f"{describe(inputs.train_sources, epoch_videos)}: {epoch_videos} train videos x "
         f"{cfg.data.clips_per_video} clip(s) per epoch, "
         f"{len(inputs.val_rows)} val videos; "
-        f"plan: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, "
-        f"global batch {plan.global_batch}, peak lr {plan.peak_lr:.3g}",
+        f"schedule: {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), "
+        f"warmup {schedule.warmup_steps}, global batch {schedule.global_batch}, "
+        f"peak lr {schedule.peak_lr:.3g}",
         flush=True,
     )
     params = {"data.num_videos": epoch_videos, "data.num_val_videos": len(inputs.val_rows),
               "model.num_labels": len(inputs.id2label), "init_from.located": inputs.init_from or "scratch"}
-    with driver.session(cfg, "finetune", inputs.storage_path, plan, params) as session:
+    with driver.session(cfg, "finetune", inputs.storage_path, schedule, params) as session:
         session.run.log_text(
             json.dumps({str(k): v for k, v in inputs.id2label.items()}, indent=1), "config/id2label.json"
         )
         best_uri = storage.join(session.run_dir, BEST_DIR)
-        objective = FinetuneObjective(inputs.model_config, inputs.init_from, cfg.mixup, cfg.seed,
-                                      bool(inputs.val_rows), best_uri, cfg.train.batch_size, cfg.data.mean,
-                                      cfg.data.std, cfg.data.random_erasing)
+        objective = FinetuneObjective(
+            model_config=inputs.model_config, init_from=inputs.init_from, mixup=cfg.mixup, seed=cfg.seed,
+            has_validation=bool(inputs.val_rows), best_uri=best_uri, val_batch_size=cfg.train.batch_size,
+            mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), erasing_prob=cfg.data.random_erasing)
         datasets = {"train": session.training_stream(inputs.train_sources, "finetune")}
         if inputs.val_rows:
             datasets["val"] = build_dataset(val_data(cfg), "eval", session.ledger, rows=inputs.val_rows)

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import shutil
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,8 +55,10 @@ from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line, say
 from pipeline.train.nonfinite import NonFiniteGuard, NonFiniteTraining
+from pipeline.train.objective import Objective
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
+from pipeline.train.ranks import across_ranks, barrier, derive_seed, distributed
 from pipeline.train.watchdog import Watched, diagnose_stream, set_stall_timeout
 from pipeline.viz import reconstruct, save_reconstruction_png
 
@@ -107,7 +108,7 @@ class TrainSection:
 
 
 @dataclass
-class Plan:
+class Schedule:
     """The run's length and LR, fixed by the driver from the config and the dataset size."""
 
     total_steps: int
@@ -125,8 +126,8 @@ class LoopArgs:
 
     config: Any  # the job's config: run_name, seed, data, optim, train, checkpoint, tracking sections
     config_yaml: str
-    plan: Plan
-    objective: Any  # PretrainObjective, FinetuneObjective: build_model, build_optimizer, loss, validate
+    schedule: Schedule
+    objective: Objective  # what is trained: PretrainObjective, FinetuneObjective
     run: Run | None = None  # the MLflow run rank 0 logs into
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
@@ -134,6 +135,19 @@ class LoopArgs:
     cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
     data_inputs: list[dict] | None = None  # the epoch plan's inputs (plan_inputs): resume checks them
     data_requests: str = ""  # what the stream's tasks ask Ray for (the resource plan): a stall's diagnosis
+
+
+Verdict = Literal["step", "overflow", "skip", "rollback"]  # what became of an optimizer step
+
+
+@dataclass
+class MicroBatches:
+    """What one step's forward and backward passes leave on this rank."""
+
+    loss: torch.Tensor  # summed weighted micro-batch losses, on the device
+    clips: int = 0
+    videos: list[str] = field(default_factory=list)  # named when the step is not finite
+    trained: list[dict] = field(default_factory=list)  # the stream's batches: their clips count as trained
 
 
 def micro_steps(global_batch: int, batch_size: int, world: int, rank: int, step: int = 0) -> int:
@@ -152,12 +166,6 @@ def micro_loss_weight(global_batch: int, batch_size: int, world: int) -> float:
     return world * batch_size / global_batch
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from integers (the run's seed, a rank, an epoch, ...): different parts give
-    independent streams, the same parts the same one, so a resumed run repeats its randomness."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
-
-
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: None = fp32. ``auto`` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     (CPU autocast is slower than fp32 for these models)."""
@@ -166,20 +174,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def distributed() -> bool:
-    """Whether this rank is in a process group (one worker, or no Ray Train, has none)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def across_ranks(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
-    """``values`` reduced over the DDP ranks (as they are without a process group)."""
-    if not distributed():
-        return values
-    t = torch.tensor(values, device=device, dtype=torch.float64)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
 
 
 def _error_metrics(ledger_name: str | None) -> dict[str, float]:
@@ -207,7 +201,7 @@ class Rank0Reporter:
         )
 
     def log(self, step: int, epoch: int, lr: float, window: dict[str, float]) -> None:
-        say(progress_line(step, self.args.plan.total_steps, epoch, lr, window), flush=True)
+        say(progress_line(step, self.args.schedule.total_steps, epoch, lr, window), flush=True)
         if self.logger:
             metrics = {"lr": lr, "epoch": epoch, **window, **_error_metrics(self.args.ledger_name)}
             metrics.pop("eta_s")
@@ -215,7 +209,7 @@ class Rank0Reporter:
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         say(
-            f"step {step}/{self.args.plan.total_steps} | "
+            f"step {step}/{self.args.schedule.total_steps} | "
             + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
             flush=True,
         )
@@ -244,13 +238,13 @@ class TrainLoop:
     """One rank's training: the model, its optimizer and schedule, the data shard, the components."""
 
     def __init__(self, args: LoopArgs):
-        self.args, self.cfg, self.plan = args, args.config, args.plan
+        self.args, self.cfg, self.schedule = args, args.config, args.schedule
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the plan's
         batch, world = self.cfg.train.batch_size, self.world
-        self.even = (args.plan.global_batch // batch) % world == 0  # every rank the same micro-steps
-        self.loss_weight = micro_loss_weight(args.plan.global_batch, batch, world)
+        self.even = (args.schedule.global_batch // batch) % world == 0  # every rank the same micro-steps
+        self.loss_weight = micro_loss_weight(args.schedule.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="batches")  # the stall watchdog's next()
         set_stall_timeout(self.cfg.train.stall_timeout_s)  # validation and probe passes are watched too
@@ -258,15 +252,17 @@ class TrainLoop:
         self.objective = args.objective
         self.model = ray.train.torch.prepare_model(self.objective.build_model(self.cfg))
         self.module = ckpt.unwrap(self.model)  # the model itself, without its DDP wrapper
-        self.optimizer = self.objective.build_optimizer(self.module, self.plan, self.cfg)
-        p = self.plan
+        self.optimizer = self.objective.build_optimizer(self.module, self.schedule, self.cfg)
+        p = self.schedule
         self.scheduler = WarmupCosine(
             self.optimizer, p.total_steps, p.warmup_steps, p.peak_lr, p.min_lr, p.warmup_lr
         )
         self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self.last_checkpoint_uri: str | None = None  # where a rollback goes
-        self.torn_checkpoints = 0  # found (and passed over) at the start
+        self.checkpointer = ckpt.Checkpointer(
+            ckpt.TrainState(self.model, self.optimizer, self.scheduler, self.scaler), rank=self.rank,
+            world=self.world, seed=self.cfg.seed, run_name=self.cfg.run_name, run_dir=args.run_dir,
+            upload=self.cfg.checkpoint.upload, job_config_yaml=args.config_yaml)
         self.rolled_back = False  # the last step ended in a rollback
         t = self.cfg.train
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
@@ -286,30 +282,9 @@ class TrainLoop:
         self.last_loss: torch.Tensor | None = None
 
     def restore(self) -> tuple[bool, ckpt.Progress]:
-        """(resumed?, progress): the last checkpoint Ray Train hands over, or, when that one is torn (its
-        upload was cut off), the newest complete one before it; else a fresh start. Rank 0 decides which,
-        so every rank loads the same one."""
-        restored = ray.train.get_checkpoint()
-        if not restored:
-            return False, ckpt.Progress(world_size=self.world)
-        uri = self.uri_of(restored.path)
-
-        def verdict() -> str | None:
-            try:
-                with restored.as_directory() as directory:
-                    return ckpt.torn_reason(directory)
-            except storage.StorageUnavailable:
-                raise
-            except Exception as e:  # noqa: BLE001 - gone (removed as torn before) or unreadable
-                return f"unreadable ({type(e).__name__}: {str(e)[:100]})"
-
-        reason = self.agree_on(verdict())
-        if reason is None:
-            with restored.as_directory() as directory:
-                progress = self.load(directory)
-            self.last_checkpoint_uri = uri
-        else:
-            progress = self.restore_before_torn(uri, reason)
+        """(resumed?, progress): the checkpointer's choice (past torn ones), the data position checked
+        against this run's data; else a fresh start."""
+        progress = self.checkpointer.load()
         if progress is None:
             return False, ckpt.Progress(world_size=self.world, data_fingerprint=self.data_fingerprint)
         progress.world_size = self.world
@@ -329,52 +304,6 @@ class TrainLoop:
         progress.data_fingerprint = mine
         progress.data_inputs = self.args.data_inputs or []
 
-    @staticmethod
-    def agree_on(value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (which checkpoint to load must be one answer for all)."""
-        if not distributed():
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def uri_of(self, path: str) -> str:
-        """The storage URI of a path in Ray Train's storage filesystem."""
-        return f"s3://{path}" if self.args.run_dir and storage.is_s3(self.args.run_dir) else path
-
-    def load(self, directory: str | Path) -> ckpt.Progress:
-        progress = ckpt.load(directory, rank=self.rank, model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, scaler=self.scaler)
-        if not (Path(directory) / f"rng_rank{self.rank}.pt").exists():  # a new rank after a resize
-            ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank, progress.step))
-        return progress
-
-    def restore_before_torn(self, torn_uri: str, reason: str) -> ckpt.Progress | None:
-        """Resume from the newest complete checkpoint older than a torn one (rank 0 chooses); once every
-        rank has loaded it, rank 0 reports and removes the torn ones it passed."""
-        torn_step = ckpt.checkpoint_step(torn_uri.rstrip("/").rsplit("/", 1)[-1])
-        at_most = None if torn_step is None else torn_step - 1
-        choice = ckpt.newest_complete(self.args.run_dir or "", at_most) if self.rank == 0 else None
-        uri, passed = self.agree_on(choice)
-        torn = [(torn_uri, reason), *passed]
-        progress = None
-        if uri:
-            with ckpt.fetched(uri) as directory:
-                progress = self.load(directory)
-            self.last_checkpoint_uri = uri
-        if distributed():
-            dist.barrier()  # nobody still reads what rank 0 removes
-        if self.rank == 0:
-            for bad, why in torn:
-                say(f"[{self.cfg.run_name}] checkpoint {storage.redact(bad)} is torn ({why}): not used, "
-                    "removed", flush=True)
-                with contextlib.suppress(Exception):  # already gone, or storage refuses: reported anyway
-                    storage.delete(bad, recursive=True)
-            where = f"step {progress.step}" if progress else "the start (no complete checkpoint)"
-            say(f"[{self.cfg.run_name}] resuming from {where} instead", flush=True)
-        self.torn_checkpoints = len(torn)
-        return progress
-
     def run(self) -> None:
         alive = threading.Event()
         if self.rank == 0 and self.args.cursor is not None and self.cfg.scaling.group_timeout_s:
@@ -383,7 +312,7 @@ class TrainLoop:
             self.announce()
             if self.monitor and self.start_step == 0:  # the random init's score: the baseline of the curve
                 self.report(0, self.monitor.run(self.module.videomae, self.device, self.rank))
-            while self.progress.step < self.plan.total_steps:
+            while self.progress.step < self.schedule.total_steps:
                 self.train_epoch()
         finally:
             alive.set()
@@ -399,7 +328,7 @@ class TrainLoop:
     def announce(self) -> None:
         if not self.reporter:
             return
-        p, progress = self.plan, self.progress
+        p, progress = self.schedule, self.progress
         where = f"resuming from step {progress.step} (epoch {progress.epoch})" if self.resumed else "starting"
         say(
             f"[{self.cfg.run_name}] {where}: {p.total_steps} steps, {p.steps_per_epoch} per epoch, "
@@ -421,8 +350,7 @@ class TrainLoop:
         if self.rank == 0:
             cursor = get_cursor(self.args.cursor)
             ray.get(cursor.set.remote(progress.epoch, self.consumption.packed(), begun))
-        if distributed():
-            dist.barrier()
+        barrier()
 
     def epoch_batches(self):
         """An iterator over this rank's shard for the current epoch, shuffled locally if configured."""
@@ -442,18 +370,18 @@ class TrainLoop:
     def train_epoch(self) -> None:
         """One pass of the stream. It ends when the epoch's quota of steps is met or its data runs out (then
         on every rank at the same step); either way the epoch's end runs before the next pass starts."""
-        progress, plan = self.progress, self.plan
-        if progress.step_in_epoch >= plan.steps_per_epoch:  # the checkpoint was taken at an epoch's end
+        progress, schedule = self.progress, self.schedule
+        if progress.step_in_epoch >= schedule.steps_per_epoch:  # the checkpoint was taken at an epoch's end
             self.next_epoch()
         reopened = progress.step_in_epoch > 0 or bool(progress.epoch_done or progress.epoch_begun)
         batches = self.epoch_batches()
         steps_this_pass, ran_out = 0, False
-        while progress.step < plan.total_steps:
+        while progress.step < schedule.total_steps:
             if not self.train_step(batches):
                 ran_out = True
                 break
             steps_this_pass += 1
-            quota_met = progress.step_in_epoch >= plan.steps_per_epoch
+            quota_met = progress.step_in_epoch >= schedule.steps_per_epoch
             if self.rolled_back:  # back at a step already checkpointed and logged: nothing to redo there
                 self.rolled_back = False
             else:
@@ -468,7 +396,7 @@ class TrainLoop:
             )
         if ran_out:  # a short epoch (or a reopened one with nothing left): its end is now
             self.report(progress.step, self.end_of_epoch(last_step=False))
-        if progress.step < plan.total_steps:
+        if progress.step < schedule.total_steps:
             self.next_epoch()
 
     def next_epoch(self) -> None:
@@ -481,7 +409,8 @@ class TrainLoop:
         ``best/`` (finetuning); the steps the epoch took, as a metric."""
         out: dict[str, float] = {}
         if self.objective.should_validate(epoch_end=not last_step, last_step=last_step):
-            out.update(self.objective.validate(self.module, self.device, self.rank, self.progress))
+            out.update(self.objective.validate(self.module, device=self.device, rank=self.rank,
+                                               progress=self.progress))
         if not last_step:
             out["epoch/steps"] = self.progress.step_in_epoch
         return out
@@ -509,58 +438,81 @@ class TrainLoop:
     def micro_steps_shown(self) -> str:
         """Micro-steps per rank and step: ``N``, or ``N-M`` when the group's size does not divide the
         global batch's micro-batches (the remainder rotates over the ranks)."""
-        total = self.plan.global_batch // self.cfg.train.batch_size
+        total = self.schedule.global_batch // self.cfg.train.batch_size
         low = total // self.world
         return str(low) if self.even else f"{low}-{low + 1}"
 
     def micro_steps_now(self) -> int:
         """This rank's micro-batches at the coming step (see micro_steps: the remainder rotates)."""
-        return micro_steps(self.plan.global_batch, self.cfg.train.batch_size, self.world, self.rank,
+        return micro_steps(self.schedule.global_batch, self.cfg.train.batch_size, self.world, self.rank,
                            self.progress.step)
 
     def train_step(self, batches) -> bool:
         """One optimizer step over this rank's micro-batches; False when a shard ran out (then on every
         rank at the same step)."""
-        cfg = self.cfg
-        accum = self.micro_steps_now()
-        loss_sum, clips, videos = torch.zeros((), device=self.device), 0, []
         step_batches = self.next_batches(batches)
-        if step_batches is None:
+        done = None if step_batches is None else self.forward_backward(step_batches)
+        if done is None:
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        trained: list[dict] = []
+        self.record_consumption(done.trained)
+        verdict = self.update(done)
+        self.lr = self.scheduler.lr
+        self.scheduler.step()
+        progress = self.progress
+        progress.step += 1
+        progress.step_in_epoch += 1
+        progress.clips_seen += self.schedule.global_batch  # (uneven micro-steps: not clips x world)
+        self.meter.step_done(done.clips, done.loss if verdict in ("step", "overflow") else None)
+        if verdict in ("step", "overflow"):
+            self.last_loss = done.loss
+        if verdict == "rollback":
+            self.roll_back()
+        return True
+
+    def forward_backward(self, step_batches) -> MicroBatches | None:
+        """Loss and gradients of this rank's micro-batches (DDP all-reduces on the last one only); None
+        when the shard ran out mid-step. The loss stays on the device: no host sync per micro-step."""
+        cfg, accum = self.cfg, self.micro_steps_now()
+        done = MicroBatches(torch.zeros((), device=self.device))
         for micro, batch in enumerate(step_batches):
             if batch is None:
-                self.optimizer.zero_grad(set_to_none=True)
-                return False
+                return None
             frames = batch["pixel_values"].to(self.device, non_blocking=True)  # uint8 (B, T, H, W, C)
             pixel_values = to_model_input(frames, cfg.data.mean, cfg.data.std)  # float (B, T, C, H, W)
-            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")  # DDP all-reduce on the last only
+            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync(),
                   torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)):
-                loss, self.last_batch = self.objective.loss(
-                    self.model, batch, pixel_values, self.progress.step, micro
-                )
+                loss, self.last_batch = self.objective.loss(self.model, batch, pixel_values, rank=self.rank,
+                                                            step=self.progress.step, micro=micro)
                 loss = loss * self.loss_weight  # 1 / micro-steps when every rank takes as many
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()  # NOTE: no .item() here: that would sync the host every micro-step
-            clips += pixel_values.shape[0]
-            videos.extend(batch.get("video", []))
+            done.loss += loss.detach()
+            done.clips += pixel_values.shape[0]
+            done.videos.extend(batch.get("video", []))
             if "position" in batch:
-                trained.append(batch)
-        for batch in trained:  # recorded once the step has all its micro-batches (a shard may run out)
+                done.trained.append(batch)
+        return done
+
+    def record_consumption(self, trained: list[dict]) -> None:
+        """The step's clips, recorded once it has all its micro-batches (a shard may run out mid-step)."""
+        for batch in trained:
             self.consumption.add(batch["epoch"].numpy(), batch["position"].numpy(), batch["clip"].numpy(),
                                  self.progress.step + 1, batch.get("video"))
             np.add.at(self.clips_by_source, batch["source"].numpy(), 1)
+
+    def update(self, done: MicroBatches) -> Verdict:
+        """Clip the gradients and take the optimizer step when loss and gradients are finite; otherwise
+        skip it (the guard counts, and asks for a rollback past its bound)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if cfg.train.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.train.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.train.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        progress = self.progress
-        loss_ok, grads_ok = self.guard.check(loss_sum, grad_norm)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        loss_ok, grads_ok = self.guard.check(done.loss, grad_norm)
+        verdict: Verdict
         if loss_ok and grads_ok:
             if self.scaler:
                 self.scaler.step(self.optimizer)
@@ -575,61 +527,29 @@ class TrainLoop:
         else:  # weights and optimizer state untouched; under fp16 the scaler lowers its scale
             if self.scaler:
                 self.scaler.update()
-            batch = f"rank {self.rank}'s last batch (its own loss {float(loss_sum):.4g})"
-            verdict = self.guard.skipped(progress.step + 1, videos, batch)
+            step = self.progress.step + 1
+            batch = f"rank {self.rank}'s last batch (its own loss {float(done.loss):.4g})"
+            verdict = self.guard.skipped(step, done.videos, batch)
             if self.rank == 0:
                 in_a_row = self.guard.in_a_row or self.guard.in_a_row_limit
-                say(f"step {progress.step + 1}: loss {float(loss_sum):.4g}, gradient norm "
-                    f"{float(grad_norm):.4g}: not finite, step skipped ({in_a_row} in a row, "
-                    f"{self.guard.total} in all)", flush=True)
+                say(f"step {step}: loss {float(done.loss):.4g}, gradient norm {float(grad_norm):.4g}: not "
+                    f"finite, step skipped ({in_a_row} in a row, {self.guard.total} in all)", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr = self.scheduler.lr
-        self.scheduler.step()
-        progress.step += 1
-        progress.step_in_epoch += 1
-        progress.clips_seen += self.plan.global_batch  # (uneven micro-steps: not clips x world)
-        self.meter.step_done(clips, loss_sum if verdict in ("step", "overflow") else None)
-        if verdict in ("step", "overflow"):
-            self.last_loss = loss_sum
-        if verdict == "rollback":
-            self.roll_back()
-        return True
-
-    @staticmethod
-    def wait_until_whole(uri: str, timeout_s: float = 120.0) -> bool:
-        """Whether the checkpoint at ``uri`` is (or within ``timeout_s`` becomes) whole: an asynchronous
-        upload may still be on its way."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with ckpt.fetched(uri) as directory:
-                    if ckpt.torn_reason(directory) is None:
-                        return True
-            except storage.StorageUnavailable:
-                raise
-            except storage.StorageError:  # not there yet
-                pass
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1.0)
+        return verdict
 
     def roll_back(self) -> None:
         """Every rank (they decide together) reloads the last checkpoint's weights, optimizer, schedule and
         step; under fp16 with a lower loss scale. The data stream goes on: the batches that failed are not
         replayed, and the data position (epoch, its done videos, this pass's consumption) stays the
         pass's, so a later checkpoint never stores one epoch with another's positions."""
-        uri = self.last_checkpoint_uri
-        if self.rank == 0 and uri and self.args.run_dir and not self.wait_until_whole(uri):
-            uri, _ = ckpt.newest_complete(self.args.run_dir, ckpt.checkpoint_step(uri.rsplit("/", 1)[-1]))
-        uri = self.agree_on(uri)  # its upload may have failed: then an older one, the same on every rank
-        if not uri:
+        try:
+            loaded, uri = self.checkpointer.roll_back()
+        except ckpt.NothingToRollBackTo:
             raise NonFiniteTraining(
                 f"step {self.progress.step}: {self.guard.in_a_row_limit} non-finite steps in a row before "
                 "the first checkpoint, nothing to roll back to: lower optim.lr (or base_lr) or set "
                 "train.grad_clip"
-            )
-        with ckpt.fetched(uri) as directory:
-            loaded = self.load(directory)
+            ) from None
         if self.scaler:  # the checkpoint's loss scale, halved per rollback so far: fp16 overflowed there
             restored = self.scaler.get_scale()
             self.scaler.update(new_scale=restored / 2**self.guard.rollbacks)
@@ -660,7 +580,7 @@ class TrainLoop:
             self.checkpoint()
 
     def done(self, step: int) -> bool:
-        return step == self.plan.total_steps
+        return step == self.schedule.total_steps
 
     def should_probe(self, step: int) -> bool:
         return self.monitor is not None and self.monitor.should_probe(step)
@@ -694,37 +614,19 @@ class TrainLoop:
         self.clips_by_source[:] = 0
         window.update(loss=loss_total / self.world, peak_rss_mb_max_worker=peak_max,
                       nonfinite_steps=self.guard.total, nonfinite_rollbacks=self.guard.rollbacks,
-                      torn_checkpoints=self.torn_checkpoints)
+                      torn_checkpoints=self.checkpointer.torn_found)
         window.update({f"data/clips/{name}": n for name, n in zip(self.source_names, by_source, strict=True)})
         if self.reporter:
             self.reporter.log(step, self.progress.epoch, self.lr, window)
 
     def checkpoint(self) -> None:
-        """Every rank writes its share into a local folder; Ray Train uploads them into one checkpoint, in
-        the background under ``checkpoint.upload: async`` (training goes on meanwhile), and then deletes
-        the local folder."""
+        """The epoch's record gathered over the ranks, then every rank's share saved (checkpointing.py)."""
         progress = self.progress
         self.gather_consumption()
-        local = tempfile.mkdtemp(prefix="videomae-checkpoint-")
-        ckpt.save(local, rank=self.rank, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                  scaler=self.scaler, progress=progress, job_config_yaml=self.args.config_yaml)
         loss = float(self.last_loss) if self.last_loss is not None else float("nan")
-        metrics = {"step": progress.step, "epoch": progress.epoch, "loss": loss,
-                   "start_step": self.start_step, "clips_seen": progress.clips_seen,
-                   "peak_rss_mb": peak_rss_mb()}
-        name = f"checkpoint_{progress.step:08d}"
-        modes = ray.train.CheckpointUploadMode
-        mode = modes.ASYNC if self.cfg.checkpoint.upload == "async" else modes.SYNC
-        try:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=name, checkpoint_upload_mode=mode,
-                             delete_local_checkpoint_after_upload=True)
-        except BaseException:
-            shutil.rmtree(local, ignore_errors=True)  # Ray deletes it only after an upload
-            raise
-        if self.args.run_dir:
-            self.last_checkpoint_uri = storage.join(self.args.run_dir, name)
-
+        self.checkpointer.save(progress, {"step": progress.step, "epoch": progress.epoch, "loss": loss,
+                                          "start_step": self.start_step, "clips_seen": progress.clips_seen,
+                                          "peak_rss_mb": peak_rss_mb()})
 
     def gather_consumption(self) -> None:
         """Every rank's trained clips into the epoch's record (the same on every rank), kept in the

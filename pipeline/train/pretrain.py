@@ -1,6 +1,6 @@
 """The pretraining job: VideoMAE masked video modelling on unlabeled clips, through the training driver.
 
-``run_pretrain(cfg)``: storage and data are checked, the run planned, then pipeline/train/driver.py runs
+``run_pretrain(cfg)``: storage and data are checked, the run scheduled, then pipeline/train/driver.py runs
 Ray Train with ``PretrainObjective`` on the clips of ``cfg.data`` (and, with ``probe.every_steps``, the
 frozen-feature kNN monitor's two small labeled datasets) and the last checkpoint's model is exported.
 """
@@ -24,9 +24,9 @@ from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.tracking import TrackingSection
 from pipeline.train import driver, probe_monitor
-from pipeline.train.checkpointing import CheckpointSection
+from pipeline.train.checkpointing import CheckpointSection, Progress
 from pipeline.train.driver import ScalingSection
-from pipeline.train.loop import Plan, TrainSection
+from pipeline.train.loop import Schedule, TrainSection
 from pipeline.train.optim import OptimSection, build_adamw
 from pipeline.train.probe_monitor import ProbeSection
 
@@ -87,20 +87,20 @@ class PretrainObjective:
     def build_model(self, cfg: PretrainConfig) -> torch.nn.Module:
         return VideoMAEForPreTraining(cfg.model.build())
 
-    def build_optimizer(self, module: torch.nn.Module, plan: Plan, cfg: PretrainConfig):
-        return build_adamw(module, plan.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    def build_optimizer(self, module: torch.nn.Module, schedule: Schedule, cfg: PretrainConfig):
+        return build_adamw(module, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
 
-    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, step: int, micro: int):
-        """(loss, what the reconstruction picture needs)."""
+    def loss(self, model: torch.nn.Module, batch: dict, pixel_values: torch.Tensor, *, rank: int, step: int,
+             micro: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(loss, what the reconstruction picture needs): the masks are the batch's, nothing is drawn."""
         mask = batch["bool_masked_pos"].to(pixel_values.device, non_blocking=True)
         return model(pixel_values, mask).loss, (pixel_values, mask)
 
-    def should_validate(self, epoch_end: bool, last_step: bool) -> bool:
+    def should_validate(self, *, epoch_end: bool, last_step: bool) -> bool:
         return False  # the frozen-feature probe (probe.*) is the pretraining's evaluation
 
-    def validate(
-        self, module: torch.nn.Module, device: torch.device, rank: int, progress
-    ) -> dict[str, float]:
+    def validate(self, module: torch.nn.Module, *, device: torch.device, rank: int,
+                 progress: Progress) -> dict[str, float]:
         return {}
 
 
@@ -143,12 +143,12 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     runtime.init_ray(cfg.scaling.ray_address)  # the manifests are read on the cluster
     sources = prepare_sources(cfg.data, "pretrain")
     epoch_videos = epoch_size(sources, cfg.data.epoch_videos)
-    plan = driver.plan_run(cfg, epoch_videos * cfg.data.clips_per_video)
+    schedule = driver.schedule_run(cfg, epoch_videos * cfg.data.clips_per_video)
     print(
         f"data: {describe(sources, epoch_videos)}; {epoch_videos} videos x {cfg.data.clips_per_video} "
-        f"clip(s) per epoch; plan: {plan.total_steps} steps "
-        f"({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, global batch {plan.global_batch}, "
-        f"peak lr {plan.peak_lr:.3g}",
+        f"clip(s) per epoch; schedule: {schedule.total_steps} steps "
+        f"({schedule.steps_per_epoch}/epoch), warmup {schedule.warmup_steps}, "
+        f"global batch {schedule.global_batch}, peak lr {schedule.peak_lr:.3g}",
         flush=True,
     )
     if cfg.data.clips_per_video > 1 and cfg.train.shuffle_buffer_batches < 4 * cfg.data.clips_per_video:
@@ -167,7 +167,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             flush=True,
         )
 
-    with driver.session(cfg, "pretrain", storage_path, plan, {"data.num_videos": epoch_videos}) as session:
+    params = {"data.num_videos": epoch_videos}
+    with driver.session(cfg, "pretrain", storage_path, schedule, params) as session:
         datasets = {"train": session.training_stream(sources, "pretrain")}
         if probe_classes:  # its own ledger: probe videos are not the training data's error budget
             probe_ledger = ErrorLedger.create(f"{cfg.run_name}-probe")

@@ -69,7 +69,7 @@ class Setup:
     def quotas(self) -> list[int]:
         return epoch_quotas([sum(s) for s in self.sizes], self.weights, self.epoch_videos)
 
-    def steps_per_epoch(self) -> int:  # driver.plan_run's
+    def steps_per_epoch(self) -> int:  # driver.schedule_run's
         clips = sum(self.quotas()) * self.clips_per_video
         return (clips // self.max_world) // self.batch_size // self.accum
 
@@ -227,7 +227,7 @@ def setups(draw) -> tuple[Setup, list[int], list[int], set[int], int]:
 @given(setups())
 def test_every_epoch_trains_each_readable_planned_clip_once_whatever_happens(case):
     setup, kills, worlds, rollbacks, seed = case
-    if setup.steps_per_epoch() < 1:  # plan_run refuses such a config before anything starts
+    if setup.steps_per_epoch() < 1:  # schedule_run refuses such a config before anything starts
         return
     run = Run(setup, np.random.default_rng(seed), list(kills), worlds, set(rollbacks))
     try:

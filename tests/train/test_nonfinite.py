@@ -39,10 +39,10 @@ class NaNOnRankZero(pretrain_job.PretrainObjective):
     def __init__(self) -> None:
         self.calls = 0
 
-    def loss(self, model, batch, pixel_values, step, micro):
-        loss, extra = super().loss(model, batch, pixel_values, step, micro)
+    def loss(self, model, batch, pixel_values, *, rank, step, micro):
+        loss, extra = super().loss(model, batch, pixel_values, rank=rank, step=step, micro=micro)
         self.calls += 1
-        if ray.train.get_context().get_world_rank() == 0 and self.calls in self.bad_calls:
+        if rank == 0 and self.calls in self.bad_calls:
             loss = loss * float("nan")
         return loss, extra
 

@@ -77,7 +77,7 @@ def test_scheduler_state_resumes_on_the_same_lr():
 
 
 def test_derived_seeds_are_repeatable_and_independent():
-    from pipeline.train.loop import derive_seed
+    from pipeline.train.ranks import derive_seed
 
     assert derive_seed(0, 1) == derive_seed(0, 1)  # a resumed run repeats its randomness
     seeds = {derive_seed(0, rank, epoch) for rank in range(4) for epoch in range(50)}

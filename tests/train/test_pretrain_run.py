@@ -111,7 +111,7 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     assert run.info.status == "FINISHED"
     experiment = client.get_experiment_by_name("test-train")
     assert len(client.search_runs([experiment.experiment_id])) == 1
-    assert run.data.params["train.batch_size"] == "2" and run.data.params["plan.total_steps"] == "12"
+    assert run.data.params["train.batch_size"] == "2" and run.data.params["schedule.total_steps"] == "12"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(run.data.params)
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(loss_steps) == 12 and 2 in loss_steps

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pipeline import config as config_lib
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 from pipeline.models.videomae.masking import running_cell_mask, tube_mask
-from pipeline.train.driver import plan_run
+from pipeline.train.driver import schedule_run
 from pipeline.train.finetune import FinetuneConfig
 from pipeline.train.optim import lr_at
 from pipeline.train.pretrain import PretrainConfig
@@ -82,10 +82,10 @@ def test_pretraining_init_is_the_originals():
     assert model.videomae.encoder.layer[0].layernorm_before.eps == 1e-6
 
 
-def _plan(job: str, *overrides: str):
+def _schedule(job: str, *overrides: str):
     cfg_cls = PretrainConfig if job == "pretrain" else FinetuneConfig
     cfg = config_lib.load(cfg_cls, None, ["scaling.num_workers=2", "train.batch_size=6", *overrides])
-    return plan_run(cfg, 1200)
+    return schedule_run(cfg, 1200)
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
@@ -93,21 +93,21 @@ def test_learning_rates_scale_by_videos_not_clips(job):
     """run_class_finetuning.py / run_mae_pretraining.py: lr, min_lr and warmup_lr x total_batch_size / 256,
     where total_batch_size counts videos (each giving num_sample clips)."""
     lr = ["optim.base_lr=1e-3", "optim.min_lr=1e-6", "optim.warmup_lr=1e-8"]
-    one = _plan(job, "data.clips_per_video=1", *lr)
-    two = _plan(job, "data.clips_per_video=2", *lr)
+    one = _schedule(job, "data.clips_per_video=1", *lr)
+    two = _schedule(job, "data.clips_per_video=2", *lr)
     assert one.global_batch == two.global_batch == 12  # clips per step
     assert one.peak_lr == pytest.approx(1e-3 * 12 / 256)
     assert two.peak_lr == pytest.approx(1e-3 * 6 / 256)  # 12 clips of 2 per video = 6 videos
     assert two.min_lr == pytest.approx(1e-6 * 6 / 256) and two.warmup_lr == pytest.approx(1e-8 * 6 / 256)
-    absolute = _plan(job, "data.clips_per_video=2", "optim.lr=0.01", "optim.min_lr=1e-5")
+    absolute = _schedule(job, "data.clips_per_video=2", "optim.lr=0.01", "optim.min_lr=1e-5")
     assert (absolute.peak_lr, absolute.min_lr) == (0.01, 1e-5)  # an absolute LR is not scaled
 
 
 def test_warmup_starts_at_zero_like_the_originals_schedule():
     """utils.cosine_scheduler is called without start_warmup_value: the warmup rises from 0."""
-    plan = _plan("pretrain")
-    assert plan.warmup_lr == 0.0
-    assert lr_at(0, 100, 10, 1e-3, plan.min_lr, plan.warmup_lr) == 0.0
+    schedule = _schedule("pretrain")
+    assert schedule.warmup_lr == 0.0
+    assert lr_at(0, 100, 10, 1e-3, schedule.min_lr, schedule.warmup_lr) == 0.0
 
 
 def test_dual_masking_loss_counts_only_tokens_hidden_from_the_encoder():
