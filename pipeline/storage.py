@@ -73,7 +73,7 @@ def retry_window_s() -> float:
         raise StorageError(f"{RETRY_ENV} must be a number of seconds, got {value!r}") from None
 
 
-def _retrying(what: str, uri: str, call: Callable, window_s: float | None = None):
+def retrying(what: str, uri: str, call: Callable, window_s: float | None = None):
     """``call()``, retried while S3 fails transiently, for ``window_s`` (default: the retry window)."""
     if not is_s3(uri):
         return call()
@@ -115,7 +115,7 @@ def s3_endpoint() -> str | None:
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    # a dead endpoint fails within seconds, and _retrying (not the SDK) paces the retries and logs them
+    # a dead endpoint fails within seconds, and retrying (not the SDK) paces the retries and logs them
     kwargs: dict = {"region": region, "connect_timeout": 10, "request_timeout": 60,
                     "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if endpoint:
@@ -139,7 +139,7 @@ def _s3_client(pid: int, endpoint: str | None, region: str) -> BaseClient:
     import boto3
     from botocore.config import Config
 
-    # as _s3_filesystem: timeouts that fail a dead endpoint in seconds, the SDK's retries few (_retrying
+    # as _s3_filesystem: timeouts that fail a dead endpoint in seconds, the SDK's retries few (retrying
     # paces them), path-style addressing with an endpoint (MinIO / Ceph hostnames have no bucket subdomains)
     retries = {"mode": "standard", "total_max_attempts": 3}
     config = Config(connect_timeout=10, read_timeout=60, retries=retries,
@@ -165,7 +165,7 @@ _BUSY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestThrottle
 def s3_os_error(e: Exception) -> OSError:
     """A boto3 error (one of ``S3_ERRORS``) as the OSError this module's callers handle: a missing object
     or bucket -> FileNotFoundError; the connection or the service failing (refused, reset, timed out, cut
-    mid-body, 5xx, throttled) -> ConnectionError, which ``_retrying`` retries; anything else (a refused
+    mid-body, 5xx, throttled) -> ConnectionError, which ``retrying`` retries; anything else (a refused
     permission, no credentials) -> a plain OSError, raised at once."""
     text = redact(f"{type(e).__name__}: {e}")
     if isinstance(e, ClientError):
@@ -202,7 +202,7 @@ class RetryingS3(pafs.FileSystemHandler):
         return s3_filesystem()
 
     def _call(self, what: str, path: str, fn: Callable):
-        return _retrying(what, "s3://" + path, fn)
+        return retrying(what, "s3://" + path, fn)
 
     def get_type_name(self) -> str:
         return "retrying-s3"
@@ -322,7 +322,7 @@ def relative_to(uri: str, root: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     try:
-        return _retrying("reach", uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
+        return retrying("reach", uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
 
@@ -330,7 +330,7 @@ def exists(uri: str) -> bool:
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
     try:
-        return _retrying("reach", uri, lambda: fs.get_file_info(path)).type == pafs.FileType.Directory
+        return retrying("reach", uri, lambda: fs.get_file_info(path)).type == pafs.FileType.Directory
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
 
@@ -341,7 +341,7 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=False)
     try:
-        infos = _retrying("list", uri, lambda: fs.get_file_info(selector))
+        infos = retrying("list", uri, lambda: fs.get_file_info(selector))
     except FileNotFoundError as e:
         raise StorageError(f"nothing to list at {redact(uri)!r}: not found") from e
     except OSError as e:
@@ -359,7 +359,7 @@ def _read(uri: str, read: Callable[[pafs.FileSystem, str], bytes]) -> bytes:
     """``read(fs, path)`` retried through outages; a missing object is ObjectNotFound."""
     fs, path = resolve(uri)
     try:
-        return _retrying("read", uri, lambda: read(fs, path))
+        return retrying("read", uri, lambda: read(fs, path))
     except FileNotFoundError as e:
         raise ObjectNotFound(f"not found: {redact(uri)!r}") from e
     except OSError as e:
@@ -391,7 +391,7 @@ def read_text(uri: str) -> str:
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     try:
-        _retrying("create", uri, lambda: fs.create_dir(path, recursive=True))
+        retrying("create", uri, lambda: fs.create_dir(path, recursive=True))
     except OSError as e:
         raise StorageError(f"cannot create {redact(uri)!r}: {e}") from e
 
@@ -409,7 +409,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
     try:
         if is_s3(uri):
-            _retrying("write", uri, put)
+            retrying("write", uri, put)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -438,13 +438,13 @@ def upload_file(local_path: str, uri: str) -> None:
 
 def delete(uri: str, recursive: bool = False) -> None:
     fs, path = resolve(uri)
-    info = _retrying("reach", uri, lambda: fs.get_file_info(path))
+    info = retrying("reach", uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.Directory:
         if not recursive:
             raise StorageError(f"{redact(uri)!r} is a directory; pass recursive=True")
-        _retrying("delete", uri, lambda: fs.delete_dir(path))
+        retrying("delete", uri, lambda: fs.delete_dir(path))
     elif info.type == pafs.FileType.File:
-        _retrying("delete", uri, lambda: fs.delete_file(path))
+        retrying("delete", uri, lambda: fs.delete_file(path))
 
 
 def check_reachable(uri: str) -> None:
@@ -452,7 +452,7 @@ def check_reachable(uri: str) -> None:
     fs, path = resolve(uri)
     root = path.split("/", 1)[0] if is_s3(uri) else os.path.dirname(path.rstrip("/")) or "/"
     try:  # a start-up check: a short retry, so a wrong endpoint fails in seconds, not minutes
-        info = _retrying("reach", uri, lambda: fs.get_file_info(root), window_s=min(10.0, retry_window_s()))
+        info = retrying("reach", uri, lambda: fs.get_file_info(root), window_s=min(10.0, retry_window_s()))
     except OSError as e:
         raise StorageError(f"cannot reach {redact(uri)!r}: {e}") from e
     if info.type == pafs.FileType.NotFound:

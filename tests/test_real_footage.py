@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from runs import tiny_config
+from helpers.runs import tiny_config
 
 from pipeline.data import shards
 from pipeline.eval import probing

@@ -241,7 +241,7 @@ def _publish(local: str, uri: str) -> None:
                 out.write(chunk)
 
     try:
-        storage._retrying("write", uri, put)
+        storage.retrying("write", uri, put)
     except OSError as e:
         raise StorageError(f"cannot write {redact(uri)!r}: {e}") from e
 
@@ -292,7 +292,7 @@ class _Resuming(io.RawIOBase):
 
     def readinto(self, b) -> int:
         try:
-            data = storage._retrying("read", self.uri, lambda: self._attempt(len(b)))
+            data = storage.retrying("read", self.uri, lambda: self._attempt(len(b)))
         except FileNotFoundError as e:
             raise ObjectNotFound(f"not found: {redact(self.uri)!r}") from e
         except OSError as e:
@@ -467,7 +467,7 @@ def _sizes(uris: list[str]) -> list[tuple[str, int]]:
         if folder not in by_folder:
             selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
             try:
-                infos = storage._retrying("list", uri, lambda fs=fs, s=selector: fs.get_file_info(s))
+                infos = storage.retrying("list", uri, lambda fs=fs, s=selector: fs.get_file_info(s))
             except OSError as e:
                 raise StorageError(f"cannot list the folder of {redact(uri)!r}: {e}") from e
             by_folder[folder] = {i.path: i.size or 0 for i in infos if i.type == pafs.FileType.File}

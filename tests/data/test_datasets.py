@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers.configs import tiny_data
 
 from pipeline.data.clips import ClipMaker, torch_collate
 from pipeline.data.datasets import build_dataset, resolve_rows
@@ -21,18 +22,7 @@ from pipeline.data.transforms import to_model_input
 
 
 def tiny(sample_videos, **kw) -> DataSection:
-    base = dict(
-        uri=str(sample_videos),
-        num_frames=4,
-        sampling_rate=2,
-        image_size=32,
-        patch_size=8,
-        tubelet_size=2,
-        mask_ratio=0.75,
-        seed=0,
-        decode_isolation="inline",
-    )
-    return DataSection(**{**base, **kw})
+    return tiny_data(str(sample_videos), **kw)
 
 
 def clip_batch(cfg: DataSection, mode: str, row: dict, ledger: ErrorLedger) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from codec_videos import CODECS, OPEN_GOP, reference_frames, write_codec_video
+from helpers.codec_videos import CODECS, OPEN_GOP, reference_frames, write_codec_video
 
 from pipeline.data import decoders, mp4
 from pipeline.data.clips import ClipMaker

@@ -20,7 +20,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import webdataset
-from s3_proxy import RecordingProxy, Request
+from helpers.s3_proxy import RecordingProxy, Request
 
 from pipeline import storage
 from pipeline.data.decode import DecodeSettings, decode_bytes

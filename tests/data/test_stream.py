@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from helpers.configs import tiny_data
 
 from pipeline.data import shards, stream
 from pipeline.data.errors import ErrorLedger
@@ -27,9 +28,7 @@ from pipeline.train import resources
 
 
 def tiny(uri: str, **kw) -> DataSection:
-    base = dict(uri=uri, num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2,
-                mask_ratio=0.75, seed=0, decode_isolation="inline", piece_rows=3, group_pieces=2)
-    return DataSection(**{**base, **kw})
+    return tiny_data(uri, **{"piece_rows": 3, "group_pieces": 2, **kw})  # several pieces and groups
 
 
 def fake(sizes: list[int], kind: str = "rows", weight: float = 1.0) -> Source:

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import webdataset as wds
+from helpers.configs import tiny_data
+from helpers.runs import tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_metric_name
-from runs import tiny_config
 
 from pipeline.data import shards, stream
 from pipeline.data.errors import ErrorLedger
@@ -69,9 +70,7 @@ def write_shardwriter(folder: Path, good: list[Path]) -> None:
 
 
 def tiny(uri: str, **kw) -> DataSection:
-    base = dict(uri=uri, num_frames=4, sampling_rate=2, image_size=32, patch_size=8, tubelet_size=2,
-                mask_ratio=0.75, seed=0, decode_isolation="inline", max_error_fraction=0.5)
-    return DataSection(**{**base, **kw})
+    return tiny_data(uri, **{"max_error_fraction": 0.5, **kw})  # the sets hold broken samples on purpose
 
 
 def read_epoch(cfg: DataSection, run: str) -> tuple[Counter, dict]:

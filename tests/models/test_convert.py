@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from original_layout import to_original
+from helpers.original_layout import to_original
 
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForPreTraining
 from pipeline.models.videomae import VideoMAEForVideoClassification as Classifier

@@ -4,6 +4,7 @@ from_pretrained directories, and outputs agree to 1e-5 in float32."""
 import numpy as np
 import pytest
 import torch
+from helpers.configs import tiny_model
 
 from pipeline.models.videomae import (
     VideoMAEConfig,
@@ -19,7 +20,7 @@ TOL = 1e-5
 
 
 def tiny(**overrides) -> VideoMAEConfig:
-    return VideoMAEConfig.from_preset("tiny", num_labels=5, **overrides)
+    return tiny_model(num_labels=5, **overrides)
 
 
 def hf_config(config: VideoMAEConfig, tmp_path) -> "transformers.VideoMAEConfig":

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers.configs import tiny_model
 
 from pipeline.models.videomae import (
     CheckpointError,
@@ -14,9 +15,7 @@ from pipeline.models.videomae import (
 from pipeline.models.videomae.masking import make_mask, running_cell_mask
 from pipeline.models.videomae.modeling import patchify
 
-
-def tiny(**overrides) -> VideoMAEConfig:
-    return VideoMAEConfig.from_preset("tiny", **overrides)
+tiny = tiny_model
 
 
 def clip(batch: int = 2, config: VideoMAEConfig | None = None, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from codec_videos import CODECS, OPEN_GOP, write_codec_video
+from helpers.codec_videos import CODECS, OPEN_GOP, write_codec_video
 from mlflow.tracking import MlflowClient
 
 from pipeline import config as C

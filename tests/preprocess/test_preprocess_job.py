@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from preprocess_videos import HUGE_MAX_PIXELS, write_broken_set, write_video
+from helpers.preprocess_videos import HUGE_MAX_PIXELS, write_broken_set, write_video
 
 from pipeline import storage
 from pipeline.data.manifest import read_manifest

@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import decord
 import pytest
-from preprocess_videos import HUGE_MAX_PIXELS, ODD_CODECS, write_broken_set, write_video
+from helpers.preprocess_videos import HUGE_MAX_PIXELS, ODD_CODECS, write_broken_set, write_video
 
 from pipeline.preprocess.transcode import VideoSettings, output_size, process_video
 from pipeline.preprocess.worker import IsolatedVideoWorker

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.runs import committed_checkpoint, pretrain_in_thread, tiny_config, train_worker_pids
 from mlflow.tracking import MlflowClient
-from runs import committed_checkpoint, pretrain_in_thread, tiny_config, train_worker_pids
 
 from pipeline.data.resume import AuditRecord, read_audit
 from pipeline.train import checkpointing

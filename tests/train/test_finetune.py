@@ -100,7 +100,7 @@ def test_bad_labels_and_splits_fail_at_start(data, tmp_path):
 
 
 def test_an_original_videomae_pth_is_converted(data, tmp_path):
-    from original_layout import to_original
+    from helpers.original_layout import to_original
 
     original = VideoMAEForPreTraining(VideoMAEConfig.from_preset("tiny", layer_norm_eps=1e-6))
     torch.save({"model": to_original(original, finetuned=False)}, tmp_path / "checkpoint-799.pth")

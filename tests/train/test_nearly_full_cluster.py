@@ -1,7 +1,7 @@
 """A job on a cluster nearly full with training workers: refused when its data stream cannot run beside
 them; failed by the stall watchdog (with what the stream waits for) when the check is turned off; stopped
 by the driver's watch when its worker group cannot form; and trained to its last step when the stream
-fits, through the loss of one of its two nodes (tests/train/nearly_full_cluster.py runs the two-node
+fits, through the loss of one of its two nodes (tests/helpers/nearly_full_cluster.py runs the two-node
 cluster in a process of its own)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).with_name("nearly_full_cluster.py")
+SCRIPT = Path(__file__).parents[1] / "helpers" / "nearly_full_cluster.py"
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 import ray.cloudpickle
 import ray.train
 import torch
+from helpers.runs import tiny_config
 from mlflow.tracking import MlflowClient
-from runs import tiny_config
 from safetensors.torch import load_file
 
 from pipeline.data.resume import Consumption, read_audit

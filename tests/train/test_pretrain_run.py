@@ -1,10 +1,10 @@
 """A real 2-worker Ray Train pretraining run on real video files, some of them broken.
 
-One run serves several assertions (each run costs tens of seconds here): a chaos loop SIGKILLs a random
-training worker after each of the first checkpoints and Ray Train restarts the group from the last one
-each time, every epoch trains on each video once (but those in flight at a checkpoint), the run ends at
-exactly the planned step, bad videos are counted and reported, MLflow (local store) holds params, metrics and
-artifacts, and the exported model loads. Failing inputs are checked to fail before any worker starts.
+One run (a module fixture: a run costs tens of seconds here) serves several tests, each one concern: a
+chaos loop SIGKILLs a random training worker after each of the first checkpoints and Ray Train restarts
+the group from the last one each time; the run ends at exactly the planned step; every epoch trains on each
+video once (but those in flight at a checkpoint); bad videos are counted and reported; MLflow (local store)
+holds params, metrics and artifacts; the exported model loads. Failing inputs fail before any worker starts.
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ import random
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from mlflow.tracking import MlflowClient
-from runs import (
+from helpers.runs import (
     committed_checkpoint,
     data_with_broken_videos,
     pretrain_in_thread,
     tiny_config,
     train_worker_pids,
 )
+from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
 from pipeline.data.labels import LabelError
@@ -37,7 +39,20 @@ from pipeline.train.pretrain import main, run_pretrain
 pytestmark = pytest.mark.integration
 
 
-def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample_videos, tmp_path):
+@dataclass
+class ChaosRun:
+    result: Any
+    run_dir: Path
+    data: Path
+    consumed: Path
+    killed: list[int]
+
+
+@pytest.fixture(scope="module")
+def chaos_run(ray_session, sample_videos, tmp_path_factory) -> ChaosRun:
+    """The run every test below reads: a random training worker SIGKILLed after each of the first three
+    checkpoints (a few seconds apart), bad videos in the data, the kNN monitor on, every clip audited."""
+    tmp_path = tmp_path_factory.mktemp("chaos")
     data = data_with_broken_videos(sample_videos, tmp_path)
     consumed = tmp_path / "consumed"  # every trained clip's (epoch, position), by the workers
     consumed.mkdir()
@@ -45,7 +60,6 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
              "probe.data.decode_isolation": "inline", "train.audit_dir": str(consumed)}
     thread, outcome = pretrain_in_thread(tiny_config(tmp_path, str(data), **probe))
     run_dir = tmp_path / "runs" / "kill-test"
-    # chaos: a random training worker SIGKILLed after each new checkpoint (a few seconds apart), 3 times
     rng, killed, killed_after = random.Random(0), [], set()
     deadline = time.monotonic() + 300
     while thread.is_alive() and time.monotonic() < deadline and len(killed) < 3:
@@ -61,34 +75,35 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     assert not thread.is_alive(), "training did not finish"
     if "error" in outcome:
         raise outcome["error"]
-    assert len(killed) >= 2, f"the run finished after {len(killed)} kill(s)"
-    result = outcome["result"]
+    return ChaosRun(outcome["result"], run_dir, data, consumed, killed)
 
-    # the step count is intact after the restarts, and the last attempt resumed rather than restarted
+
+def test_killed_workers_resume_to_exactly_the_planned_step(chaos_run):
+    result, run_dir = chaos_run.result, chaos_run.run_dir
+    assert len(chaos_run.killed) >= 2, f"the run finished after {len(chaos_run.killed)} kill(s)"
     assert result.final_step == 12
-    assert result.start_step >= 3, result.metrics
+    assert result.start_step >= 3, result.metrics  # the last attempt resumed rather than restarted
     kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000009", "checkpoint_00000012"]  # keep_last=2
     assert all(checkpointing.torn_reason(run_dir / name) is None for name in kept)  # none torn
     progress = checkpointing.read_progress(run_dir / "checkpoint_00000012")
     assert progress.step == 12 and progress.clips_seen == 12 * 4
 
-    # exact resume: the epoch the kill interrupted continued with the videos it had not trained on. The
-    # run's lineage is, per step, what the last attempt that trained that step trained (steps after the
-    # checkpoint it resumed from were trained again)
+
+def test_the_interrupted_epoch_continues_with_the_videos_it_had_not_trained_on(chaos_run):
+    # the run's lineage is, per step, what the last attempt that trained that step trained (steps after
+    # the checkpoint it resumed from were trained again)
     attempts = []
-    for f in consumed.glob("consumed-*.txt"):
+    for f in chaos_run.consumed.glob("consumed-*.txt"):
         records = [tuple(map(int, line.split()[:3])) for line in f.read_text().splitlines()]
         attempts.append((min(r[0] for r in records), records))
     starts = sorted({first for first, _ in attempts})
     assert len(starts) >= 2, "the audit shows no restart"
-    lineage, lost = Counter(), set()
+    lineage = Counter()
     for first, records in attempts:
         after = next((s for s in starts if s > first), None)  # the next attempt took over from there
         lineage.update(p for step, e, p in records if e == 0 and (after is None or step < after))
-        lost |= {(first, step) for step, _, _ in records if after is not None and step >= after}
-    print(f"chaos: {len(killed)} workers killed, {len(starts) - 1} restarts, {len(lost)} steps trained again")
-    good = len(list(data.glob("good_*.mp4")))
+    good = len(list(chaos_run.data.glob("good_*.mp4")))
     # every readable video of the epoch (but a last partial batch per worker: drop_last) ...
     assert good - 2 <= len(lineage) <= good, sorted(lineage)
     # ... each once (both clips), except videos in flight at a checkpoint: a clip trained before it and
@@ -96,16 +111,20 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     again = {p: n for p, n in lineage.items() if n != 2}
     assert len(again) <= 2 * (len(starts) - 1) and all(n in (3, 4) for n in again.values()), lineage
 
-    # bad videos: counted by reason, reported, and training went on
-    report = [json.loads(line) for line in Path(result.error_report_uri).read_text().splitlines()]
+
+def test_bad_videos_are_counted_by_reason_and_reported(chaos_run):
+    report = [json.loads(line) for line in Path(chaos_run.result.error_report_uri).read_text().splitlines()]
     assert {Path(e["uri"]).name for e in report} >= {"random_bytes.mp4", "empty.mp4", "truncated.mp4"}
     assert "empty" in {e["reason"] for e in report}
 
-    # the exported model is transformers-format and loads
-    model = VideoMAEForPreTraining.from_pretrained(result.export_uri)
+
+def test_the_exported_model_loads(chaos_run):
+    model = VideoMAEForPreTraining.from_pretrained(chaos_run.result.export_uri)
     assert model.config.hidden_size == 64
 
-    # MLflow: one run with params, one metric series through every restart, artifacts
+
+def test_mlflow_holds_one_run_with_params_metrics_and_artifacts_through_the_restarts(chaos_run):
+    result = chaos_run.result
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -125,7 +144,11 @@ def test_run_survives_a_killed_worker_and_reports_bad_videos(ray_session, sample
     assert {"config/resolved_config.yaml", "data/data_errors.jsonl", "model/model.safetensors"} <= artifacts
     assert any(a.startswith("reconstructions/") and a.endswith(".png") for a in artifacts)
 
-    # the kNN monitor: the random init at step 0, every 6 steps and at the end, in MLflow and the summary
+
+def test_the_knn_monitor_scores_the_random_init_every_six_steps_and_the_end(chaos_run):
+    result = chaos_run.result
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
     probe_steps = {m.step for m in client.get_metric_history(run.info.run_id, "probe/knn_top1")}
     assert probe_steps == {0, 6, 12}
     assert [step for step, _ in result.probe_knn_top1] == [0, 6, 12]

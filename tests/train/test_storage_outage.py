@@ -12,8 +12,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+from helpers.runs import pretrain_in_thread, tiny_config
 from mlflow.tracking import MlflowClient
-from runs import pretrain_in_thread, tiny_config
 
 from pipeline import storage
 from pipeline.train import checkpointing

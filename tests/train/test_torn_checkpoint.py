@@ -4,8 +4,8 @@ reports and removes the torn one, and still ends at the planned step (real Ray T
 from __future__ import annotations
 
 import pytest
+from helpers.runs import tiny_config
 from mlflow.tracking import MlflowClient
-from runs import tiny_config
 
 from pipeline.train import checkpointing
 from pipeline.train.pretrain import run_pretrain

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-from runs import committed_checkpoint, pretrain_in_thread, tiny_config  # noqa: E402
 
+from helpers.runs import committed_checkpoint, pretrain_in_thread, tiny_config  # noqa: E402
 from pipeline.data.synthetic import make_dataset  # noqa: E402
 from pipeline.train.pretrain import run_pretrain  # noqa: E402
 from pipeline.train.resources import ResourcePlanError  # noqa: E402
