@@ -1,7 +1,7 @@
 """Preprocessing throughput, and the training-read speed-up it buys, measured in one run.
 
 1. The preprocessing job (pipeline.preprocess.job.run, real local Ray) on generated 1280x720 H.264
-   originals: videos/s and videos/s per core for probe-only and for transcode to short side 320,
+   originals: videos/s and videos/s per core for inspect-only and for transcode to short side 320,
    with 1 and 2 Ray workers.
 2. What training gains: decord clips/s (open the video from bytes, decode one 16-frame clip at
    stride 4, as the pretraining data path does) on the same clips of the originals and of their
@@ -106,7 +106,7 @@ def main() -> None:
         results = []
         for transcode in (False, True):
             for workers in (1, 2):
-                out = root / f"out-{'transcode' if transcode else 'probe'}-{workers}"
+                out = root / f"out-{'transcode' if transcode else 'inspect'}-{workers}"
                 cfg = PreprocessConfig(input=str(root / "raw"), output=str(out), transcode=transcode,
                                        workers=workers, progress_s=1e9)  # fmt: skip
                 report = run(cfg)
@@ -116,11 +116,11 @@ def main() -> None:
         print()
         print(f"{'stage':<28}{'workers':>8}{'videos':>8}{'seconds':>9}{'videos/s':>10}{'videos/s/core':>15}")
         for transcode, workers, r in results:
-            stage = "probe + decode check" if not transcode else "transcode to 320p H.264"
+            stage = "inspect + decode check" if not transcode else "transcode to 320p H.264"
             print(f"{stage:<28}{workers:>8}{r['processed']:>8}{r['seconds']:>9.2f}"
                   f"{r['videos_per_s']:>10.2f}{r['videos_per_s_per_worker']:>15.2f}")  # fmt: skip
         by = {(t, w): r for t, w, r in results}
-        print(f"2 workers vs 1: probe x{by[False, 2]['videos_per_s'] / by[False, 1]['videos_per_s']:.2f}, "
+        print(f"2 workers vs 1: inspect x{by[False, 2]['videos_per_s'] / by[False, 1]['videos_per_s']:.2f}, "
               f"transcode x{by[True, 2]['videos_per_s'] / by[True, 1]['videos_per_s']:.2f}")  # fmt: skip
         one = by[True, 1]
         print(f"transcode, 1 worker: {one['hours'] * 3600 / one['seconds']:.1f} s of video per second; "

@@ -1,4 +1,4 @@
-"""Preprocess a video dataset once: probe, check, transcode to a short side, write a Parquet manifest.
+"""Preprocess a video dataset once: inspect, check, transcode to a short side, write a Parquet manifest.
 
     python jobs/preprocess.py --input s3://bucket/raw-videos --output s3://bucket/videos-320
     ray job submit --working-dir . -- python jobs/preprocess.py --input ... --output ...
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PreprocessConfig, float]:
         "--no-transcode",
         dest="transcode",
         action="store_false",
-        help="probe and check only; the manifest then points at the original files, except those the "
+        help="inspect and check only; the manifest then points at the original files, except those the "
         "training decoder cannot read, which are transcoded",
     )
     v.add_argument(

@@ -1,4 +1,4 @@
-"""The chain's old name: ``python jobs/pipeline.py`` still runs ``jobs/chain.py`` for one release (0.2).
+"""The chain's old name: ``python jobs/pipeline.py`` still runs ``jobs/chain.py`` until 0.2, which removes it.
 
 It is a folder with this ``__main__.py``, not a ``pipeline.py`` file: Python runs the folder as a script,
 and a folder named ``pipeline.py`` cannot shadow the ``pipeline`` package for the other scripts in jobs/

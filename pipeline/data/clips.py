@@ -10,7 +10,8 @@ column             dtype, shape                present in
 pixel_values       uint8 (T, H, W, C)          all (normalise on the trainer: ``transforms.to_model_input``)
 bool_masked_pos    bool (N,)                   pretrain (N = T/tubelet * (S/patch)^2, True = masked)
 labels             int64 ()                    finetune, eval
-video              str (URI)                   eval
+video              str (URI)                   all: the video's URI (training: named when a batch's loss is
+                                               not finite, and in the audit; eval: the per-video results)
 clip_index         int64 ()                    eval: temporal view 0..eval_num_clips-1
 crop_index         int64 ()                    eval: spatial view 0..eval_num_crops-1
 video_row          int64 ()                    eval: the video's row in the manifest (views are grouped by
@@ -23,13 +24,14 @@ source, clip                                   the epoch plan the video is, whic
 
 A Ray Train worker consumes it with
 ``ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=B)`` and calls
-``to_model_input(batch["pixel_values"].to(device), cfg.mean, cfg.std)``. Eval rows carry a string column:
-pass ``collate_fn=torch_collate`` there.
+``to_model_input(batch["pixel_values"].to(device), cfg.mean, cfg.std)``. Rows of every mode carry the
+string column ``video``, which Ray's default collation cannot convert: pass ``collate_fn=torch_collate``.
 
-Decoding runs in Ray tasks (``decode_num_cpus`` each, at most ``decode_concurrency`` at once); each task
-reads one video per GET, decodes only the sampled frames once, and makes ``clips_per_video`` clips of it.
-Bad videos are skipped and recorded in the run's ``ErrorLedger`` (see errors.py); the dataset fails with
-``ErrorBudgetExceeded`` only past ``max_error_fraction``.
+A ClipMaker runs inside the decode tasks of both (``decode_num_cpus`` each, at most ``decode_concurrency``
+at once): it decodes each video (its own GET, or its bytes from a shard the task streams) once, only the
+sampled frames, and makes ``clips_per_video`` clips of it. Bad videos are skipped and recorded in the
+run's ``ErrorLedger`` (see errors.py); the dataset fails with ``ErrorBudgetExceeded`` only past
+``max_error_fraction``.
 """
 
 from __future__ import annotations

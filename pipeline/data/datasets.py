@@ -5,7 +5,7 @@
 ``decode_concurrency`` at once); each reads one video per GET, decodes only the sampled frames once and
 makes its clips. Bad videos are skipped and recorded in the run's ``ErrorLedger`` (errors.py); the dataset
 fails with ``ErrorBudgetExceeded`` only past ``max_error_fraction``. Training reads the stream instead
-(pipeline/data/stream.py), whose sources are read on the cluster.
+(pipeline/data/stream.py), over sources read on the cluster (pipeline/data/sources.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Read one video (one GET) and decode only the frames its clips need, from bytes.
 
 ``read_and_decode(uri, sampler, seed, limits)`` does the work: read the bytes, check the frame size
-against ``max_pixels`` before decoding (from the MP4 track headers, or a PyAV probe for other
-containers), open the video with the configured decoder (pipeline/data/decoders.py: decord, PyAV,
+against ``max_pixels`` before decoding (from the MP4 track headers, or PyAV's container headers for
+other containers), open the video with the configured decoder (pipeline/data/decoders.py: decord, PyAV,
 torchcodec, or ``auto``, which tries the next when one fails), ask the sampler for the clips' frame
 indices given the video length, and decode the union of those frames once. Every failure becomes a
 ``VideoError`` with a reason from ``errors.REASONS``; when no decoder can open a file, PyAV names what is
@@ -45,7 +45,7 @@ Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    timeout_s: float = 60.0  # per video: probe + decode (the read retries through outages: storage.py)
+    timeout_s: float = 60.0  # per video: header check + decode (an S3 read, retried through outages, is not)
     max_pixels: int = 4096 * 2160  # larger frames are refused before decoding (too_large)
     min_frames: int = 2  # fewer frames are refused (too_short); shorter-than-clip videos repeat frames
     num_threads: int = 1  # decoder threads per video; parallelism comes from more decode workers
@@ -113,7 +113,7 @@ def decode_bytes(uri: str, data: bytes, sampler: Sampler, seed: int, limits: Dec
                  window: tuple[float, float] = (-1, -1)) -> DecodedVideo:
     """The sampled frames of one video's bytes, by the first of ``limits.decoder``'s backends that reads
     them (pipeline/data/decoders.py); every failure is a ``VideoError``."""
-    size = mp4.frame_size(data)  # MP4/MOV headers: microseconds, where a PyAV probe costs ~8% of a decode
+    size = mp4.frame_size(data)  # MP4/MOV headers: parsed directly, cheaper than a PyAV open of the container
     if size is None:
         size = check_container(uri, data, limits)  # other containers / no video track: PyAV reads the size
     elif size[0] * size[1] > limits.max_pixels:

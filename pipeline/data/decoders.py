@@ -17,10 +17,10 @@ by frame on H.264, HEVC, VP9, AV1 and variable-frame-rate files):
   NVDEC; its PyPI wheel is a CUDA build, so it imports on GPU nodes only.
 
 ``auto`` tries the available backends in order, by frame size: below ``PYAV_FIRST_PIXELS`` decord first
-(``AUTO_ORDER``; 1.3-1.6x PyAV on small videos, where PyAV's per-video overhead dominates), from there
-PyAV first (1.1-1.4x decord from 640x360 up; benchmarks/decoders.py, docs/data.md). A video the first
-cannot open or decode (decord refuses open GOPs) is retried with the next before it counts as bad, and
-``DecodedVideo.backend`` says which one read it.
+(``AUTO_ORDER``: the faster on small videos, where PyAV's per-video overhead dominates), from there PyAV
+first (the faster on larger frames); benchmarks/decoders.py measures both, docs/data.md has the figures.
+A video the first cannot open or decode (decord refuses open GOPs) is retried with the next before it
+counts as bad, and ``DecodedVideo.backend`` says which one read it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pipeline.data import mp4
 BACKENDS = ("decord", "pyav", "torchcodec")
 AUTO_ORDER = ("decord", "pyav", "torchcodec")  # below PYAV_FIRST_PIXELS
 LARGE_ORDER = ("pyav", "decord", "torchcodec")  # from PYAV_FIRST_PIXELS up
-PYAV_FIRST_PIXELS = 200_000  # measured crossover: equal at 320x240, PyAV 1.04x at 568x320, 1.15x at 640x360
+PYAV_FIRST_PIXELS = 200_000  # where PyAV overtakes decord (benchmarks/decoders.py; docs/data.md, "Decoders")
 
 
 class DecoderUnavailable(RuntimeError):

@@ -6,9 +6,9 @@ step; the step records it in the run's ``ErrorLedger``, skips the video and goes
 error fraction passes ``max_error_fraction`` after at least ``min_videos`` videos (while streaming: when
 it is statistically clear that it does, see ``ErrorLedger.check``).
 
-The ledger is a named Ray actor (``videomae-data-errors/<run_name>`` in namespace ``videomae``) created
-by the driver when it builds a dataset; decode tasks report to it, and the training loop (rank 0, in a
-Ray Train worker) reads live counts and writes the report::
+The ledger is a named Ray actor (``videomae-data-errors/<label>-<random>`` in namespace ``videomae``:
+``create`` makes a fresh one) created by the driver before it builds a dataset; decode tasks report to it,
+the training loop (rank 0, in a Ray Train worker) reads live counts, and the driver writes the report::
 
     ledger = ErrorLedger.create(run_name)          # driver (a fresh actor); ErrorLedger.get(ledger.run_name)
                                                    # finds it from a worker

@@ -1,4 +1,5 @@
-"""Class names and label checks shared by finetuning and evaluation, run on the driver before Ray starts.
+"""Class names and label checks shared by finetuning and evaluation, run on the driver before any worker
+starts.
 
 A label the model has no output for, an unlabeled video in a labeled split or an empty split would
 otherwise surface as an index error deep in a worker after minutes of decoding.
@@ -99,7 +100,6 @@ def missing_classes(counts: Counter, id2label: dict[int, str]) -> list[str]:
 
 def read_rows(cfg: DataSection) -> list[dict[str, Any]]:
     """Manifest rows of ``cfg``'s split, with an empty or unreadable split as a LabelError naming it."""
-
     try:
         rows = resolve_rows(cfg)
     except ManifestError as e:

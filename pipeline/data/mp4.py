@@ -1,4 +1,4 @@
-"""What the MP4/MOV headers say about the video track, read in microseconds without a decoder.
+"""What the MP4/MOV headers say about the video track, read from the headers alone, without a decoder.
 
 Two facts come from here: the frame size (refused before decoding when too large) and whether a
 keyframe is shown after frames that are decoded later (an open GOP: HEVC's CRA pictures as x265 writes

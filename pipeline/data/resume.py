@@ -20,11 +20,6 @@ import numpy as np
 CURSOR_PREFIX = "videomae-data-cursor/"
 CURSOR_NAMESPACE = "videomae"
 
-CURSOR_PREFIX = "videomae-data-cursor/"
-
-
-CURSOR_NAMESPACE = "videomae"
-
 
 class CursorState:
     """The epoch a pass reads, the bitmap of its done positions and the clip masks of its begun videos

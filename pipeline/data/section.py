@@ -62,12 +62,13 @@ class DataSection:
     decoder: str = "auto"  # auto | decord | pyav | torchcodec; auto: the next one when one fails a video
     decode_device: str = "cpu"  # cpu | cuda (torchcodec on NVDEC, GPU decode nodes)
     decode_isolation: str = "process"  # process (hard time limit, survives decoder crashes) | inline
-    decode_timeout_s: float = 60.0  # per-video decode limit (reads retry through outages: storage.py)
+    decode_timeout_s: float = 60.0  # per-video decode limit (an S3 read retrying through an outage is
+    # outside it: pipeline/storage.py, pipeline/data/decode.py)
     max_pixels: int = 4096 * 2160  # refuse larger frames (too_large) before decoding
     min_frames: int = 2  # refuse videos with fewer frames (too_short)
     max_error_fraction: float = 0.05  # fail when clearly more than this fraction of videos is bad ...
     min_videos_for_error_check: int = 20  # ... judged once at least this many have been tried
-    # sources and order (training modes; pipeline/data/stream.py)
+    # sources and order (training modes; pipeline/data/sources.py, plan.py, stream.py)
     sources: list = field(default_factory=list)  # a weighted mixture instead of uri: [{uri, weight, name,
     # data_root, split}, ...]; each epoch draws from them in proportion to the weights
     epoch_videos: int | None = None  # videos per epoch (default: every source's videos, once)

@@ -1,6 +1,7 @@
 """Videos packed into WebDataset tar shards: a few hundred videos per object, read with one GET each.
 
-Object storage bills and rate-limits per request; one GET per clip is ~4k GETs/s at 64 GPUs. A shard is
+Object storage bills and rate-limits per request, and one GET per clip is a request rate that grows with
+the training cluster (docs/preprocessing.md, "Shards"; benchmarks/data_scale.py counts them). A shard is
 a plain POSIX (ustar) tar whose members come in consecutive groups per sample, ``<key>.<ext>`` (the video)
 then ``<key>.json`` (its metadata): the layout WebDataset reads, so shards written here feed WebDataset
 pipelines, and the datasets WebDataset users already have (``<key>.mp4`` + ``<key>.cls`` / ``.json`` /

@@ -84,8 +84,6 @@ def source_specs(cfg) -> list[SourceSpec]:
 def is_shard_set(uri: str) -> bool:
     """A ``.tar``, a brace pattern, a ``.txt`` list of shards, or a folder / prefix of tars (with our
     ``index.parquet`` or without: WebDataset's and video2dataset's sets)."""
-
-
     lower = uri.lower().rstrip("/")
     if lower.endswith(".tar") or ("{" in uri and "}" in uri):
         return True
@@ -264,9 +262,10 @@ PIECE_BYTES = 1 << 20  # a piece's size in the object store (default piece_rows)
 def piece_size(num_rows: int, num_bytes: int, piece_rows: int | None) -> int:
     """Rows per piece: ``data.piece_rows``, else the power of two nearest to about ``PIECE_BYTES`` (a
     power of two, so that the in-memory size, which varies a little with how the read tasks chunked the
-    rows, gives the same pieces to a resubmitted job). Ray keeps a task's results under 100 KB in its
-    owner's memory, the driver's here, and copies them into every task that takes a reference, so a piece
-    must be well above that (docs/data.md, "Scale")."""
+    rows, gives the same pieces to a resubmitted job). Ray keeps a task's results under its inline limit
+    (``max_direct_call_object_size``, 100 KB by default) in its owner's memory, the driver's here, and
+    copies them into every task that takes a reference, so a piece must be well above that (docs/data.md,
+    "Scale")."""
     if piece_rows:
         return piece_rows
     rows = max(1.0, PIECE_BYTES * num_rows / max(num_bytes, 1))
@@ -334,7 +333,7 @@ def repartition(ds, rows_per_block: int, num_cpus: float, strict: bool = False):
     remote_args = getattr(out._logical_plan.dag, "ray_remote_args", None)
     if not isinstance(remote_args, dict):
         raise RuntimeError("this Ray's repartition operator keeps no ray_remote_args: "
-                           "pipeline/data/stream.py's repartition needs updating for it")
+                           "pipeline/data/sources.py's repartition needs updating for it")
     remote_args["num_cpus"] = num_cpus
     return out
 
@@ -363,8 +362,6 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
     """Every source of ``cfg`` (a DataSection), read or counted on the cluster; ``""`` = the sample data."""
     specs = source_specs(cfg)
     if len(specs) == 1 and not specs[0].uri:
-
-
         specs[0].uri = ensure_sample_dataset(cfg.sample_cache_dir)
     return [prepare_source(s, mode, cfg.light_num_cpus, cfg.piece_rows, cfg.limit, cfg.label_map,
                            cfg.video_ext) for s in specs]
@@ -372,8 +369,6 @@ def prepare_sources(cfg, mode: str) -> list[Source]:
 
 def _scan_shard(uri: str, split: str | None) -> tuple[int, dict[int, int]]:
     """(samples of ``split``, label counts) of one shard without its index: every sample is streamed."""
-
-
     n, labels = 0, {}
     for sample in shards.iter_shard(uri):
         if split and sample.meta.get("split") not in (None, split):

@@ -33,9 +33,10 @@ from pipeline.data.sources import COLUMNS, Source, repartition
 def decode_task_size(num_videos: int, task_videos: int | None) -> int:
     """Videos per decode task: ``data.decode_task_videos``, else about four tasks per CPU of the cluster
     per epoch, from 64 to 2048. Smaller tasks mean a sooner first batch and even load over the cores, but
-    each costs about 15 ms of scheduling (64 tiny videos take 0.2 s to decode), and a block of rows under
-    100 KB is kept in the driver's memory (see piece_size): 2048 rows are above that, so however large
-    the epoch, the driver holds at most a few small blocks."""
+    each task has a fixed scheduling cost that a few small videos do not pay back (docs/data.md, "Scale",
+    measures it), and a block of rows under Ray's inline limit is kept in the driver's memory (see
+    piece_size): 2048 rows are above it, so however large the epoch, the driver holds at most a few small
+    blocks."""
     if task_videos:
         return task_videos
     import ray
@@ -162,8 +163,6 @@ def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
     """The videos of one shard task as rows to decode (bytes in ``data``), through a seeded shuffle buffer
     of ``buffer_size`` videos; samples of other splits (the source's ``split``, when a sample names one),
     outside [lo, hi) or done are skipped before anything is decoded."""
-
-
     lo, hi, offset, split = int(row["lo"]), int(row["hi"]), int(row["position"]), row["split"]
     done = done_mask(row["skip"], 0, hi - lo)
     begun = {int(k): int(v) for k, v in json.loads(row["begun"] or "{}").items()}
@@ -194,8 +193,6 @@ def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
 def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: int):
     """Decode step of the stream: video rows and shard rows -> batches of clips (one per
     ``videos_per_block`` videos, so a shard's clips flow while it is still being read)."""
-
-
     maker = clip_maker(cfg, mode, ledger)
     rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
 
@@ -232,7 +229,8 @@ def build_stream(cfg, mode: str, sources: list[Source], ledger, seed: int, run_n
     quotas = source_quotas(sources, cfg.epoch_videos)
     slots = max_tasks(sources, quotas, cfg.group_pieces)
     spec = StreamSpec(sources, quotas, cfg.group_pieces, seed, cfg.shuffle, run_name, slots)
-    # one block per plan slot (45 for 10M manifest rows), expanded into rows by light tasks
+    # one block per plan slot (plan.max_tasks: few, as a read task takes a group of pieces), expanded into
+    # rows by light tasks
     ds = ray.data.from_items([{"id": slot} for slot in range(slots)], override_num_blocks=slots)
     ds = ds.map_batches(expand_slots, batch_format="numpy", batch_size=None, fn_kwargs={"spec": spec},
                         num_cpus=cfg.light_num_cpus, compute=ray.data.TaskPoolStrategy(size=2))

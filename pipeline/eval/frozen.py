@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.data.transforms import to_model_input
+from pipeline.eval.inference import ViewModel, map_views
 from pipeline.eval.metrics import ViewAccumulator
 from pipeline.models.videomae import VideoMAEConfig, VideoMAEModel
 from pipeline.models.weights import model_dir
@@ -123,21 +123,18 @@ def load_encoder(model_dir: str) -> VideoMAEModel:
     return VideoMAEModel.from_pretrained(model_dir, config=config).eval()
 
 
-class ViewEmbedder:
+class ViewEmbedder(ViewModel):
     """Ray Data callable class: the encoder at ``model_uri`` (anything ``weights.model_dir`` reads, local or
     s3://), loaded once per actor, turns batches of views into pooled features."""
 
     def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
                  convert: dict[str, Any] | None = None):
-
-        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        super().__init__(mean, std, use_gpu)
         self.encoder = load_encoder(str(model_dir(model_uri, convert))).to(self.device)
-        self.mean, self.std = tuple(mean), tuple(std)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
-        features = pooled_features(self.encoder, to_model_input(frames, self.mean, self.std))
+        features = pooled_features(self.encoder, self.inputs(batch))
         return {
             "video": batch["video"],
             "labels": batch["labels"],
@@ -161,16 +158,9 @@ def embed_views(
     """(features (V, D), labels (V,), video URIs) for the videos of an eval-mode ``dataset``: the mean
     feature of each video's views."""
 
-    embedded = dataset.map_batches(
-        ViewEmbedder,
-        fn_constructor_kwargs={"model_uri": model_uri, "mean": mean, "std": std,
-                               "use_gpu": gpus_per_actor > 0, "convert": convert},
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=num_actors,
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
-    )
+    embedded = map_views(dataset, ViewEmbedder,
+                         {"model_uri": model_uri, "mean": mean, "std": std, "convert": convert},
+                         batch_size, num_actors, cpus_per_actor, gpus_per_actor)
     views = ViewAccumulator(feature_dim)  # sums any per-view vector per video; here features, not scores
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         views.add([str(v) for v in batch["video"]], batch["labels"], batch["features"], batch["video_row"])

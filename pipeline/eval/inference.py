@@ -19,6 +19,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.transforms import to_model_input
 from pipeline.eval.metrics import VideoScores, ViewAccumulator
+from pipeline.models.device import autocast_dtype, pick_device
 from pipeline.models.weights import load_classifier
 
 
@@ -43,29 +44,49 @@ class InferenceSection:
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def pick_device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+class ViewModel:
+    """A Ray Data callable class's common part: one model per actor, on its device, fed normalised views.
+    Subclasses load their model in ``__init__`` and turn ``self.inputs(batch)`` into their columns."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], use_gpu: bool) -> None:
+        self.device = pick_device(use_gpu)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def inputs(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """The batch's uint8 views as the model's normalised (B, T, C, H, W) input on this actor's device."""
+        frames = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
+        return to_model_input(frames, self.mean, self.std)
 
 
-class ViewClassifier:
+def map_views(dataset: Any, model_class: type[ViewModel], constructor_kwargs: dict[str, Any], batch_size: int,
+              num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> Any:
+    """``dataset`` through a pool of ``num_actors`` actors of ``model_class`` (Ray Data batch inference)."""
+    return dataset.map_batches(
+        model_class,
+        fn_constructor_kwargs={**constructor_kwargs, "use_gpu": gpus_per_actor > 0},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=num_actors,
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    )
+
+
+class ViewClassifier(ViewModel):
     """Ray Data callable class: loads the classifier at ``model_uri`` once per actor."""
 
     def __init__(self, model_uri: str, mean: Sequence[float], std: Sequence[float], use_gpu: bool = False,
                  precision: str = "fp32"):
-
-        self.device = pick_device(use_gpu)
+        super().__init__(mean, std, use_gpu)
         self.model = load_classifier(model_uri).to(self.device)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = autocast_dtype(precision, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            self.dtype = None  # no fp16 matmuls on CPU
+            self.dtype = None  # inference in fp16 on a CPU: fall back to fp32
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
-        x = to_model_input(frames, self.mean, self.std)  # (B, T, C, H, W)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(x).logits
+            logits = self.model(self.inputs(batch)).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return {"video": batch["video"], "labels": batch["labels"], "clip_index": batch["clip_index"],
                 "crop_index": batch["crop_index"], "video_row": batch["video_row"], "probs": probs}
@@ -76,16 +97,9 @@ def predict_views(dataset: Any, model_uri: str, num_classes: int, mean: Sequence
                   gpus_per_actor: float = 0.0, precision: str = "fp32", expected_views: int | None = None,
                   progress_every_s: float = 10.0) -> VideoScores:
     """Run the actor pool over ``dataset`` (eval rows) and average the views of each video."""
-    predictions = dataset.map_batches(
-        ViewClassifier,
-        fn_constructor_kwargs={"model_uri": model_uri, "mean": mean, "std": std,
-                               "use_gpu": gpus_per_actor > 0, "precision": precision},
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=num_actors,
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
-    )
+    predictions = map_views(dataset, ViewClassifier,
+                            {"model_uri": model_uri, "mean": mean, "std": std, "precision": precision},
+                            batch_size, num_actors, cpus_per_actor, gpus_per_actor)
     acc = ViewAccumulator(num_classes)
     views, started, last = 0, time.monotonic(), time.monotonic()
     for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,13 +1,13 @@
-"""The dataset preprocessing job: probe every video, transcode it to a short side, write a manifest.
+"""The dataset preprocessing job: inspect every video, transcode it to a short side, write a manifest.
 
-Decoding dominates the cost of video training (a 720p clip costs several times a 320p one), so the
-VideoMAE recipe resizes every video once, up front. :func:`run` does that as a Ray Data job over a
-local folder or an S3 prefix:
+Decoding dominates the cost of video training, and it grows with the frame size (docs/preprocessing.md,
+"Figures", measures what the resize saves), so the VideoMAE recipe resizes every video once, up front.
+:func:`run` does that as a Ray Data job over a local folder or an S3 prefix:
 
 1. list the input videos, join annotations (labels, splits) to them, and read what a previous run
    already finished (``manifest.parquet`` plus the partial manifests an interrupted run left);
 2. send the rest through Ray Data tasks (``--workers`` at a time), each Ray worker process driving
-   one isolated child (:mod:`pipeline.preprocess.worker`) that probes, checks decoding and
+   one isolated child (:mod:`pipeline.preprocess.worker`) that inspects, checks decoding and
    transcodes with a time limit per video;
 3. stream the result rows back to the driver, which appends them to partial manifests every few
    seconds (so an interruption loses nothing already written), prints progress, and finally writes
@@ -69,7 +69,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("path", pa.string()),  # what training reads: relative to the output root, or the input URI
         ("original_path", pa.string()),  # input URI
         ("relative_path", pa.string()),  # input path below the input root
-        ("status", pa.string()),  # "ok" or a reason from probe.REASONS
+        ("status", pa.string()),  # "ok" or a reason from transcode.REASONS
         ("error", pa.string()),  # detail of a failure
         ("label", pa.int64()),
         ("label_name", pa.string()),
@@ -86,13 +86,13 @@ MANIFEST_SCHEMA = pa.schema(
         ("out_height", pa.int32()),
         ("out_frames", pa.int64()),
         ("out_bytes", pa.int64()),
-        ("transcoded", pa.bool_()),  # probe-only mode: the training decoder could not read the original
+        ("transcoded", pa.bool_()),  # inspect-only mode: the training decoder could not read the original
         ("settings", pa.string()),  # VideoSettings.fingerprint(): a change redoes the row
         ("seconds", pa.float64()),  # processing time of this video
         ("processed_at", pa.timestamp("s", tz="UTC")),
     ]
 )
-# What the worker actors return: the manifest columns a worker can know.
+# What process_batch (the Ray Data tasks) returns per video: the manifest columns a worker can know.
 _RESULT_COLUMNS = [
     "original_path", "status", "error", "container", "codec", "width", "height", "fps", "frames",
     "duration", "bytes", "out_width", "out_height", "out_frames", "out_bytes", "transcoded", "seconds",
@@ -115,7 +115,7 @@ class PreprocessConfig:
     min_frames: int = 2
     decoder: str = "auto"  # the training data's data.decoder: every "ok" video opens with it
     timeout_s: float = 600.0  # per video
-    workers: int | None = None  # Ray actors; default: every CPU of the cluster
+    workers: int | None = None  # Ray Data tasks at once, one CPU each; default: every CPU of the cluster
     annotations: list[str] = field(default_factory=list)
     annotation_format: str = "auto"
     labels: str | None = None  # SSv2 labels.json
@@ -180,7 +180,7 @@ _worker_cache: dict[str, IsolatedVideoWorker] = {}
 
 
 def process_batch(batch: pa.Table, settings: dict, timeout_s: float) -> pa.Table:
-    """Ray Data map step: probe / transcode each video of the block in this process's isolated child."""
+    """Ray Data map step: inspect / transcode each video of the block in this process's isolated child."""
     key = json.dumps([settings, timeout_s], sort_keys=True)
     worker = _worker_cache.get(key)
     if worker is None:
@@ -274,7 +274,7 @@ def _plan(cfg: PreprocessConfig, input_root: str, output_root: str) -> _Plan:
     claimed: dict[str, str] = {}
     for (uri, size), rel in zip(listed, rels, strict=True):
         out_rel = _output_relpath(rel, cfg.transcode)
-        # probe-only: where a copy goes if the training decoder cannot read the original
+        # inspect-only: where a copy goes if the training decoder cannot read the original
         dst = storage.join(output_root, out_rel if cfg.transcode else _output_relpath(rel, True))
         base = {
             "original_path": uri, "relative_path": rel, "bytes": size, "settings": fingerprint,
@@ -316,7 +316,7 @@ def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) 
         batch_size=None, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1,
     )  # fmt: skip
     log.info("processing %d videos with %d workers (%s)", len(plan.tasks), workers,
-             "probe + transcode" if cfg.transcode else "probe only")  # fmt: skip
+             "inspect + transcode" if cfg.transcode else "inspect only")  # fmt: skip
     pending: list[dict] = []
     done = failed = part = 0
     start = last_flush = last_progress = time.monotonic()
@@ -337,7 +337,7 @@ def _process(cfg: PreprocessConfig, plan: _Plan, output_root: str, run_id: str) 
             if row["status"] != "ok":
                 row["path"] = row["original_path"]
                 failed += 1
-            elif row.get("transcoded"):  # probe-only, an unreadable codec: training reads the H.264 copy
+            elif row.get("transcoded"):  # inspect-only, an unreadable codec: training reads the H.264 copy
                 row["path"] = _output_relpath(row["relative_path"], True)
             pending.append(row)
             done += 1
@@ -484,6 +484,7 @@ def summarize(rows: list[dict], seconds: float, processed: int, workers: int, cf
     report = {
         "input": storage.redact(cfg.input),
         "output": storage.redact(cfg.output),
+        # "probe": the report's old word for inspect-only mode, kept for tools that read report.json
         "mode": "transcode" if cfg.transcode else "probe",
         "settings": cfg.settings().fingerprint(),
         "videos": len(rows),

@@ -51,12 +51,13 @@ class VideoSettings:
     min_frames: int = 2
     threads: int = 1
     # The training data's decoder (data.decoder): every video the manifest marks "ok" opens with it. In
-    # probe-only mode a video it cannot read (AV1 in decord 0.6, say) is transcoded to H.264 instead.
+    # inspect-only mode a video it cannot read (AV1 in decord 0.6, say) is transcoded to H.264 instead.
     decoder: str = "auto"
 
     def fingerprint(self) -> str:
         """Settings that change the output; a manifest row made with other settings is redone."""
         if not self.transcode:
+            # "probe:" is inspect-only mode's old word: manifests store this string, so it stays (resume)
             return f"probe:max_pixels={self.max_pixels}:min_frames={self.min_frames}:decoder={self.decoder}"
         keys = ("short_side", "crf", "preset", "gop_seconds", "max_pixels", "min_frames", "decoder")
         d = asdict(self)
@@ -299,7 +300,7 @@ def _publish(uri: str, tmp_path: str, dst: str) -> None:
 
 
 def process_video(src: str, dst: str | None, tmp_path: str | None, settings: VideoSettings) -> dict:
-    """Probe ``src`` (and transcode it to ``dst`` through ``tmp_path``); always returns a result row.
+    """Inspect ``src`` (and transcode it to ``dst`` through ``tmp_path``); always returns a result row.
 
     The row has the input's metadata, ``status`` (``ok`` or a reason) and ``error`` (the detail).
     """

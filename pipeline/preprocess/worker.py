@@ -1,9 +1,9 @@
 """Run :func:`pipeline.preprocess.transcode.process_video` in a child process with a time limit per video.
 
 A video that hangs the demuxer or decoder (or a file that blocks on read) cannot be interrupted from
-a Python thread, and a decoder crash would take the Ray worker down with it. So each preprocessing worker
-keeps one long-lived child (``python -m pipeline.preprocess.worker``, supervised by
-pipeline/data/child.py, as the training decoder is); past the limit the child is killed, its temporary
+a Python thread, and a decoder crash would take the Ray worker down with it. So each Ray worker process
+running the job's tasks keeps one long-lived child (``python -m pipeline.preprocess.worker``, supervised
+by pipeline/data/child.py, as the training decoder is); past the limit the child is killed, its temporary
 output removed, and a fresh child takes the next video.
 """
 
@@ -32,9 +32,9 @@ class IsolatedVideoWorker:
             task = {"src": src, "dst": dst, "tmp": tmp_path, "settings": asdict(self.settings)}
             return self._child.call(task, self.timeout_s)
         except ChildTimeout:
-            status, error = "timeout", f"no result within {self.timeout_s:g}s; worker process killed"
+            status, error = "timeout", f"no result within {self.timeout_s:g}s; child process killed"
         except ChildDied as e:
-            status, error = "decoder_crash", f"worker process died (exit code {e.exit_code})"
+            status, error = "decoder_crash", f"child process died (exit code {e.exit_code})"
         if tmp_path and os.path.exists(tmp_path):
             os.remove(tmp_path)
         return {"original_path": src, "status": status, "error": error, "seconds": time.monotonic() - start}

@@ -1,4 +1,4 @@
-"""Checkpoint layout, save, restore and export.
+"""Checkpoint layout, save, restore and export, and one rank's recovery (``Checkpointer``).
 
 A checkpoint is a directory that is *also* a transformers-format model directory, so finetuning and
 ``from_pretrained`` read it directly::
@@ -15,7 +15,7 @@ rank reports into the same checkpoint (rank 0 writes the model and state, each r
 
 A checkpoint whose upload was cut off (a missing or short file: S3 objects arrive whole or not at all, a
 local copy can stop midway) is *torn*: ``torn_reason`` finds it from ``checkpoint.json``, ``load`` refuses
-it, and the training loop resumes from the newest complete one instead (docs/training.md).
+it, and ``Checkpointer.load`` resumes from the newest complete one before it instead (docs/training.md).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class CheckpointSection:
 class Progress:
     """Where training stands. ``step`` counts optimizer steps; ``epoch`` and ``step_in_epoch`` are the data
     position, and ``epoch_done`` the videos of the epoch trained on (a packed bitmap over its positions,
-    base64; pipeline/data/stream.py): an interrupted epoch resumes with the videos it had not trained on.
+    base64; pipeline/data/resume.py): an interrupted epoch resumes with the videos it had not trained on.
     The bitmap indexes the positions of one epoch plan: ``data_fingerprint`` names the plan's inputs
     (``data_inputs``: per source its URI, size, pieces and their digest), so a resume on other data is
     seen, and said."""

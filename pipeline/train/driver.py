@@ -1,11 +1,12 @@
 """The one training driver: what pretraining and finetuning do on the driver, in the order a user needs.
 
-Checks that need no Ray come first (seconds, clear errors): the storage location, the schedule (steps, warmup,
-LRs by the original's scaling rule). The job then makes its own checks (data, labels, weights), and inside
+The storage location is checked first, before Ray (``checked_storage``: seconds, a clear error). The job
+then starts Ray, reads its sources on the cluster (their sizes fix the schedule: steps, warmup, LRs by the
+original's scaling rule, ``schedule_run``), makes its own checks (labels, weights), and inside
 ``session(...)``:
 
 1. the MLflow run is (re)opened by name and gets the config and the schedule (tracking.job_run);
-2. Ray starts and the run gets a fresh error ledger; the job builds its datasets with it;
+2. the run gets a fresh error ledger and the stream's cursor; the job builds its datasets with them;
 3. ``session.fit(objective, datasets)``: Ray Train's TorchTrainer runs ``loop.train_loop_per_worker``;
    resume is automatic (``<storage_path>/<run_name>``'s last checkpoint, after a worker failure or a rerun);
 4. ``session.finish(result)``: the data error report, the final checkpoint; ``session.export(dir)`` copies
@@ -174,8 +175,9 @@ class Session:
         self.data_inputs: list[dict] | None = None  # set by training_stream
 
     def training_stream(self, sources: list, mode: str):
-        """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/stream.py); what
-        the plan depends on is kept for the checkpoints (a resume on other data is seen)."""
+        """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/plan.py,
+        data/resume.py); what the plan depends on is kept for the checkpoints (a resume on other data is
+        seen)."""
         data = self.cfg.data
         quotas = source_quotas(sources, data.epoch_videos)
         self.data_inputs = plan_inputs(sources, quotas, data.group_pieces, self.cfg.seed, data.shuffle)

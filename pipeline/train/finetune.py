@@ -8,8 +8,10 @@ mean pooling + fc_norm. It runs in the same Ray Train loop as pretraining (pipel
 ``<run>/best/``; Ray Train keeps the last checkpoints for resume; ``<run>/export/`` is the best model in
 transformers' format with ``id2label`` when the run ends.
 
-Everything checkable is checked on the driver before Ray starts: the weights (kind, architecture), the
-labels of both splits against the label map, empty splits, classes without training examples.
+Everything checkable is checked on the driver before any training worker starts: the storage first, then,
+with Ray started, the training split (its sources read and their labels counted on the cluster) and the
+validation split against the label map, empty splits, classes without training examples, and the weights
+(kind, architecture).
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ Epochs: training is counted in optimizer steps; an epoch is one pass of the trai
 when the pass ends: its quota of ``steps_per_epoch`` steps met, or its data exhausted (unreadable videos
 make a pass short). Everything keyed to an epoch's end (validation and ``best/``, the ``epoch/steps``
 metric, the next pass) runs at that moment, whatever the step count. The LR schedule and the run's length
-are in steps, fixed by the plan, so short epochs mean the run covers a few more of them
+are in steps, fixed by the ``Schedule``, so short epochs mean the run covers a few more of them
 (docs/training.md, "Epochs").
 
 Data position: ``Progress`` stores the epoch, the steps taken in it and the videos of it trained on (a
 bitmap over its positions, gathered at each checkpoint). A resumed run reopens the epoch and the stream
-skips the done videos before decoding (pipeline/data/stream.py): it trains on the videos not yet trained
+skips the done videos before decoding (pipeline/data/resume.py): it trains on the videos not yet trained
 on, and an epoch whose pass has nothing left ends at once. The bitmap holds only for the data it was made
 on: ``data_fingerprint`` ties it to the plan's inputs, and a run resumed on other data starts the epoch
 afresh, saying what changed. The per-worker shuffle buffer is seeded by (seed, epoch, rank).
@@ -51,6 +51,7 @@ from pipeline.data.plan import describe_change, fingerprint
 from pipeline.data.resume import Consumption, get_cursor
 from pipeline.data.sources import source_specs
 from pipeline.data.transforms import to_model_input
+from pipeline.models.device import autocast_dtype
 from pipeline.tracking import Run, RunLogger
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.metrics import StepMeter, peak_rss_mb, progress_line, say
@@ -79,8 +80,9 @@ class TrainSection:
     log_every_steps: int = 10  # progress line + MLflow metrics
     stall_timeout_s: float = 300.0  # no batch for this long: print what the data stream waits for; for
     # twice as long: fail with it (pipeline/train/watchdog.py). Above the slowest decode task; 0 = off
-    audit_dir: str = ""  # a local folder on the workers: each appends "<step> <epoch> <position>" per trained
-    # clip (consumed-<pid>.txt), an audit of what every step and epoch trained on (exact resume)
+    audit_dir: str = ""  # a local folder on the workers: each appends "<step> <epoch> <position> <clip>
+    # <uri>" per trained clip (consumed-<pid>.txt; resume.read_audit), an audit of what every step and epoch
+    # trained on (exact resume)
     # a step with a non-finite loss or gradient is skipped; this many in a row roll back to the last
     # checkpoint, and more than max_nonfinite_rollbacks rollbacks stop the run (pipeline/train/nonfinite.py)
     max_nonfinite_in_a_row: int = 5
@@ -132,7 +134,7 @@ class LoopArgs:
     ledger_name: str | None = None  # the data error ledger's run name (ErrorLedger.get)
     probe_classes: int = 0  # > 0: the kNN monitor is on (config.probe), over this many classes
     run_dir: str | None = None  # <storage_path>/<run_name>: where the checkpoints are (rollback, torn ones)
-    cursor: str | None = None  # the training stream's cursor actor (pipeline/data/stream.py): exact resume
+    cursor: str | None = None  # the training stream's cursor actor (pipeline/data/resume.py): exact resume
     data_inputs: list[dict] | None = None  # the epoch plan's inputs (plan_inputs): resume checks them
     data_requests: str = ""  # what the stream's tasks ask Ray for (the resource plan): a stall's diagnosis
 
@@ -151,7 +153,7 @@ class MicroBatches:
 
 
 def micro_steps(global_batch: int, batch_size: int, world: int, rank: int, step: int = 0) -> int:
-    """This rank's micro-steps at optimizer step ``step``: the plan's global batch split over ``world``
+    """This rank's micro-steps at optimizer step ``step``: the schedule's global batch split over ``world``
     ranks (elastic training: the global batch is the config's at any group size). The remainder goes to
     ranks that rotate with the step, so over any ``world`` consecutive steps every rank takes the same
     number of micro-batches: Ray's split gives every rank as many rows, and the ranks' shards then run out
@@ -164,16 +166,6 @@ def micro_loss_weight(global_batch: int, batch_size: int, world: int) -> float:
     """The factor on each micro-batch's mean loss so that DDP's average of the ranks' summed gradients is
     the gradient of the mean loss over the global batch, however unevenly the ranks split it."""
     return world * batch_size / global_batch
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: None = fp32. ``auto`` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
-    (CPU autocast is slower than fp32 for these models)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def _error_metrics(ledger_name: str | None) -> dict[str, float]:
@@ -241,7 +233,7 @@ class TrainLoop:
         self.args, self.cfg, self.schedule = args, args.config, args.schedule
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the plan's
+        # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the schedule's
         batch, world = self.cfg.train.batch_size, self.world
         self.even = (args.schedule.global_batch // batch) % world == 0  # every rank the same micro-steps
         self.loss_weight = micro_loss_weight(args.schedule.global_batch, batch, world)
@@ -257,7 +249,7 @@ class TrainLoop:
         self.scheduler = WarmupCosine(
             self.optimizer, p.total_steps, p.warmup_steps, p.peak_lr, p.min_lr, p.warmup_lr
         )
-        self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.checkpointer = ckpt.Checkpointer(
             ckpt.TrainState(self.model, self.optimizer, self.scheduler, self.scaler), rank=self.rank,
@@ -620,7 +612,7 @@ class TrainLoop:
             self.reporter.log(step, self.progress.epoch, self.lr, window)
 
     def checkpoint(self) -> None:
-        """The epoch's record gathered over the ranks, then every rank's share saved (checkpointing.py)."""
+        """The epoch's record gathered over the ranks, then every rank's share saved (ckpt.Checkpointer)."""
         progress = self.progress
         self.gather_consumption()
         loss = float(self.last_loss) if self.last_loss is not None else float("nan")

@@ -1,8 +1,9 @@
 """The pretraining job: VideoMAE masked video modelling on unlabeled clips, through the training driver.
 
-``run_pretrain(cfg)``: storage and data are checked, the run scheduled, then pipeline/train/driver.py runs
-Ray Train with ``PretrainObjective`` on the clips of ``cfg.data`` (and, with ``probe.every_steps``, the
-frozen-feature kNN monitor's two small labeled datasets) and the last checkpoint's model is exported.
+``run_pretrain(cfg)``: the storage is checked, Ray started and the data's sources read on the cluster, the
+run scheduled from their size, then pipeline/train/driver.py runs Ray Train with ``PretrainObjective`` on
+the clips of ``cfg.data`` (and, with ``probe.every_steps``, the frozen-feature kNN monitor's two small
+labeled datasets) and the last checkpoint's model is exported.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         print(
             f"note: the {cfg.data.clips_per_video} clips of a video arrive together, so without a larger "
             f"train.shuffle_buffer_batches (now {cfg.train.shuffle_buffer_batches}) a batch holds few "
-            "videos; measured here that slows learning several-fold (docs/training.md)",
+            "videos, which slows learning (docs/training.md, \"Mixing the clips of a video\")",
             flush=True,
         )
     probe_rows, probe_classes = probe_monitor.probe_rows(cfg.probe) if cfg.probe.enabled else ({}, 0)
