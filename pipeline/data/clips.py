@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache import ProcessCache
 from pipeline.data import transforms
 from pipeline.data.decode import Decoder, DecodeSettings
 from pipeline.data.errors import ErrorLedger, VideoError
@@ -57,14 +58,11 @@ log = logging.getLogger(__name__)
 STREAM_COLUMNS = ("epoch", "position", "source", "clip")  # the training stream's (pipeline/data/stream.py)
 INT_COLUMNS = ("labels", "clip_index", "crop_index", "video_row", *STREAM_COLUMNS)
 
-_DECODERS: dict[tuple, Decoder] = {}  # per worker process: one decode helper serves every dataset
+_DECODERS: ProcessCache[Decoder] = ProcessCache(4)  # one decode helper serves every dataset of a process
 
 
 def shared_decoder(limits: DecodeSettings, isolation: str) -> Decoder:
-    key = (limits, isolation)
-    if key not in _DECODERS:
-        _DECODERS[key] = Decoder(limits, isolation)
-    return _DECODERS[key]
+    return _DECODERS.get((limits, isolation), lambda: Decoder(limits, isolation))
 
 
 class ClipMaker:
@@ -74,7 +72,6 @@ class ClipMaker:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.cfg, self.mode, self.ledger = cfg, mode, ledger
-        self.decoder = shared_decoder(cfg.limits(), cfg.decode_isolation)
         if mode == "eval":
             self.sampler = MultiViewSampler(
                 cfg.num_frames, cfg.sampling_rate, cfg.eval_num_clips, cfg.finetune_sampling
@@ -88,6 +85,12 @@ class ClipMaker:
         self.rand_augment = RandAugment(parse_spec(cfg.rand_augment)) if cfg.rand_augment else None
         self._ok: Counter[str] = Counter()  # decoded videos by backend, not yet reported to the ledger
         self._fallbacks: list[dict] = []  # videos a later decoder read after the first failed
+
+    @property
+    def decoder(self) -> Decoder:
+        """This process's decode helper for these settings, looked up at each use: the cache may have
+        closed an older one."""
+        return shared_decoder(self.cfg.limits(), self.cfg.decode_isolation)
 
     def _rng(self, path: str, epoch: int = 0, position: int = -1) -> np.random.Generator:
         """Per video, epoch and position in the epoch: a seeded run cuts other clips, crops and masks every
@@ -206,15 +209,12 @@ class ClipMaker:
         return batch
 
 
-_MAKERS: dict[tuple, ClipMaker] = {}  # per decode worker process, reused by the tasks it runs
+_MAKERS: ProcessCache[ClipMaker] = ProcessCache(8)  # per decode worker process, reused by its tasks
 
 
 def clip_maker(cfg: DataSection, mode: str, ledger: ErrorLedger) -> ClipMaker:
     """This process's ClipMaker for (cfg, mode, ledger): its decode helper and sampler live on."""
-    key = (repr(cfg), mode, ledger.name)
-    if key not in _MAKERS:
-        _MAKERS[key] = ClipMaker(cfg, mode, ledger)
-    return _MAKERS[key]
+    return _MAKERS.get((repr(cfg), mode, ledger.name), lambda: ClipMaker(cfg, mode, ledger))
 
 
 def clips_of_block(block: dict[str, np.ndarray], cfg: DataSection, mode: str, ledger: ErrorLedger):

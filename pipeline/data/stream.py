@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache import ProcessCache
 from pipeline.data import shards
 from pipeline.data.clips import clip_maker
 from pipeline.data.plan import Task, max_tasks, pass_groups, plan_epoch, seeded_rng, source_quotas
@@ -64,15 +65,12 @@ class StreamSpec:
         return hashlib.sha1(repr(parts).encode()).hexdigest()
 
 
-_PLANS: dict[tuple, list[Task]] = {}  # per process: the epoch plan, computed once per epoch
+_PLANS: ProcessCache[list[Task]] = ProcessCache(1)  # the current epoch's plan, computed once per process
 
 
 def _epoch_plan(spec: StreamSpec, epoch: int) -> list[Task]:
-    key = (spec.fingerprint(), epoch)
-    if key not in _PLANS:
-        _PLANS.clear()
-        _PLANS[key] = plan_epoch(spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch, spec.shuffle)
-    return _PLANS[key]
+    return _PLANS.get((spec.fingerprint(), epoch), lambda: plan_epoch(
+        spec.sources, spec.quotas, spec.group_pieces, spec.seed, epoch, spec.shuffle))
 
 
 def _cursor(spec: StreamSpec) -> tuple[int, bytes, dict[int, int]]:

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import runtime, storage, tracking
+from pipeline.cache import ProcessCache
 from pipeline.data import decoders, shards
 from pipeline.data.decode import DecodeSettings
 from pipeline.preprocess.annotations import Matched, load_annotations, match
@@ -176,18 +177,13 @@ def _temp_path(dst: str) -> str:
 
 # One isolated child per Ray worker process, kept between tasks (Ray reuses worker processes), so the
 # child's start-up is paid once per process rather than once per block of videos.
-_worker_cache: dict[str, IsolatedVideoWorker] = {}
+_WORKERS: ProcessCache[IsolatedVideoWorker] = ProcessCache(1)
 
 
 def process_batch(batch: pa.Table, settings: dict, timeout_s: float) -> pa.Table:
     """Ray Data map step: inspect / transcode each video of the block in this process's isolated child."""
-    key = json.dumps([settings, timeout_s], sort_keys=True)
-    worker = _worker_cache.get(key)
-    if worker is None:
-        for old in _worker_cache.values():
-            old.close()
-        _worker_cache.clear()
-        worker = _worker_cache[key] = IsolatedVideoWorker(VideoSettings(**settings), timeout_s)
+    worker = _WORKERS.get(json.dumps([settings, timeout_s], sort_keys=True),
+                          lambda: IsolatedVideoWorker(VideoSettings(**settings), timeout_s))
     rows = []
     for task in batch.to_pylist():
         dst = task["dst"] or None

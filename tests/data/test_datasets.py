@@ -22,7 +22,7 @@ from pipeline.data.transforms import to_model_input
 
 
 def tiny(sample_videos, **kw) -> DataSection:
-    return tiny_data(str(sample_videos), **kw)
+    return tiny_data(**{"uri": str(sample_videos), **kw})
 
 
 def clip_batch(cfg: DataSection, mode: str, row: dict, ledger: ErrorLedger) -> dict:

@@ -12,7 +12,7 @@ TINY_CLIPS: dict[str, Any] = dict(num_frames=4, sampling_rate=2, image_size=32, 
                                   mask_ratio=0.75, seed=0, decode_isolation="inline")
 
 
-def tiny_data(uri: str, **overrides: Any) -> DataSection:
+def tiny_data(uri: str = "", **overrides: Any) -> DataSection:
     """A data section over ``uri`` with tiny clips, decoded inline (no helper process per test)."""
     return DataSection(**{"uri": uri, **TINY_CLIPS, **overrides})
 
