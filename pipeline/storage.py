@@ -149,7 +149,7 @@ def _s3_client(pid: int, endpoint: str | None, region: str) -> BaseClient:
 
 def s3_client() -> BaseClient:
     """A boto3 S3 client configured from the environment like ``s3_filesystem()``: one per process and
-    endpoint (clients are thread-safe and cost ~100 ms to make; a forked child makes its own)."""
+    endpoint (clients are thread-safe and slow to make, so they are shared; a forked child makes its own)."""
     return _s3_client(os.getpid(), s3_endpoint(), _region())
 
 

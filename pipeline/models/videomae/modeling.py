@@ -144,7 +144,8 @@ _NATIVE_BF16_CPU = _has_native_bf16_gemm()
 
 def _emulate_bf16(x: Tensor) -> bool:
     """True under CPU bf16 autocast on a CPU without bf16 matrix instructions (e.g. AVX2 only), where
-    torch's bf16 GEMM and attention kernels are 5-15x slower than float32 ones."""
+    torch's bf16 GEMM and attention kernels are emulated and several times slower than float32 ones
+    (benchmarks/model_step.py measures both on the machine at hand)."""
     return (
         not _NATIVE_BF16_CPU
         and x.device.type == "cpu"
