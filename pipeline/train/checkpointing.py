@@ -91,7 +91,9 @@ class Progress:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model itself, without its DDP wrapper or torch.compile's (whose state_dict keys gain a prefix)."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
 
 
 # --- RNG ----------------------------------------------------------------------------------------------------

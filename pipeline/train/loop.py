@@ -75,6 +75,9 @@ class TrainSection:
     steps_per_epoch: int | None = None  # None = clips per epoch // global batch, from the manifest
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model before DDP wraps it; the first steps pay the compilation
+    # (benchmarks/gpu_step.py measures what it gives). Checkpoints and exports hold the model itself
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing only, no code generation)
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
     shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
     log_every_steps: int = 10  # progress line + MLflow metrics
@@ -242,8 +245,10 @@ class TrainLoop:
         set_stall_timeout(self.cfg.train.stall_timeout_s)  # validation and probe passes are watched too
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
-        self.model = ray.train.torch.prepare_model(self.objective.build_model(self.cfg))
-        self.module = ckpt.unwrap(self.model)  # the model itself, without its DDP wrapper
+        self.module = self.objective.build_model(self.cfg)  # the model itself: checkpoints, probes, pictures
+        t = self.cfg.train
+        compiled = torch.compile(self.module, backend=t.compile_backend) if t.compile else self.module
+        self.model = ray.train.torch.prepare_model(compiled)  # moves the module (in place) and wraps it
         self.optimizer = self.objective.build_optimizer(self.module, self.schedule, self.cfg)
         p = self.schedule
         self.scheduler = WarmupCosine(
@@ -256,7 +261,6 @@ class TrainLoop:
             world=self.world, seed=self.cfg.seed, run_name=self.cfg.run_name, run_dir=args.run_dir,
             upload=self.cfg.checkpoint.upload, job_config_yaml=args.config_yaml)
         self.rolled_back = False  # the last step ended in a rollback
-        t = self.cfg.train
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
         self.data_fingerprint = fingerprint(args.data_inputs) if args.data_inputs else ""
         self.resumed, self.progress = self.restore()

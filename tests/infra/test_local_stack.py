@@ -1,6 +1,7 @@
 """The local stack end to end, as a user drives it: `stack.py up`, videos into its bucket, `ray job submit`
-of the real pretraining job (token auth on), then the job's MLflow run and checkpoint are where they should
-be, and `stack.py down` leaves no process behind."""
+of the real pretraining job (token auth on: a wrong token is refused), `ray job stop` after its first
+checkpoint and a resubmission that resumes it; then the job's MLflow run (one, continued) and checkpoints are
+where they should be, and `stack.py down` leaves no process behind."""
 
 from __future__ import annotations
 
@@ -56,6 +57,23 @@ def read_env_file(path: Path) -> dict[str, str]:
         if m:
             env[m.group(1)] = m.group(2)
     return env
+
+
+def wait_for_checkpoint(s3, bucket: str, run_prefix: str, at_least: int, timeout_s: float) -> int:
+    """The step of the run's newest committed checkpoint once it is at least ``at_least`` (Ray Train's
+    snapshot of its checkpoint manager, in the bucket)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            body = s3.get_object(Bucket=bucket, Key=f"{run_prefix}/checkpoint_manager_snapshot.json")["Body"]
+            latest = json.loads(body.read())["latest_checkpoint_result"]
+            step = int(latest["metrics"]["step"]) if latest else 0
+        except Exception:  # noqa: BLE001 - not written yet
+            step = 0
+        if step >= at_least:
+            return step
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint of step >= {at_least} within {timeout_s} s")
 
 
 def stack(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -138,15 +156,15 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         submit_env.update({k: job_env[k] for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
         submit_env["PATH"] = f"{BIN}{os.pathsep}{submit_env.get('PATH', '')}"
         bucket = f"s3://{state.bucket}"
-        submission_id = "infra-e2e-" + os.urandom(4).hex()
         overrides = {
             "data.uri": f"{bucket}/videos",
             "storage_path": f"{bucket}/runs",
             "run_name": RUN_NAME,
-            "train.max_steps": 2,
+            "train.max_steps": 6,
             "train.batch_size": 2,
             "checkpoint.every_steps": 2,
             "train.log_every_steps": 1,
+            "optim.warmup_steps": 2,
             "scaling.num_workers": 1,
             "scaling.cpus_per_worker": 1,
             "tracking.recon_every_steps": 0,
@@ -154,44 +172,56 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         }
         entrypoint = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
         entrypoint += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-        submit = subprocess.run(
-            [
-                "ray",
-                "job",
-                "submit",
-                "--working-dir",
-                ".",
-                "--submission-id",
-                submission_id,
-                "--",
-                *entrypoint,
-            ],
-            cwd=REPO,
-            env=submit_env,
-            capture_output=True,
-            text=True,
-            timeout=450,
-        )
-        lap("job finished")
+
+        def ray_job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            return subprocess.run(["ray", "job", *args], cwd=REPO, env=submit_env, capture_output=True,
+                                  text=True, timeout=timeout)
+
+        # a client holding the wrong token is refused
+        denied = subprocess.run(["ray", "job", "list"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                env={**submit_env, "RAY_AUTH_TOKEN": "not-the-token",
+                                     "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token-here")})
+        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+
+        # submitted, stopped after its first checkpoint, resubmitted under the same run name: it resumes
+        first = ray_job("submit", "--working-dir", ".", "--submission-id", "infra-e2e-first", "--no-wait",
+                        "--", *entrypoint)
+        assert first.returncode == 0, first.stdout + first.stderr
+        stopped_at = wait_for_checkpoint(s3, state.bucket, f"runs/{RUN_NAME}", at_least=2, timeout_s=300)
+        assert ray_job("stop", "infra-e2e-first").returncode == 0
+        lap(f"first job stopped after step {stopped_at}")
+        submission_id = "infra-e2e-second"
+        submit = ray_job("submit", "--working-dir", ".", "--submission-id", submission_id, "--", *entrypoint,
+                         timeout=450)
+        lap("second job finished")
         # the job's state from the job server's REST API, authenticated as a user's curl would be
         request = urllib.request.Request(
             f"{job_env['RAY_ADDRESS']}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {token}"}
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             job_info = json.load(response)
-        log = submit.stdout[-6000:] + submit.stderr[-3000:]
+        logs = submit.stdout + submit.stderr
         assert job_info["status"] == "SUCCEEDED", (
-            f"job {job_info['status']}: {job_info.get('message')}\n{log}"
+            f"job {job_info['status']}: {job_info.get('message')}\n{logs[-6000:]}"
         )
-        assert secret not in submit.stdout + submit.stderr
+        assert secret not in logs
+        assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
+        assert "finished at step 6" in logs
+        # the console a user reads: each progress line once (Ray Train's patched print gave every line
+        # twice), and no progress-bar redraws in a log that is not a terminal
+        progress = [line for line in logs.splitlines() if re.search(r"step \d+/6 \(\d+%\) \| epoch", line)]
+        steps = [re.search(r"step \d+/6", line).group() for line in progress]
+        assert steps and len(steps) == len(set(steps)), progress
+        assert "\x1b[A" not in logs
 
         # the MLflow run is on the stack's server, its artifacts in the bucket
         client = MlflowClient(job_env["MLFLOW_TRACKING_URI"])
         experiment = client.get_experiment_by_name("videomae-pretrain")
         assert experiment is not None
         runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{RUN_NAME}'")
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert "loss" in runs[0].data.metrics
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resubmitted job continued it
+        losses = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+        assert losses[0] <= stopped_at and losses[-1] == 6
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state.bucket).get("Contents", [])]
         run_id = runs[0].info.run_id
         assert any(k.startswith("mlflow/") and k.endswith(f"{run_id}/artifacts/model/model.safetensors")

@@ -14,6 +14,7 @@ from pipeline.models.videomae import (
 )
 from pipeline.models.videomae.masking import make_mask, running_cell_mask
 from pipeline.models.videomae.modeling import patchify
+from pipeline.train.checkpointing import unwrap
 
 tiny = tiny_model
 
@@ -298,3 +299,33 @@ def test_the_models_normalisation_is_recorded_and_undone_by_the_target(tmp_path)
     torch.testing.assert_close(out.loss, ((out.logits - raw[mask].view(2, -1, 384)) ** 2).mean())
     with pytest.raises(ValueError, match="image_mean needs one value per channel"):
         tiny(image_mean=(0.5, 0.5)).validate()
+
+
+def _loss_and_grads(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, bool_masked_pos=mask).loss
+    loss.backward()
+    named = unwrap(model).named_parameters()  # the model's own names (compile prefixes them)
+    return loss.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("lever", ["activation checkpointing", "torch.compile"])
+def test_activation_checkpointing_and_compile_give_eager_loss_and_gradients(lever):
+    """Each large-model lever computes the same step: loss and every parameter's gradient as in eager mode.
+    torch.compile runs with the aot_eager backend here (dynamo's graph capture and AOT autograd, without
+    code generation, whose compile time would dominate a unit test); benchmarks/gpu_step.py times inductor."""
+    c = tiny()
+    model = VideoMAEForPreTraining(c).train()
+    x, mask = clip(2, c), tube(2, c)
+    eager_loss, eager_grads = _loss_and_grads(model, x, mask)
+    if lever == "activation checkpointing":
+        model.gradient_checkpointing_enable()
+        loss, grads = _loss_and_grads(model, x, mask)
+    else:
+        compiled = torch.compile(model, backend="aot_eager")
+        loss, grads = _loss_and_grads(compiled, x, mask)
+        assert unwrap(compiled) is model  # checkpoints and exports hold the model itself
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)

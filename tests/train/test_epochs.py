@@ -83,16 +83,18 @@ def test_a_job_stopped_right_after_a_short_epochs_last_checkpoint_resumes(ray_se
     audit.mkdir()
     # 10 videos: 5 steps planned per epoch, 4 in the data. The first job stops at step 4, the short
     # epoch's last step, with its checkpoint: the state a kill right after that checkpoint leaves
+    # compiled (tracing only: aot_eager), so its checkpoints must hold the model itself to resume
+    compiled = {"train.compile": "true", "train.compile_backend": "aot_eager"}
     first = tiny_config(tmp_path, str(data), run_name="reopen", **{
         "data.clips_per_video": "1", "train.max_steps": "4", "checkpoint.every_steps": "4",
-        "scaling.num_workers": "1", "train.audit_dir": str(audit)})
+        "scaling.num_workers": "1", "train.audit_dir": str(audit), **compiled})
     assert pretrain_job.run_pretrain(first).final_step == 4
     progress = checkpointing.read_progress(tmp_path / "runs" / "reopen" / "checkpoint_00000004")
     assert (progress.epoch, progress.step_in_epoch) == (0, 4)
     # resubmitted for 10 steps: epoch 0 reopens with nothing readable left, ends, and epoch 1 trains
     again = tiny_config(tmp_path, str(data), run_name="reopen", **{
         "data.clips_per_video": "1", "train.max_steps": "10", "checkpoint.every_steps": "4",
-        "scaling.num_workers": "1", "train.audit_dir": str(audit)})
+        "scaling.num_workers": "1", "train.audit_dir": str(audit), **compiled})
     result = pretrain_job.run_pretrain(again)
     assert (result.start_step, result.final_step) == (4, 10)
     records = read_audit(str(audit))

@@ -7,11 +7,13 @@ cluster in a process of its own)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.configs import FAST_NODE_DEATH
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +24,7 @@ SCRIPT = Path(__file__).parents[1] / "helpers" / "nearly_full_cluster.py"
 def outcome(tmp_path_factory) -> dict[str, dict]:
     work = tmp_path_factory.mktemp("nearly-full")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(work)], capture_output=True, text=True,
-                          timeout=800)
+                          timeout=800, env={**os.environ, **FAST_NODE_DEATH})
     (work / "cluster.log").write_text(proc.stdout + proc.stderr)  # the whole log, for a failure
     results = {}
     for line in proc.stdout.splitlines():
@@ -49,16 +51,16 @@ def test_a_stream_that_never_runs_fails_the_run_with_the_watchdogs_diagnosis(out
     assert "MapBatches(clips_of_rows) {CPU 1}" in message, stalled  # what its decode tasks ask for
     assert "the cluster has free: CPU 1 of 4" in message
     assert "fixes: lower scaling.cpus_per_worker" in message
-    assert "no batch for 16 s (train.stall_timeout_s), so the run stops" in message
+    assert "no batch for 10 s (train.stall_timeout_s), so the run stops" in message
     # the first period's warning named the stages' states (from the job's log)
-    assert "no batch for 8 s (train.stall_timeout_s); dataset train_" in stalled["log"]
+    assert "no batch for 5 s (train.stall_timeout_s); dataset train_" in stalled["log"]
     assert "MapBatches(clips_of_rows) 0 task(s) done" in stalled["log"]
 
 
 def test_a_worker_group_that_never_forms_is_stopped_by_the_drivers_watch(outcome):
     never = outcome["never"]
     message = never["error"] or ""
-    assert message.startswith("GroupStall: the training workers showed no sign of life for 16 s "
+    assert message.startswith("GroupStall: the training workers showed no sign of life for 10 s "
                               "(scaling.group_timeout_s)"), never
     assert "the group asks for 3 worker(s) of {CPU 1.5}" in message
     assert "node(s) alive) has free: CPU " in message

@@ -59,6 +59,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_num_attention_heads=8,
         decoder_intermediate_size=2560,
     ),
+    # VideoMAE V2's giant (ViT-g/14: 16x16 patches of 14 px at 224 px); the decoder of its pretraining scripts
+    "vit-g": dict(
+        patch_size=14,
+        hidden_size=1408,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        intermediate_size=6144,
+        decoder_hidden_size=512,
+        decoder_num_hidden_layers=4,
+        decoder_num_attention_heads=8,
+        decoder_intermediate_size=2048,
+    ),
     # Tests and demos: a forward pass takes milliseconds; a 4x4 token grid per time slice, 2 time slices.
     "tiny": dict(
         image_size=32,
@@ -334,8 +346,8 @@ class VideoMAEConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VideoMAEConfig:
-        """A named size: "vit-s", "vit-b", "vit-l", "vit-h" (224 px, 16 frames), "demo" (32 px, 8 frames: the
-        demo and the learning benchmark) or "tiny" (32 px, 4 frames: tests)."""
+        """A named size: "vit-s", "vit-b", "vit-l", "vit-h", "vit-g" (224 px, 16 frames), "demo" (32 px,
+        8 frames: the demo and the learning benchmark) or "tiny" (32 px, 4 frames: tests)."""
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
             raise ValueError(f"unknown VideoMAE preset {name!r}; choose one of {sorted(PRESETS)}")
