@@ -37,7 +37,7 @@ from pipeline.data import stream
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.plan import plan_inputs, source_quotas
 from pipeline.data.resume import create_cursor
-from pipeline.train import checkpointing, resources, watchdog
+from pipeline.train import checkpointing, resources, startup, watchdog
 from pipeline.train.loop import LoopArgs, Schedule, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
 
@@ -173,6 +173,7 @@ class Session:
         self.ledger = ErrorLedger.create(cfg.run_name)
         self.cursor = create_cursor(self.ledger.run_name)  # which epoch a pass reads, what is done
         self.data_inputs: list[dict] | None = None  # set by training_stream
+        startup.mark("mlflow run, ledger")
 
     def training_stream(self, sources: list, mode: str):
         """The ``train`` dataset: the seeded epoch plan over ``sources``, resumable (data/plan.py,
@@ -196,9 +197,10 @@ class Session:
             self.check_resources(stages, use_gpu)
         requests = ", ".join(f"{stage.name.removeprefix('train: ')} {{{resources.show(stage.request)}}}"
                              for stage in stages.get("train", []))
+        startup.mark("datasets, resource plan")
         args = LoopArgs(cfg, self.config_yaml, self.schedule, objective, self.run, self.ledger.run_name,
                         probe_classes, self.run_dir, cursor=self.ledger.run_name,
-                        data_inputs=self.data_inputs, data_requests=requests)
+                        data_inputs=self.data_inputs, data_requests=requests, startup=startup.current())
         fs, path = (
             (storage.s3_filesystem_for_uploads(), storage.resolve(self.storage_path)[1])
             if storage.is_s3(self.storage_path)

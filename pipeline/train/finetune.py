@@ -45,7 +45,7 @@ from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import CheckpointError, VideoMAEConfig, VideoMAEForVideoClassification
 from pipeline.models.weights import load_for_finetuning, locate
 from pipeline.tracking import TrackingSection
-from pipeline.train import checkpointing, driver, watchdog
+from pipeline.train import checkpointing, driver, startup, watchdog
 from pipeline.train.checkpointing import CheckpointSection
 from pipeline.train.driver import ScalingSection
 from pipeline.train.loop import Schedule, TrainSection
@@ -273,11 +273,14 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     and their labels counted on the cluster), weights; the model config and its clip format."""
 
     storage_path = driver.checked_storage(cfg.storage_path)
+    startup.mark("storage")
     runtime.init_ray(cfg.scaling.ray_address)
+    startup.mark("ray")
     try:
         sources = prepare_sources(cfg.data, "finetune")
     except ManifestError as e:
         raise label_lib.LabelError(f"{cfg.data.split} split: {e}") from e
+    startup.mark("sources")
     counts: Counter = Counter()
     for source in sources:
         counts.update(source.labels or {})
@@ -327,6 +330,7 @@ def val_data(cfg: FinetuneConfig) -> DataSection:
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) the finetuning described by ``cfg``; export the best model with its labels."""
+    startup.begin()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     inputs = check_finetune_inputs(cfg)
     cfg = inputs.cfg

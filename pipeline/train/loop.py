@@ -60,6 +60,7 @@ from pipeline.train.objective import Objective
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
 from pipeline.train.ranks import across_ranks, barrier, derive_seed, distributed
+from pipeline.train.startup import Startup
 from pipeline.train.watchdog import Watched, diagnose_stream, set_stall_timeout
 from pipeline.viz import reconstruct, save_reconstruction_png
 
@@ -140,6 +141,7 @@ class LoopArgs:
     cursor: str | None = None  # the training stream's cursor actor (pipeline/data/resume.py): exact resume
     data_inputs: list[dict] | None = None  # the epoch plan's inputs (plan_inputs): resume checks them
     data_requests: str = ""  # what the stream's tasks ask Ray for (the resource plan): a stall's diagnosis
+    startup: Startup | None = None  # the driver's start-up marks; rank 0 adds its own, prints at step 1
 
 
 Verdict = Literal["step", "overflow", "skip", "rollback"]  # what became of an optimizer step
@@ -234,6 +236,8 @@ class TrainLoop:
 
     def __init__(self, args: LoopArgs):
         self.args, self.cfg, self.schedule = args, args.config, args.schedule
+        self.startup: Startup | None = args.startup or Startup(time.time())  # None once printed
+        self.startup.mark("worker group")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the schedule's
@@ -263,7 +267,9 @@ class TrainLoop:
         self.rolled_back = False  # the last step ended in a rollback
         self.guard = NonFiniteGuard(t.max_nonfinite_in_a_row, t.max_nonfinite_rollbacks)
         self.data_fingerprint = fingerprint(args.data_inputs) if args.data_inputs else ""
+        self.startup.mark("model, optimizer")
         self.resumed, self.progress = self.restore()
+        self.startup.mark("restore")
         self.start_step = self.progress.step
         self.reporter = Rank0Reporter(args) if self.rank == 0 else None
         self.monitor = (
@@ -421,6 +427,8 @@ class TrainLoop:
             waited = time.perf_counter()
             batch = next(batches, None)
             self.meter.data_wait(time.perf_counter() - waited)
+            if self.startup is not None and self.startup.marks[-1][0] == "restore":
+                self.startup.mark("first batch")
             return batch
 
         accum = self.micro_steps_now()
@@ -464,6 +472,11 @@ class TrainLoop:
             self.last_loss = done.loss
         if verdict == "rollback":
             self.roll_back()
+        if self.startup is not None:  # where the seconds to this first step went, once
+            self.startup.mark("first step")
+            if self.rank == 0:
+                say(f"[{self.cfg.run_name}] {self.startup.line()}", flush=True)
+            self.startup = None
         return True
 
     def forward_backward(self, step_batches) -> MicroBatches | None:

@@ -24,7 +24,7 @@ from pipeline.data.sources import prepare_sources
 from pipeline.models.section import ModelSection, derived_from_model
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.tracking import TrackingSection
-from pipeline.train import driver, probe_monitor
+from pipeline.train import driver, probe_monitor, startup
 from pipeline.train.checkpointing import CheckpointSection, Progress
 from pipeline.train.driver import ScalingSection
 from pipeline.train.loop import Schedule, TrainSection
@@ -139,10 +139,14 @@ class PretrainResult:
 
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) the pretraining described by ``cfg`` and export the final model."""
+    startup.begin()
     print(f"resolved config:\n{config_lib.to_yaml(cfg)}", flush=True)
     storage_path = driver.checked_storage(cfg.storage_path)
+    startup.mark("storage")
     runtime.init_ray(cfg.scaling.ray_address)  # the manifests are read on the cluster
+    startup.mark("ray")
     sources = prepare_sources(cfg.data, "pretrain")
+    startup.mark("sources")
     epoch_videos = epoch_size(sources, cfg.data.epoch_videos)
     schedule = driver.schedule_run(cfg, epoch_videos * cfg.data.clips_per_video)
     print(
@@ -160,6 +164,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             flush=True,
         )
     probe_rows, probe_classes = probe_monitor.probe_rows(cfg.probe) if cfg.probe.enabled else ({}, 0)
+    startup.mark("probe sets")
     if probe_classes:
         print(
             f"probe: kNN top-1 every {cfg.probe.every_steps} steps, {len(probe_rows['probe_bank'])} "

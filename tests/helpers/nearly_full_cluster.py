@@ -36,7 +36,7 @@ from pipeline.data.synthetic import make_dataset  # noqa: E402
 from pipeline.train.pretrain import run_pretrain  # noqa: E402
 from pipeline.train.resources import ResourcePlanError  # noqa: E402
 
-STEPS = 24
+STEPS = 12
 
 
 def main(work: Path) -> None:

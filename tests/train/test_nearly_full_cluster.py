@@ -73,4 +73,4 @@ def test_the_starved_configuration_trains_and_survives_losing_a_node(outcome):
     elastic = outcome["elastic"]
     assert elastic["lost_after"] == "checkpoint_00000004", elastic
     assert elastic["error"] is None and not elastic["alive"], elastic
-    assert elastic["final_step"] == 24
+    assert elastic["final_step"] == 12
