@@ -169,6 +169,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
             "scaling.cpus_per_worker": 1,
             "tracking.recon_every_steps": 0,
             "tracking.system_metrics": "false",
+            "probe.every_steps": 0,  # the demo's kNN monitor would generate and embed 520 videos of its own
         }
         entrypoint = ["python", "jobs/pretrain.py", "--config", "configs/pretrain_tiny_demo.yaml"]
         entrypoint += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
