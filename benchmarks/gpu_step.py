@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         base = next((b for b in results if b.size == r.size and b.arm == Arm("ours", False, False)), None)
         ratio = f"{r.clips_per_s / base.clips_per_s:.2f}x" if base else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
-        print(f"| {r.size} | {r.arm.name} | {r.batch} | {r.clips_per_s:.1f} | {ratio} | {r.peak_gib:.1f} | "
+        peak_gib = "-" if r.peak_gib != r.peak_gib else f"{r.peak_gib:.1f}"  # NaN: no CUDA allocator to ask
+        print(f"| {r.size} | {r.arm.name} | {r.batch} | {r.clips_per_s:.1f} | {ratio} | {peak_gib} | "
               f"{mfu} | {r.clips_per_s / one:.0f} / {r.clips_per_s / four:.0f} |")
     return 0 if results else 1
 

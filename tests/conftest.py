@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -31,7 +33,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+# A lost node is declared dead after its raylet misses health checks: Ray's defaults (a check every 3 s,
+# 5 misses) leave an elastic test waiting on the order of 20 s per loss; these find it within seconds, and
+# still allow a raylet a few seconds of a loaded machine. Set in the environment of the process that starts
+# the GCS (it reads them once).
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                   "RAY_health_check_failure_threshold": "4"}
+
+
 _HANDED_OUT: set[int] = set()
+NEARLY_FULL = pytest.StashKey[tuple[Path, subprocess.Popen]]()  # the two-node scenarios, when selected
+NEARLY_FULL_SCRIPT = REPO / "tests" / "helpers" / "nearly_full_cluster.py"
 
 
 def free_port() -> int:
@@ -229,3 +241,28 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sample-videos")
     make_dataset(str(root), videos_per_class=3, num_frames=24, size=(48, 64), seed=0)
     return root
+
+
+def launch() -> tuple[Path, subprocess.Popen]:
+    """The nearly-full cluster's scenarios in a process of their own, their output in ``cluster.log``."""
+    work = Path(tempfile.mkdtemp(prefix="nearly-full-"))
+    with open(work / "cluster.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(NEARLY_FULL_SCRIPT), str(work)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **FAST_NODE_DEATH})
+    return work, proc
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the two-node scenarios as soon as their test is selected: most of their time is waiting (two
+    watchdog periods twice, a node's death), which then overlaps the tests that run before theirs."""
+    if any("test_nearly_full_cluster.py" in item.nodeid for item in session.items):
+        session.config.stash[NEARLY_FULL] = launch()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    started = session.config.stash.get(NEARLY_FULL, None)
+    if started:
+        work, proc = started
+        if proc.poll() is None:  # the test did not run (deselected, or the session stopped early)
+            stop_process(proc)
+        shutil.rmtree(work, ignore_errors=True)

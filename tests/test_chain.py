@@ -31,7 +31,9 @@ def _cfg(tmp_path, data, *more):
         "pretrain.data.sampling_rate=2",
         "pretrain.checkpoint.every_steps=4",
         "pretrain.tracking.system_metrics=false",
-        "pretrain.probe.every_steps=0",  # the demo's kNN monitor would embed its own 520 videos twice
+        "pretrain.probe.every_steps=0",
+        "pretrain.scaling.num_workers=1",  # the chain's mechanics, not DDP (tested in tests/train/)
+        "finetune.scaling.num_workers=1",  # the demo's kNN monitor would embed its own 520 videos twice
         "finetune.train.epochs=3",
         "finetune.train.batch_size=4",
         "finetune.data.sampling_rate=2",

@@ -21,10 +21,3 @@ def tiny_model(**overrides: Any) -> VideoMAEConfig:
     """The ``tiny`` model preset (2 layers of width 64)."""
     return VideoMAEConfig.from_preset("tiny", **overrides)
 
-
-# A lost node is declared dead after its raylet misses health checks: Ray's defaults (a check every 3 s,
-# 5 misses) leave an elastic test waiting on the order of 20 s per loss; these find it within seconds, and
-# still allow a raylet a few seconds of a loaded machine. Set in the environment of the process that starts
-# the GCS (it reads them once).
-FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
-                   "RAY_health_check_failure_threshold": "4"}

@@ -12,7 +12,8 @@ a process of its own (this process's Ray is that cluster, not the test session's
    driver's group watch after two periods of ``scaling.group_timeout_s``, with what the group asks for and
    what the cluster has free (last: Ray Train's controller of that run may outlive the abort).
 
-Prints one ``RESULT {json}`` line per scenario.
+Prints one ``RESULT {json}`` line per scenario. conftest.py starts it in the background as soon as the
+test is collected, so its waits (two watchdog periods, twice; a node's death) overlap the tests before it.
 """
 
 from __future__ import annotations

@@ -2,38 +2,30 @@
 them; failed by the stall watchdog (with what the stream waits for) when the check is turned off; stopped
 by the driver's watch when its worker group cannot form; and trained to its last step when the stream
 fits, through the loss of one of its two nodes (tests/helpers/nearly_full_cluster.py runs the two-node
-cluster in a process of its own)."""
+cluster in a process of its own, started when this test is collected so that its waits overlap the tests
+before it)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers.configs import FAST_NODE_DEATH
+from conftest import NEARLY_FULL, launch
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).parents[1] / "helpers" / "nearly_full_cluster.py"
-
-
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory) -> dict[str, dict]:
-    work = tmp_path_factory.mktemp("nearly-full")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(work)], capture_output=True, text=True,
-                          timeout=800, env={**os.environ, **FAST_NODE_DEATH})
-    (work / "cluster.log").write_text(proc.stdout + proc.stderr)  # the whole log, for a failure
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            found = json.loads(line[len("RESULT "):])
-            results[found["scenario"]] = found
-    assert proc.returncode == 0 and len(results) == 4, (proc.stdout + proc.stderr)[-6000:]
-    results["stalled"]["log"] = proc.stdout + proc.stderr
+def outcome(request) -> dict[str, dict]:
+    """The script's results: started in the background at collection (conftest.py), else now."""
+    started = request.config.stash.get(NEARLY_FULL, None)
+    work, proc = started if started else launch()
+    code = proc.wait(timeout=800)
+    log = (work / "cluster.log").read_text(errors="replace")
+    found = [json.loads(line[len("RESULT "):]) for line in log.splitlines() if line.startswith("RESULT ")]
+    results = {r["scenario"]: r for r in found}
+    assert code == 0 and len(results) == 4, log[-6000:]
+    results["stalled"]["log"] = log
     return results
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port
-from helpers.configs import FAST_NODE_DEATH
+from conftest import FAST_NODE_DEATH, free_port
 
 from pipeline.train import checkpointing
 

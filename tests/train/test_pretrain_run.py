@@ -50,7 +50,7 @@ class ChaosRun:
 
 @pytest.fixture(scope="module")
 def chaos_run(ray_session, sample_videos, tmp_path_factory) -> ChaosRun:
-    """The run every test below reads: a random training worker SIGKILLed after each of the first three
+    """The run every test below reads: a random training worker SIGKILLed after each of the first two
     checkpoints (a few seconds apart), bad videos in the data, the kNN monitor on, every clip audited."""
     tmp_path = tmp_path_factory.mktemp("chaos")
     data = data_with_broken_videos(sample_videos, tmp_path)
@@ -62,7 +62,7 @@ def chaos_run(ray_session, sample_videos, tmp_path_factory) -> ChaosRun:
     run_dir = tmp_path / "runs" / "kill-test"
     rng, killed, killed_after = random.Random(0), [], set()
     deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline and len(killed) < 3:
+    while thread.is_alive() and time.monotonic() < deadline and len(killed) < 2:
         committed = committed_checkpoint(run_dir)
         if committed and committed not in killed_after:
             pids = train_worker_pids()
