@@ -245,7 +245,9 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def launch() -> tuple[Path, subprocess.Popen]:
     """The nearly-full cluster's scenarios in a process of their own, their output in ``cluster.log``."""
-    work = Path(tempfile.mkdtemp(prefix="nearly-full-"))
+    work = Path(tempfile.gettempdir()) / f"nearly-full-{os.getuid()}"  # the last run's, kept for a failure
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
     with open(work / "cluster.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(NEARLY_FULL_SCRIPT), str(work)], stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, **FAST_NODE_DEATH})
@@ -265,4 +267,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         work, proc = started
         if proc.poll() is None:  # the test did not run (deselected, or the session stopped early)
             stop_process(proc)
-        shutil.rmtree(work, ignore_errors=True)

@@ -58,7 +58,7 @@ def main(work: Path) -> None:
                                       "seconds": time.monotonic() - started}), flush=True)
 
     stalled = {**nearly_full, "data.decode_num_cpus": "1", "scaling.check_resources": "false",
-               "scaling.num_workers": "2", "scaling.max_failures": "0", "train.stall_timeout_s": "5",
+               "scaling.num_workers": "2", "scaling.max_failures": "0", "train.stall_timeout_s": "8",
                "run_name": "stalled"}
     started = time.monotonic()
     try:
@@ -87,7 +87,7 @@ def main(work: Path) -> None:
         "error": repr(outcome.get("error")) if "error" in outcome else None,
         "final_step": result.final_step if result else None}), flush=True)
     never = {**stalled, "scaling.num_workers": "3", "data.decode_num_cpus": "0.5", "run_name": "never",
-             "scaling.group_timeout_s": "5", "train.stall_timeout_s": "300"}
+             "scaling.group_timeout_s": "8", "train.stall_timeout_s": "300"}
     started = time.monotonic()
     try:
         run_pretrain(tiny_config(work / "never", str(data), **never))

@@ -160,7 +160,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
             "data.uri": f"{bucket}/videos",
             "storage_path": f"{bucket}/runs",
             "run_name": RUN_NAME,
-            "train.max_steps": 6,
+            "train.max_steps": 16,  # long enough that the stop lands before the end
             "train.batch_size": 2,
             "checkpoint.every_steps": 2,
             "train.log_every_steps": 1,
@@ -206,13 +206,14 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
             f"job {job_info['status']}: {job_info.get('message')}\n{logs[-6000:]}"
         )
         assert secret not in logs
-        assert "resuming from step" in logs and "resuming from step 0 " not in logs, logs[-3000:]
-        assert "finished at step 6" in logs
+        resumed = re.search(r"resuming from step (\d+)", logs)
+        assert resumed and 0 < int(resumed.group(1)) < 16, logs[-3000:]
+        assert "finished at step 16" in logs
         # the console a user reads: each progress line once (Ray Train's patched print gave every line
         # twice), and no progress-bar redraws in a log that is not a terminal
-        progress = [line for line in logs.splitlines() if re.search(r"step \d+/6 \(\d+%\) \| epoch", line)]
-        steps = [re.search(r"step \d+/6", line).group() for line in progress]
-        assert steps and len(steps) == len(set(steps)), progress
+        progress = [line for line in logs.splitlines() if re.search(r"step \d+/16 \(\d+%\) \| epoch", line)]
+        steps = [re.search(r"step \d+/16", line).group() for line in progress]
+        assert len(steps) == 16 - int(resumed.group(1)) and len(steps) == len(set(steps)), progress
         assert "\x1b[A" not in logs
 
         # the MLflow run is on the stack's server, its artifacts in the bucket
@@ -222,7 +223,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
         runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{RUN_NAME}'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resubmitted job continued it
         losses = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-        assert losses[0] <= stopped_at and losses[-1] == 6
+        assert losses[0] <= stopped_at and losses[-1] == 16
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state.bucket).get("Contents", [])]
         run_id = runs[0].info.run_id
         assert any(k.startswith("mlflow/") and k.endswith(f"{run_id}/artifacts/model/model.safetensors")

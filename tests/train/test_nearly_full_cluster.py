@@ -46,16 +46,16 @@ def test_a_stream_that_never_runs_fails_the_run_with_the_watchdogs_diagnosis(out
     free = re.search(r"the cluster has free: CPU ([0-9.]+) of 4", message)
     assert free and float(free.group(1)) <= 1, message
     assert "fixes: lower scaling.cpus_per_worker" in message
-    assert "no batch for 10 s (train.stall_timeout_s), so the run stops" in message
+    assert "no batch for 16 s (train.stall_timeout_s), so the run stops" in message
     # the first period's warning named the stages' states (from the job's log)
-    assert "no batch for 5 s (train.stall_timeout_s); dataset train_" in stalled["log"]
+    assert "no batch for 8 s (train.stall_timeout_s); dataset train_" in stalled["log"]
     assert "MapBatches(clips_of_rows) 0 task(s) done" in stalled["log"]
 
 
 def test_a_worker_group_that_never_forms_is_stopped_by_the_drivers_watch(outcome):
     never = outcome["never"]
     message = never["error"] or ""
-    assert message.startswith("GroupStall: the training workers showed no sign of life for 10 s "
+    assert message.startswith("GroupStall: the training workers showed no sign of life for 16 s "
                               "(scaling.group_timeout_s)"), never
     assert "the group asks for 3 worker(s) of {CPU 1.5}" in message
     assert "node(s) alive) has free: CPU " in message
