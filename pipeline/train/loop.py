@@ -22,16 +22,21 @@ bitmap over its positions, gathered at each checkpoint). A resumed run reopens t
 skips the done videos before decoding (pipeline/data/resume.py): it trains on the videos not yet trained
 on, and an epoch whose pass has nothing left ends at once. The bitmap holds only for the data it was made
 on: ``data_fingerprint`` ties it to the plan's inputs, and a run resumed on other data starts the epoch
-afresh, saying what changed. The per-worker shuffle buffer is seeded by (seed, epoch, rank).
+afresh, saying what changed. The per-worker shuffle buffer is seeded by (seed, epoch, rank) and gives its
+first batch after a couple of batches have arrived (pipeline/data/shuffle.py); once a rank's stream has
+ended, the next epoch's pass starts while the buffer drains, so the seam between epochs does not idle the
+decoders (``start_next_pass``).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ from pipeline.data.clips import torch_collate
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.plan import describe_change, fingerprint
 from pipeline.data.resume import Consumption, get_cursor
+from pipeline.data.shuffle import RampedShuffle
 from pipeline.data.sources import source_specs
 from pipeline.data.transforms import to_model_input
 from pipeline.models.device import autocast_dtype
@@ -80,7 +86,11 @@ class TrainSection:
     # (benchmarks/gpu_step.py measures what it gives). Checkpoints and exports hold the model itself
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing only, no code generation)
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the loop on each worker
-    shuffle_buffer_batches: int = 0  # per-worker local shuffle buffer (x batch_size clips), seeded by epoch
+    shuffle_buffer_batches: int = 0  # per-worker shuffle buffer (x batch_size clips), seeded by epoch, rank
+    shuffle_buffer_initial_batches: int = 2  # it starts giving batches once it holds this many and fills up
+    # as it goes (pipeline/data/shuffle.py); = shuffle_buffer_batches: fill it before the first step
+    overlap_epochs: bool = True  # once a worker's stream has ended, the next epoch's pass starts while it
+    # drains its buffer, so decoding goes on over the seam
     log_every_steps: int = 10  # progress line + MLflow metrics
     stall_timeout_s: float = 300.0  # no batch for this long: print what the data stream waits for; for
     # twice as long: fail with it (pipeline/train/watchdog.py). Above the slowest decode task; 0 = off
@@ -93,7 +103,8 @@ class TrainSection:
     max_nonfinite_rollbacks: int = 2
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "log_every_steps", "max_nonfinite_in_a_row"):
+        for name in ("batch_size", "grad_accum_steps", "log_every_steps", "max_nonfinite_in_a_row",
+                     "shuffle_buffer_initial_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps is None:
@@ -109,6 +120,8 @@ class TrainSection:
             raise ConfigError(
                 f"train.max_nonfinite_rollbacks must be >= 0, got {self.max_nonfinite_rollbacks}"
             )
+        if self.shuffle_buffer_batches < 0:
+            raise ConfigError(f"train.shuffle_buffer_batches must be >= 0, got {self.shuffle_buffer_batches}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
 
@@ -246,6 +259,7 @@ class TrainLoop:
         self.loss_weight = micro_loss_weight(args.schedule.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="batches")  # the stall watchdog's next()
+        self.next_pass: tuple[int, Iterator[dict[str, np.ndarray]]] | None = None  # (epoch, batches) started
         set_stall_timeout(self.cfg.train.stall_timeout_s)  # validation and probe passes are watched too
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
@@ -340,33 +354,82 @@ class TrainLoop:
             flush=True,
         )
 
-    def start_pass(self) -> None:
+    def start_pass(self, started_ahead: bool = False) -> None:
         """Point the stream at this epoch, its done videos and clips skipped (a resumed epoch), before a
-        rank reads."""
+        rank reads; ``started_ahead``: this rank began the pass early (``start_next_pass``), rank 0 having
+        pointed the cursor at the fresh epoch then."""
         progress = self.progress
         done = Consumption.unpack(base64.b64decode(progress.epoch_done)) if progress.epoch_done else None
         begun = {int(p): int(m) for p, m in progress.epoch_begun}
         self.consumption.start_epoch(progress.epoch, done, begun)
         if self.args.cursor is None:
             return
-        if self.rank == 0:
+        if self.rank == 0 and not started_ahead:
             cursor = get_cursor(self.args.cursor)
             ray.get(cursor.set.remote(progress.epoch, self.consumption.packed(), begun))
         barrier()
 
-    def epoch_batches(self):
-        """An iterator over this rank's shard for the current epoch, shuffled locally if configured."""
-        self.start_pass()
-        t, progress = self.cfg.train, self.progress
-        buffer = t.shuffle_buffer_batches * t.batch_size or None
-        seed = derive_seed(self.cfg.seed, progress.epoch, self.rank) if buffer else None
+    def open_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's split of a new pass of the stream, in numpy batches of ``batch_size`` rows. Its first
+        ``next()`` waits in Ray Data's split coordinator until every rank has asked for the pass."""
+        t = self.cfg.train
         shard = ray.train.get_dataset_shard("train")
-        batches = iter(
-            shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
-                                     prefetch_batches=t.prefetch_batches, local_shuffle_buffer_size=buffer,
-                                     local_shuffle_seed=seed, collate_fn=torch_collate)
-        )
-        return Watched(batches, t.stall_timeout_s, lambda: diagnose_stream(self.args.data_requests),
+        return iter(shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                       prefetch_batches=t.prefetch_batches))
+
+    def start_next_pass(self, epoch: int) -> None:
+        """This rank's stream of the epoch before ``epoch`` has ended (its rows are in the shuffle buffer):
+        start the pass of ``epoch`` now, in a thread, so its reads and decodes go on while the buffer drains.
+        Rank 0 first points the cursor at the fresh epoch; the pass's first operator reads it only once every
+        rank has joined the pass (the split coordinator's barrier), so no rank reads the old epoch's."""
+        started: dict[str, Any] = {}
+
+        def begin() -> None:
+            try:
+                if self.rank == 0 and self.args.cursor is not None:
+                    ray.get(get_cursor(self.args.cursor).set.remote(epoch, b"", {}))
+                upstream = self.open_pass()
+                first = next(upstream, None)
+                started["batches"] = upstream if first is None else itertools.chain([first], upstream)
+            except BaseException as e:  # raised in the loop's thread when it reads the pass
+                started["error"] = e
+
+        thread = threading.Thread(target=begin, name=f"pass-{epoch}", daemon=True)  # a run ending in the
+        thread.start()  # drain leaves it waiting for ranks that stopped: it must not hold the process
+
+        def batches() -> Iterator[dict[str, np.ndarray]]:
+            thread.join()
+            if "error" in started:
+                raise started["error"]
+            yield from started["batches"]
+
+        self.next_pass = (epoch, batches())
+
+    def epoch_batches(self):
+        """An iterator over this rank's shard for the current epoch through the seeded shuffle buffer
+        (pipeline/data/shuffle.py), under the stall watchdog. When this rank's stream ends and another epoch
+        follows, the next pass starts (``train.overlap_epochs``)."""
+        t, progress, schedule = self.cfg.train, self.progress, self.schedule
+        ahead, self.next_pass = self.next_pass, None
+        if ahead is not None and ahead[0] != progress.epoch:
+            raise RuntimeError(f"the pass started ahead is epoch {ahead[0]}'s, but epoch {progress.epoch} "
+                               "comes next")
+        self.start_pass(started_ahead=ahead is not None)
+        upstream = ahead[1] if ahead is not None else self.open_pass()
+        epoch = progress.epoch
+        epoch_ends_at = progress.step - progress.step_in_epoch + schedule.steps_per_epoch  # (or sooner)
+        another_follows = epoch_ends_at < schedule.total_steps
+
+        def then_start_next() -> Iterator[dict[str, np.ndarray]]:
+            yield from upstream
+            if t.overlap_epochs and another_follows:
+                self.start_next_pass(epoch + 1)
+
+        shuffled = RampedShuffle(then_start_next(), t.batch_size, t.shuffle_buffer_batches * t.batch_size,
+                                 t.shuffle_buffer_initial_batches * t.batch_size,
+                                 derive_seed(self.cfg.seed, epoch, self.rank))
+        return Watched(map(torch_collate, shuffled), t.stall_timeout_s,
+                       lambda: diagnose_stream(self.args.data_requests),
                        lambda line: say(f"[rank {self.rank}] {line}"), self.fetcher)
 
     def train_epoch(self) -> None:

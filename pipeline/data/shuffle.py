@@ -1,0 +1,64 @@
+"""The per-worker shuffle buffer between the stream and the trainer, one that starts yielding early.
+
+Clips arrive grouped (a video's clips together, a shard's videos in runs), so each worker mixes them in a
+buffer before batching. Ray Data's own local shuffle buffer yields nothing until it holds its whole size:
+every pass (each epoch and the run's start) then waits for that many clips to be decoded before its first
+step. This buffer starts once it holds ``initial`` rows and grows towards ``capacity`` by pulling two rows
+for each row it gives out (WebDataset's ``shuffle(bufsize, initial)`` ramp), so a pass starts after a
+couple of batches' decode and the mixing reaches its full depth within ``capacity / batch_size`` steps.
+
+Rows are kept as references into the arriving batches (no copy until a batch is drawn), and the draw is
+seeded: the same arrivals give the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+
+class RampedShuffle:
+    """Batches of exactly ``batch_size`` rows drawn at random from a buffer fed by ``batches`` (dicts of
+    equally long numpy columns); the last rows that fill no batch are dropped (``drop_last``)."""
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], batch_size: int, capacity: int,
+                 initial: int, seed: int | None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batches, self.batch_size = iter(batches), batch_size
+        self.capacity = max(capacity, batch_size)
+        self.initial = min(max(initial, batch_size), self.capacity)
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[tuple[dict[str, np.ndarray], int]] = []
+        self.drawn = 0  # rows given out so far: the fill target grows with them
+        self.ended = False
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def target(self) -> int:
+        """How many rows the buffer holds before the next draw."""
+        return min(self.capacity, self.initial + self.drawn)
+
+    def _pull(self) -> None:
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            self.ended = True
+            return
+        n = len(next(iter(batch.values()))) if batch else 0
+        self.rows.extend((batch, i) for i in range(n))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while not self.ended and len(self.rows) < self.target():
+            self._pull()
+        if len(self.rows) < self.batch_size:
+            raise StopIteration
+        chosen = []
+        for _ in range(self.batch_size):  # swap-remove: O(1) per row, the buffer's order does not matter
+            i = int(self.rng.integers(len(self.rows)))
+            self.rows[i], self.rows[-1] = self.rows[-1], self.rows[i]
+            chosen.append(self.rows.pop())
+        self.drawn += self.batch_size
+        return {key: np.stack([batch[key][i] for batch, i in chosen]) for key in chosen[0][0]}
