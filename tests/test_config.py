@@ -75,6 +75,16 @@ def test_presets_load_and_follow_the_paper(name):
     assert global_batch == (1024 if vit_s else 2048)  # 32 videos x 32 (ViT-S) or 64 (ViT-B) GPUs
 
 
+def test_the_giant_preset_is_videomae_v2s_geometry_sharded_in_bf16():
+    cfg = load(path="pretrain_vit_g_fsdp")
+    model = cfg.model.build()
+    assert (model.hidden_size, model.num_hidden_layers, model.patch_size, model.intermediate_size) == \
+        (1408, 40, 14, 6144)
+    assert model.gradient_checkpointing and model.decoder_mask_ratio == 0.5
+    assert (cfg.scaling.strategy, cfg.train.precision) == ("fsdp", "bf16")
+    assert cfg.data.mask_ratio == 0.9 and cfg.data.sampling_rate == 4
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'lr'?"),
     (["modle.preset=vit-b"], "unknown config key 'modle'"),

@@ -8,6 +8,13 @@ A checkpoint is a directory that is *also* a transformers-format model directory
     rng_rank<r>.pt                     each rank's torch / numpy / python RNG states
     job_config.yaml                    the resolved job config of the run that wrote it
     checkpoint.json                    rank 0's files and their sizes, the step: the completeness check
+    sharded/                           under ``scaling.strategy: fsdp`` only: every rank's shards of the
+                                       model and optimizer (torch.distributed.checkpoint; train_state.pt
+                                       then holds no optimizer), read back by a group of any size
+
+Under FSDP the model files are still whole (gathered to rank 0 at each checkpoint), so exports, the probe
+and finetuning read an FSDP checkpoint as any other; resuming one needs ``scaling.strategy: fsdp``, and a
+DDP checkpoint resumes under DDP.
 
 Everything is loaded with ``torch.load(weights_only=True)`` or safetensors: a checkpoint is data, never
 code. Ray Train uploads the directory to ``storage_path/<run>/checkpoint_*`` and keeps the last K; every
@@ -42,11 +49,13 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train import ranks
 from pipeline.train.metrics import say
+from pipeline.train.sharding import full_state_dict, is_sharded
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"
 JOB_CONFIG = "job_config.yaml"
 MANIFEST = "checkpoint.json"
+SHARDED = "sharded"  # torch.distributed.checkpoint's folder of an FSDP run's shards
 FORMAT_VERSION = 2  # 2: checkpoint.json; 1 (no manifest) still loads
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d{8})$")
 
@@ -139,11 +148,20 @@ def save(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    sharded = is_sharded(model)
+    if sharded:  # every rank writes its shards (a collective), then the whole model goes to rank 0's CPU
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(unwrap(model), optimizer)
+        (path / SHARDED).mkdir()
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / SHARDED))
+        whole = full_state_dict(model, rank0_only=True)
     if rank == 0:
-        unwrap(model).save_pretrained(path)
+        unwrap(model).save_pretrained(path, state_dict=whole if sharded else None)
         torch.save({
             "format_version": FORMAT_VERSION,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "progress": asdict(progress),
@@ -151,7 +169,8 @@ def save(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer
         (path / JOB_CONFIG).write_text(job_config_yaml)
         files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.name in
                  (*MODEL_FILES, TRAIN_STATE, JOB_CONFIG)}
-        manifest = {"format_version": FORMAT_VERSION, "step": progress.step, "files": files}
+        manifest = {"format_version": FORMAT_VERSION, "step": progress.step, "files": files,
+                    "sharded": sharded}
         (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
 
@@ -177,6 +196,25 @@ def torn_reason(directory: str | os.PathLike) -> str | None:
             return f"missing {name}"
         if (path / name).stat().st_size != size:
             return f"{name} has {(path / name).stat().st_size} of {size} bytes"
+    return _torn_shards(path / SHARDED) if manifest.get("sharded") else None
+
+
+def _torn_shards(path: Path) -> str | None:
+    """Why an FSDP checkpoint's shards are incomplete: every file torch.distributed.checkpoint's metadata
+    names must hold the bytes it points into (other ranks' files are in no rank's manifest)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing, cut off or unreadable: torn either way
+        return f"{SHARDED}/.metadata unreadable ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).exists() else -1
+        if have < size:
+            return f"{SHARDED}/{name} " + ("missing" if have < 0 else f"has {have} of {size} bytes")
     return None
 
 
@@ -245,9 +283,24 @@ def load(directory: str | os.PathLike, *, rank: int, model: nn.Module, optimizer
     reason = torn_reason(path)
     if reason:
         raise TornCheckpoint(f"checkpoint {path} is torn: {reason}")
-    unwrap(model).load_checkpoint_state(load_file(path / "model.safetensors"), source=str(path), strict=True)
     state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    written_sharded = state["optimizer"] is None
+    if written_sharded != is_sharded(model):
+        raise ConfigError(
+            f"checkpoint {path} was written with scaling.strategy={'fsdp' if written_sharded else 'ddp'}: "
+            "resume it with the same strategy (its exported model loads under either)")
+    if written_sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(unwrap(model), optimizer)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / SHARDED))
+        set_state_dict(unwrap(model), optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state)
+    else:
+        unwrap(model).load_checkpoint_state(load_file(path / "model.safetensors"), source=str(path),
+                                            strict=True)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])

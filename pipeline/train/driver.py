@@ -40,6 +40,7 @@ from pipeline.data.resume import create_cursor
 from pipeline.train import checkpointing, resources, startup, watchdog
 from pipeline.train.loop import LoopArgs, Schedule, train_loop_per_worker
 from pipeline.train.optim import scaled_lr
+from pipeline.train.sharding import Strategy
 
 
 @dataclass
@@ -58,6 +59,8 @@ class ScalingSection:
     # or cannot re-form after a failure): the driver prints why; twice as long: it stops the run. 0 = off
     check_resources: bool = True  # refuse a plan whose data stream cannot run beside the workers on the
     # cluster as it is (pipeline/train/resources.py); false for an autoscaling cluster whose nodes come later
+    strategy: Strategy = "ddp"  # ddp: a whole model per rank; fsdp: FSDP2, parameters, gradients and
+    # optimizer state sharded over the ranks (pipeline/train/sharding.py), for models one device cannot hold
 
     @property
     def min_workers(self) -> int:

@@ -53,6 +53,7 @@ from pipeline.train.metrics import say
 from pipeline.train.mixup import Mixup, MixupSection, soft_target_cross_entropy
 from pipeline.train.optim import OptimSection, build_adamw
 from pipeline.train.ranks import across_ranks
+from pipeline.train.sharding import check_strategy
 
 BEST_DIR, BEST_RECORD = "best", "best.json"
 
@@ -98,6 +99,7 @@ class FinetuneConfig:
         runtime.check_run_name(self.run_name)
         if not self.storage_path:
             raise ConfigError("storage_path is empty: give a local folder or s3://bucket/prefix")
+        check_strategy(self.scaling.strategy, self.train.precision)
         if self.data.clips_per_video < 1:
             raise ConfigError(f"data.clips_per_video must be >= 1, got {self.data.clips_per_video}")
 

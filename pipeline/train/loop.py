@@ -31,7 +31,6 @@ decoders (``start_next_pass``).
 from __future__ import annotations
 
 import base64
-import contextlib
 import itertools
 import tempfile
 import threading
@@ -66,6 +65,7 @@ from pipeline.train.objective import Objective
 from pipeline.train.optim import WarmupCosine
 from pipeline.train.probe_monitor import ProbeMonitor
 from pipeline.train.ranks import across_ranks, barrier, derive_seed, distributed
+from pipeline.train.sharding import Placement, plain_tensor
 from pipeline.train.startup import Startup
 from pipeline.train.watchdog import Watched, diagnose_stream, set_stall_timeout
 from pipeline.viz import reconstruct, save_reconstruction_png
@@ -265,14 +265,19 @@ class TrainLoop:
         self.objective = args.objective
         self.module = self.objective.build_model(self.cfg)  # the model itself: checkpoints, probes, pictures
         t = self.cfg.train
-        compiled = torch.compile(self.module, backend=t.compile_backend) if t.compile else self.module
-        self.model = ray.train.torch.prepare_model(compiled)  # moves the module (in place) and wraps it
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        # the model as trained: DDP-wrapped, or sharded in place by FSDP (scaling.strategy)
+        self.placement = Placement(
+            self.module, self.cfg.scaling.strategy, self.device,
+            param_dtype=self.amp_dtype if self.amp_dtype == torch.bfloat16 else None,
+            compile_with=t.compile_backend if t.compile else None,
+            build_replica=lambda: self.objective.build_model(self.cfg))
+        self.model = self.placement.model
         self.optimizer = self.objective.build_optimizer(self.module, self.schedule, self.cfg)
         p = self.schedule
         self.scheduler = WarmupCosine(
             self.optimizer, p.total_steps, p.warmup_steps, p.peak_lr, p.min_lr, p.warmup_lr
         )
-        self.amp_dtype = autocast_dtype(self.cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.checkpointer = ckpt.Checkpointer(
             ckpt.TrainState(self.model, self.optimizer, self.scheduler, self.scaler), rank=self.rank,
@@ -327,7 +332,7 @@ class TrainLoop:
         try:
             self.announce()
             if self.monitor and self.start_step == 0:  # the random init's score: the baseline of the curve
-                self.report(0, self.monitor.run(self.module.videomae, self.device, self.rank))
+                self.report(0, self.monitor.run(self.placement.replica(0).videomae, self.device, self.rank))
             while self.progress.step < self.schedule.total_steps:
                 self.train_epoch()
         finally:
@@ -474,8 +479,8 @@ class TrainLoop:
         ``best/`` (finetuning); the steps the epoch took, as a metric."""
         out: dict[str, float] = {}
         if self.objective.should_validate(epoch_end=not last_step, last_step=last_step):
-            out.update(self.objective.validate(self.module, device=self.device, rank=self.rank,
-                                               progress=self.progress))
+            out.update(self.objective.validate(self.placement.replica(self.progress.step), device=self.device,
+                                               rank=self.rank, progress=self.progress))
         if not last_step:
             out["epoch/steps"] = self.progress.step_in_epoch
         return out
@@ -552,8 +557,7 @@ class TrainLoop:
                 return None
             frames = batch["pixel_values"].to(self.device, non_blocking=True)  # uint8 (B, T, H, W, C)
             pixel_values = to_model_input(frames, cfg.data.mean, cfg.data.std)  # float (B, T, C, H, W)
-            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
-            with (contextlib.nullcontext() if sync else self.model.no_sync(),
+            with (self.placement.gradient_sync(micro == accum - 1),
                   torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)):
                 loss, self.last_batch = self.objective.loss(self.model, batch, pixel_values, rank=self.rank,
                                                             step=self.progress.step, micro=micro)
@@ -583,6 +587,7 @@ class TrainLoop:
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.train.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        grad_norm = plain_tensor(grad_norm)  # FSDP: a DTensor over the ranks' shards
         loss_ok, grads_ok = self.guard.check(done.loss, grad_norm)
         verdict: Verdict
         if loss_ok and grads_ok:
@@ -642,12 +647,14 @@ class TrainLoop:
         if epoch_end or self.done(step):
             evaluated.update(self.end_of_epoch(last_step=not epoch_end))
         if self.should_probe(step):
-            evaluated.update(self.monitor.run(self.module.videomae, self.device, self.rank))
+            evaluated.update(self.monitor.run(self.placement.replica(step).videomae, self.device, self.rank))
         self.report(step, evaluated)
         if self.should_log(step):
             self.log(step)
-        if self.should_picture(step):
-            self.reporter.picture(self.module, *self.last_batch, step)
+        if self.should_picture(step):  # on every rank: under FSDP the whole model is gathered for it
+            module = self.placement.replica(step)
+            if self.reporter is not None:
+                self.reporter.picture(module, *self.last_batch, step)
         if self.should_checkpoint(step):
             self.checkpoint()
 
@@ -663,7 +670,7 @@ class TrainLoop:
     def should_picture(self, step: int) -> bool:
         every = self.cfg.tracking.recon_every_steps
         return (
-            self.reporter is not None
+            self.args.run is not None  # rank 0's MLflow run, which the picture goes to
             and self.last_batch is not None
             and ((every and step % every == 0) or self.done(step))
         )

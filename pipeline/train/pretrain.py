@@ -30,6 +30,7 @@ from pipeline.train.driver import ScalingSection
 from pipeline.train.loop import Schedule, TrainSection
 from pipeline.train.optim import OptimSection, build_adamw
 from pipeline.train.probe_monitor import ProbeSection
+from pipeline.train.sharding import check_strategy
 
 
 @dataclass
@@ -73,6 +74,7 @@ class PretrainConfig:
             raise ConfigError(f"data.mask_ratio must lie in (0, 1), got {self.data.mask_ratio}")
         if self.data.mask_type not in ("tube", "random"):
             raise ConfigError(f"data.mask_type must be 'tube' or 'random', got {self.data.mask_type!r}")
+        check_strategy(self.scaling.strategy, self.train.precision)
         if self.data.clips_per_video < 1:
             raise ConfigError(f"data.clips_per_video must be >= 1, got {self.data.clips_per_video}")
         if self.data.rand_augment or self.data.random_erasing:  # set here, they would be ignored

@@ -466,16 +466,19 @@ class VideoMAEPreTrainedModel(nn.Module):
     def _use_checkpoint(self) -> bool:
         return self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write config.json + model.safetensors in transformers' layout (its classes load them with no
-        missing or unexpected keys)."""
+        missing or unexpected keys). ``state_dict``: these weights instead of the module's own (a sharded
+        module's, gathered)."""
         from safetensors.torch import save_file
 
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(path)
-        state = to_transformers_layout({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = to_transformers_layout({k: v.detach().cpu() for k, v in weights.items()})
         tmp = path / (SAFE_WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(path / SAFE_WEIGHTS_NAME)
