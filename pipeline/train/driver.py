@@ -133,6 +133,14 @@ def schedule_run(cfg: Any, num_clips: int) -> Schedule:
             f"(train.batch_size {t.batch_size} x scaling.num_workers {world} x train.grad_accum_steps "
             f"{t.grad_accum_steps}): use more videos or a smaller batch"
         )
+    micro = world * t.grad_accum_steps  # a step's micro-batches, spread over however many ranks there are
+    uneven = [n for n in range(cfg.scaling.min_workers, world + 1) if micro % n]
+    if cfg.scaling.strategy == "fsdp" and uneven:  # DDP takes the remainder on some ranks; FSDP cannot
+        raise ConfigError(
+            f"scaling.strategy=fsdp needs every group size to split a step's {micro} micro-batches evenly "
+            f"(each micro-batch's forward gathers the parameters on all ranks together), and a group of "
+            f"{', '.join(map(str, uneven))} worker(s) would not: choose scaling.num_workers and "
+            "train.grad_accum_steps so that it does")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * per_epoch)

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.models.videomae import VideoMAEForPreTraining
 from pipeline.models.videomae.masking import make_mask
 from pipeline.train import checkpointing as ckpt
+from pipeline.train.driver import schedule_run
 from pipeline.train.optim import WarmupCosine, build_adamw
 from pipeline.train.sharding import Placement, full_state_dict
 
@@ -163,7 +164,7 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_on_any_group_size():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_fsdp_refuses_fp16_before_any_worker_starts():
+def test_fsdp_refuses_fp16_and_uneven_groups_before_any_worker_starts():
     from pipeline import config as C
     from pipeline.config import ConfigError
     from pipeline.train.pretrain import PretrainConfig
@@ -172,6 +173,12 @@ def test_fsdp_refuses_fp16_before_any_worker_starts():
         C.load(PretrainConfig, None, ["run_name=x", "scaling.strategy=fsdp", "train.precision=fp16"])
     with pytest.raises(ConfigError, match="scaling.strategy: 'zero3' is not one of"):
         C.load(PretrainConfig, None, ["run_name=x", "scaling.strategy=zero3"])
+    elastic = C.load(PretrainConfig, None,
+                     ["run_name=x", "scaling.strategy=fsdp", "scaling.num_workers=[2,3]"])
+    with pytest.raises(ConfigError, match="a group of 2 worker\\(s\\) would not"):
+        schedule_run(elastic, num_clips=1000)  # 3 micro-batches a step: 2 ranks would take 2 + 1
+    elastic.train.grad_accum_steps = 2  # 6 micro-batches: 3 each on 2 ranks, 2 each on 3
+    assert schedule_run(elastic, num_clips=1000).global_batch == 2 * 3 * elastic.train.batch_size
 
 
 
