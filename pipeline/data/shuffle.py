@@ -7,8 +7,11 @@ step. This buffer starts once it holds ``initial`` rows and grows towards ``capa
 for each row it gives out (WebDataset's ``shuffle(bufsize, initial)`` ramp), so a pass starts after a
 couple of batches' decode and the mixing reaches its full depth within ``capacity / batch_size`` steps.
 
-Rows are kept as references into the arriving batches (no copy until a batch is drawn), and the draw is
-seeded: the same arrivals give the same batches.
+Rows are kept as references into the arriving batches (no copy until a batch is drawn). A batch stays in
+memory while any of its rows waits, so random draws would leave many batches each held by a row or two:
+once the buffer references more than twice the batches its rows fill, the waiting rows are copied into one
+(each row is copied about once more on average), which bounds the memory near ``capacity`` rows. The draw
+is seeded: the same arrivals give the same batches.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class RampedShuffle:
         self.initial = min(max(initial, batch_size), self.capacity)
         self.rng = np.random.default_rng(seed)
         self.rows: list[tuple[dict[str, np.ndarray], int]] = []
+        self.waiting: dict[int, int] = {}  # id of an arriving batch -> its rows still in the buffer
         self.drawn = 0  # rows given out so far: the fill target grows with them
         self.ended = False
 
@@ -48,7 +52,15 @@ class RampedShuffle:
             self.ended = True
             return
         n = len(next(iter(batch.values()))) if batch else 0
-        self.rows.extend((batch, i) for i in range(n))
+        if n:
+            self.rows.extend((batch, i) for i in range(n))
+            self.waiting[id(batch)] = n
+
+    def _compact(self) -> None:
+        """The waiting rows copied into one batch, releasing the batches they were held in."""
+        merged = {key: np.stack([batch[key][i] for batch, i in self.rows]) for key in self.rows[0][0]}
+        self.rows = [(merged, i) for i in range(len(self.rows))]
+        self.waiting = {id(merged): len(self.rows)}
 
     def __next__(self) -> dict[str, np.ndarray]:
         while not self.ended and len(self.rows) < self.target():
@@ -60,5 +72,11 @@ class RampedShuffle:
             i = int(self.rng.integers(len(self.rows)))
             self.rows[i], self.rows[-1] = self.rows[-1], self.rows[i]
             chosen.append(self.rows.pop())
+            batch_id = id(chosen[-1][0])
+            self.waiting[batch_id] -= 1
+            if not self.waiting[batch_id]:
+                del self.waiting[batch_id]
         self.drawn += self.batch_size
+        if self.rows and len(self.waiting) > 2 * (len(self.rows) // self.batch_size + 1):
+            self._compact()
         return {key: np.stack([batch[key][i] for batch, i in chosen]) for key in chosen[0][0]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,3 +78,16 @@ def test_a_full_buffer_mixes_rows_from_far_apart_arrivals():
     later = out[len(out) // 4 : len(out) // 2]  # past the ramp
     videos_per_batch = [len(set((b["id"] // 8).tolist())) for b in later]
     assert np.mean(videos_per_batch) > 5  # unmixed, each batch would be one video
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=40), batch_size=st.integers(1, 6),
+       capacity=st.integers(0, 40), seed=st.integers(0, 2**31))
+def test_the_buffer_holds_few_more_batches_than_its_rows_fill(sizes, batch_size, capacity, seed):
+    """Random draws leave arriving batches held by a row or two; the buffer copies its rows together before
+    that costs more than twice the memory its rows need."""
+    buffer = RampedShuffle(_arrivals(sizes), batch_size, capacity, 2 * batch_size, seed)
+    for _ in buffer:
+        held = Counter(id(batch) for batch, _ in buffer.rows)
+        assert held == buffer.waiting  # every held batch counted, with its rows still waiting
+        assert len(held) <= 2 * (len(buffer.rows) // batch_size + 1)
