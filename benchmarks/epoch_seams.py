@@ -16,7 +16,7 @@ Target (issue 27): seam windows' wait <= max(2x the mid-epoch windows', theirs +
 <= 5% where decode keeps up mid-epoch. Arms alternate within a repeat; the p-value is a paired t-test
 over repeats.
 
-    python benchmarks/epoch_seams.py [--repeats 3] [--epochs 4] [--log-every 5]
+    python benchmarks/epoch_seams.py [--repeats 3] [--epochs 4] [--log-every 5] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ def run_arm(name: str, repeat: int, args: argparse.Namespace, root: str) -> dict
         f"run_name={run}", f"storage_path={root}/runs", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
         "tracking.experiment=epoch-seams", "tracking.system_metrics=false", "tracking.recon_every_steps=0",
         "probe.every_steps=0", f"train.log_every_steps={args.log_every}", f"seed={repeat}",
-        f"train.max_steps={args.steps_per_epoch * args.epochs}",
-        f"train.steps_per_epoch={args.steps_per_epoch}",
-        f"checkpoint.every_steps={args.steps_per_epoch * args.epochs}",
+        f"data.limit={args.videos}", f"train.max_steps={args.steps_per_epoch * args.epochs}",
+        f"checkpoint.every_steps={args.steps_per_epoch * args.epochs}", *args.set,
     ]
     cfg = config_lib.load(PretrainConfig, config_lib.CONFIG_DIR / "pretrain_tiny_demo.yaml", sets)
     result = run_pretrain(cfg)
@@ -95,9 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps-per-epoch", type=int, default=26, help="the sample set's 208 videos x 4 "
-                        "clips fill 26 steps of 32 clips")
+    parser.add_argument("--videos", type=int, default=210, help="of the sample set's training split: "
+                        "210 x 4 clips fill 26 steps of 32 clips, and each epoch ends with its data")
+    parser.add_argument("--steps-per-epoch", type=int, default=26, help="what --videos fill")
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm, e.g. a wider model: training slower than "
+                             "decoding, the regime the overlap is for")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in ARMS}
     from pipeline import config as config_lib
@@ -110,9 +113,10 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in ARMS if repeat % 2 == 0 else reversed(ARMS):  # alternate the order of the arms
                 results[name].append(run_arm(name, repeat, args, root))
-    print(f"\ndata wait at epoch seams ({os.cpu_count()} CPUs, {cpu_model()}; demo preset, 2 workers, "
-          f"{args.epochs} epochs of {args.steps_per_epoch} steps, windows of {args.log_every} steps, "
-          f"{args.repeats} repeats, mean ± std)")
+    print(f"\ndata wait at epoch seams ({os.cpu_count()} CPUs, {cpu_model()}; demo preset"
+          f"{' with ' + ' '.join(args.set) if args.set else ''}, 2 workers, {args.epochs} epochs of "
+          f"{args.steps_per_epoch} steps, windows of {args.log_every} steps, {args.repeats} repeats, "
+          "mean ± std)")
     header = f"{'arm':<18}{'seam windows':>16}{'mid-epoch':>16}{'whole run':>16}{'train s':>16}"
     print(header)
     print("-" * len(header))

@@ -41,6 +41,10 @@ class RampedShuffle:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
+    def start_deeper(self, rows: int) -> None:
+        """``rows`` are at hand already (read ahead while the last epoch drained): no ramp below them."""
+        self.initial = min(max(self.initial, rows), self.capacity)
+
     def target(self) -> int:
         """How many rows the buffer holds before the next draw."""
         return min(self.capacity, self.initial + self.drawn)

@@ -31,11 +31,10 @@ decoders (``start_next_pass``).
 from __future__ import annotations
 
 import base64
-import itertools
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +258,7 @@ class TrainLoop:
         self.loss_weight = micro_loss_weight(args.schedule.global_batch, batch, world)
         self.device = ray.train.torch.get_device()
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="batches")  # the stall watchdog's next()
-        self.next_pass: tuple[int, Iterator[dict[str, np.ndarray]]] | None = None  # (epoch, batches) started
+        self.next_pass: tuple[int, Callable] | None = None  # (epoch, its batches) started ahead
         set_stall_timeout(self.cfg.train.stall_timeout_s)  # validation and probe passes are watched too
         ckpt.seed_everything(derive_seed(self.cfg.seed, self.rank))
         self.objective = args.objective
@@ -384,31 +383,45 @@ class TrainLoop:
 
     def start_next_pass(self, epoch: int) -> None:
         """This rank's stream of the epoch before ``epoch`` has ended (its rows are in the shuffle buffer):
-        start the pass of ``epoch`` now, in a thread, so its reads and decodes go on while the buffer drains.
-        Rank 0 first points the cursor at the fresh epoch; the pass's first operator reads it only once every
-        rank has joined the pass (the split coordinator's barrier), so no rank reads the old epoch's."""
-        started: dict[str, Any] = {}
+        start the pass of ``epoch`` now, in a thread that reads its batches ahead, up to a full shuffle
+        buffer's worth, while the current buffer drains; the new pass's buffer then starts at full depth
+        instead of ramping up after the seam. Rank 0 first points the cursor at the fresh epoch; the pass's
+        first operator reads it only once every rank has joined the pass (the split coordinator's
+        barrier), so no rank reads the old epoch's."""
+        t = self.cfg.train
+        depth = max(t.shuffle_buffer_batches, t.shuffle_buffer_initial_batches)  # batches read ahead at most
+        read: list[dict[str, np.ndarray]] = []
+        state: dict[str, Any] = {}
+        taken = threading.Event()  # the pass has begun: the thread stops reading ahead
 
-        def begin() -> None:
+        def read_ahead() -> None:
             try:
                 if self.rank == 0 and self.args.cursor is not None:
                     ray.get(get_cursor(self.args.cursor).set.remote(epoch, b"", {}))
-                upstream = self.open_pass()
-                first = next(upstream, None)
-                started["batches"] = upstream if first is None else itertools.chain([first], upstream)
+                upstream = state["upstream"] = self.open_pass()
+                while len(read) < depth and not taken.is_set():
+                    batch = next(upstream, None)
+                    if batch is None:
+                        state["ended"] = True
+                        break
+                    read.append(batch)
             except BaseException as e:  # raised in the loop's thread when it reads the pass
-                started["error"] = e
+                state["error"] = e
 
-        thread = threading.Thread(target=begin, name=f"pass-{epoch}", daemon=True)  # a run ending in the
-        thread.start()  # drain leaves it waiting for ranks that stopped: it must not hold the process
+        thread = threading.Thread(target=read_ahead, name=f"pass-{epoch}", daemon=True)  # a run ending in
+        thread.start()  # the drain leaves it waiting for ranks that stopped: it must not hold the process
 
-        def batches() -> Iterator[dict[str, np.ndarray]]:
-            thread.join()
-            if "error" in started:
-                raise started["error"]
-            yield from started["batches"]
+        def batches(at_hand: Callable[[int], None]) -> Iterator[dict[str, np.ndarray]]:
+            taken.set()
+            thread.join()  # at most the batch it is reading: the upstream is then this thread's alone
+            if "error" in state:
+                raise state["error"]
+            at_hand(sum(len(next(iter(b.values()))) for b in read if b))  # the buffer starts this deep
+            yield from read
+            if not state.get("ended"):
+                yield from state["upstream"]
 
-        self.next_pass = (epoch, batches())
+        self.next_pass = (epoch, batches)
 
     def epoch_batches(self):
         """An iterator over this rank's shard for the current epoch through the seeded shuffle buffer
@@ -420,8 +433,9 @@ class TrainLoop:
             raise RuntimeError(f"the pass started ahead is epoch {ahead[0]}'s, but epoch {progress.epoch} "
                                "comes next")
         self.start_pass(started_ahead=ahead is not None)
-        upstream = ahead[1] if ahead is not None else self.open_pass()
         epoch = progress.epoch
+        upstream = (ahead[1](lambda rows: shuffled.start_deeper(rows)) if ahead is not None
+                    else self.open_pass())
         epoch_ends_at = progress.step - progress.step_in_epoch + schedule.steps_per_epoch  # (or sooner)
         another_follows = epoch_ends_at < schedule.total_steps
 

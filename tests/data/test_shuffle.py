@@ -91,3 +91,13 @@ def test_the_buffer_holds_few_more_batches_than_its_rows_fill(sizes, batch_size,
         held = Counter(id(batch) for batch, _ in buffer.rows)
         assert held == buffer.waiting  # every held batch counted, with its rows still waiting
         assert len(held) <= 2 * (len(buffer.rows) // batch_size + 1)
+
+
+def test_rows_read_ahead_start_the_buffer_at_their_depth_without_waiting_for_more():
+    upstream = _Counted(_arrivals([4] * 20))
+    buffer = RampedShuffle(upstream, 4, capacity=40, initial=8, seed=0)
+    buffer.start_deeper(24)  # six batches were read while the last epoch drained
+    next(buffer)
+    assert upstream.pulled == 6 and len(buffer.rows) == 20  # all of them mixed from the first draw
+    buffer.start_deeper(400)  # never deeper than the buffer
+    assert buffer.initial == 40
