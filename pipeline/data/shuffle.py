@@ -21,6 +21,11 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 
+def num_rows(batch: dict[str, np.ndarray]) -> int:
+    """Rows of a batch of equally long columns (0 for an empty dict)."""
+    return len(next(iter(batch.values()))) if batch else 0
+
+
 class RampedShuffle:
     """Batches of exactly ``batch_size`` rows drawn at random from a buffer fed by ``batches`` (dicts of
     equally long numpy columns); the last rows that fill no batch are dropped (``drop_last``)."""
@@ -55,7 +60,7 @@ class RampedShuffle:
         except StopIteration:
             self.ended = True
             return
-        n = len(next(iter(batch.values()))) if batch else 0
+        n = num_rows(batch)
         if n:
             self.rows.extend((batch, i) for i in range(n))
             self.waiting[id(batch)] = n

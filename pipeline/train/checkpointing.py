@@ -49,7 +49,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train import ranks
 from pipeline.train.metrics import say
-from pipeline.train.sharding import full_state_dict, is_sharded
+from pipeline.train.sharding import full_state_dict, is_sharded, unwrap
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TRAIN_STATE = "train_state.pt"
@@ -97,12 +97,6 @@ class Progress:
     epoch_begun: list = field(default_factory=list)  # [position, mask of trained clips] of begun videos
     data_fingerprint: str = ""
     data_inputs: list = field(default_factory=list)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself, without its DDP wrapper or torch.compile's (whose state_dict keys gain a prefix)."""
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
 
 
 # --- RNG ----------------------------------------------------------------------------------------------------

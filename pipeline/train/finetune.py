@@ -53,7 +53,7 @@ from pipeline.train.metrics import say
 from pipeline.train.mixup import Mixup, MixupSection, soft_target_cross_entropy
 from pipeline.train.optim import OptimSection, build_adamw
 from pipeline.train.ranks import across_ranks
-from pipeline.train.sharding import check_strategy
+from pipeline.train.sharding import check_strategy, unwrap
 
 BEST_DIR, BEST_RECORD = "best", "best.json"
 
@@ -211,7 +211,7 @@ def read_best(best_uri: str) -> dict[str, Any]:
 def save_best(model: torch.nn.Module, best_uri: str, record: dict[str, Any]) -> None:
     """The model (transformers format, with id2label) and its score; the record is written last."""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpointing.unwrap(model).save_pretrained(tmp)
+        unwrap(model).save_pretrained(tmp)
         checkpointing.export_model(tmp, best_uri)
     storage.write_text(storage.join(best_uri, BEST_RECORD), json.dumps(record))
 

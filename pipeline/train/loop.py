@@ -52,7 +52,7 @@ from pipeline.data.clips import torch_collate
 from pipeline.data.errors import ErrorLedger
 from pipeline.data.plan import describe_change, fingerprint
 from pipeline.data.resume import Consumption, get_cursor
-from pipeline.data.shuffle import RampedShuffle
+from pipeline.data.shuffle import RampedShuffle, num_rows
 from pipeline.data.sources import source_specs
 from pipeline.data.transforms import to_model_input
 from pipeline.models.device import autocast_dtype
@@ -416,7 +416,7 @@ class TrainLoop:
             thread.join()  # at most the batch it is reading: the upstream is then this thread's alone
             if "error" in state:
                 raise state["error"]
-            at_hand(sum(len(next(iter(b.values()))) for b in read if b))  # the buffer starts this deep
+            at_hand(sum(map(num_rows, read)))  # the buffer starts this deep
             yield from read
             if not state.get("ended"):
                 yield from state["upstream"]

@@ -44,10 +44,17 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, VideoMAELayer)]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, without its DDP wrapper or torch.compile's (whose state_dict keys gain a prefix);
+    FSDP shards a module in place, so a sharded model is its own."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+    return isinstance(unwrap(model), FSDPModule)
 
 
 def plain_tensor(value: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return get_model_state_dict(getattr(model, "_orig_mod", model), options=options)
+    return get_model_state_dict(unwrap(model), options=options)
 
 
 class Placement:

@@ -14,7 +14,7 @@ from pipeline.models.videomae import (
 )
 from pipeline.models.videomae.masking import make_mask, running_cell_mask
 from pipeline.models.videomae.modeling import patchify
-from pipeline.train.checkpointing import unwrap
+from pipeline.train.sharding import unwrap
 
 tiny = tiny_model
 
