@@ -1,4 +1,6 @@
-"""A generated, labeled sample dataset: real H.264 mp4 files of a drifting scene, class = motion only.
+"""Generated, labeled sample datasets of real H.264 mp4 files, in two families.
+
+**motion** (the demo's sample data): a drifting scene, class = motion only.
 
 Each video is a camera pan over a random scene: a smooth colour texture with a few solid shapes painted
 on it, tiled (it wraps around), moving as a whole in one of four directions (and with 8 classes, at one
@@ -12,9 +14,17 @@ only (frozen-feature kNN at chance, docs/finetune_eval.md). When the content of 
 in a masked tube means carrying visible content along the motion, and the encoder's features come to
 encode the motion: the pretraining then pays, measurably (benchmarks/sample_efficiency.py).
 
+**appearance**: class = what the one object in view is. A real handwritten digit scan (scikit-learn's
+1,797 8x8 scans, upsampled to a fifth of the frame side, in an ink that contrasts with what is behind it)
+glides in a random direction at a random speed, bouncing off the frame's edges, over a static smooth
+background. Motion, position, colours and background are drawn independently of the label, so only the
+object's shape tells the classes apart, as in footage where a small object moves over a still scene. The
+scans are split between train, val and test: a test video shows a hand the training never saw.
+
 Interface (used by the demo jobs and tests)::
 
-    make_dataset(root, videos_per_class=8, num_frames=32, size=(64, 64), seed=0, num_classes=8) -> root
+    make_dataset(root, videos_per_class=8, num_frames=32, size=(64, 64), seed=0, num_classes=8,
+                 family="motion") -> root
     ensure_sample_dataset(cache_dir) -> root     # idempotent, safe if interrupted or run concurrently
 
 Layout below ``root``::
@@ -43,10 +53,20 @@ SPEEDS = {"slow": 0.022, "fast": 0.06}  # fraction of the frame side moved per f
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 SAMPLE_VERSION = 2
 SAMPLE_DEFAULTS = {"videos_per_class": 100, "num_frames": 48, "size": (64, 64), "num_classes": 8, "seed": 0}
+FAMILIES = ("motion", "appearance")
+OBJECT_SIDE = 0.2  # the appearance family's object: a fifth of the frame's short side
+OBJECT_SPEED = (0.01, 0.03)  # fraction of the frame side the object moves per frame
 
 
-def class_names(num_classes: int) -> list[str]:
-    """2 -> left/right, 4 -> four directions, 8 -> four directions x two speeds."""
+def class_names(num_classes: int, family: str = "motion") -> list[str]:
+    """motion: 2 -> left/right, 4 -> four directions, 8 -> four directions x two speeds;
+    appearance: 2 to 10 -> digit_0, digit_1, ..."""
+    if family == "appearance":
+        if not 2 <= num_classes <= 10:
+            raise ValueError(f"the appearance family has 2 to 10 classes (digits), got {num_classes}")
+        return [f"digit_{d}" for d in range(num_classes)]
+    if family != "motion":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if num_classes == 2:
         return ["right", "left"]
     if num_classes == 4:
@@ -114,6 +134,65 @@ def render_video(name: str, num_frames: int, size: tuple[int, int], rng: np.rand
     return frames
 
 
+def digit_scans(num_classes: int) -> dict[str, dict[int, np.ndarray]]:
+    """Per split, per digit: the (N, 8, 8) float scans in [0, 1] of scikit-learn's digits, 70/15/15% of
+    each digit's scans in a fixed order, so no scan appears in two splits."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    digits = load_digits()
+    out: dict[str, dict[int, np.ndarray]] = {split: {} for split, _ in SPLITS}
+    for d in range(num_classes):
+        scans = digits.images[digits.target == d] / 16.0
+        n_train = round(len(scans) * SPLITS[0][1])
+        n_val = round(len(scans) * SPLITS[1][1])
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, None)}
+        for split, (lo, hi) in bounds.items():
+            out[split][d] = scans[lo:hi]
+    return out
+
+
+def _upsample(image: np.ndarray, side: int) -> np.ndarray:
+    """(h, w) float -> (side, side) by bilinear interpolation between pixel centres."""
+    h, w = image.shape
+    ys = np.clip((np.arange(side) + 0.5) * h / side - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(side) + 0.5) * w / side - 0.5, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = image[y0][:, x0] * (1 - fx) + image[y0][:, x1] * fx
+    bottom = image[y1][:, x0] * (1 - fx) + image[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def render_object_video(
+    scan: np.ndarray, num_frames: int, size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames: ``scan`` (8x8 in [0, 1], the ink's opacity) in one colour gliding over a
+    static smooth background, bouncing off the edges."""
+    h, w = size
+    background = _smooth_texture(h, w, int(rng.integers(min(h, w) // 2, min(h, w) + 1)), rng)
+    background = 64 + background / 2  # mid tones, so a dark or a light ink always stands out
+    side = max(4, round(OBJECT_SIDE * min(h, w) * rng.uniform(0.9, 1.1)))
+    alpha = _upsample(scan, side)[..., None]
+    ink = np.where(rng.random() < 0.5, rng.uniform(0, 40, 3), rng.uniform(215, 255, 3)).astype(np.float32)
+    angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(*OBJECT_SPEED) * min(h, w)
+    vy, vx = speed * np.sin(angle), speed * np.cos(angle)
+    y, x = rng.uniform(0, h - side), rng.uniform(0, w - side)
+    frames = np.empty((num_frames, h, w, 3), np.uint8)
+    for t in range(num_frames):
+        top, left = int(round(y)), int(round(x))
+        frame = background.copy()
+        patch = frame[top : top + side, left : left + side]
+        frame[top : top + side, left : left + side] = patch * (1 - alpha) + ink * alpha
+        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+        y, x = y + vy, x + vx
+        if not 0 <= y <= h - side:  # bounce: reflect the position back inside and reverse
+            y, vy = float(np.clip(-y if y < 0 else 2 * (h - side) - y, 0, h - side)), -vy
+        if not 0 <= x <= w - side:
+            x, vx = float(np.clip(-x if x < 0 else 2 * (w - side) - x, 0, w - side)), -vx
+    return frames
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int = 25, crf: int = 20) -> None:
     """Encode (T, H, W, 3) uint8 frames as H.264 (yuv420p, even sizes) with PyAV."""
     t, h, w, _ = frames.shape
@@ -138,9 +217,11 @@ def make_dataset(
     seed: int = 0,
     num_classes: int = 8,
     fps: int = 25,
+    family: str = "motion",
 ) -> str:
     """Write the videos, the three split manifests and the label map below local folder ``root``."""
-    names = class_names(num_classes)
+    names = class_names(num_classes, family)
+    scans = digit_scans(num_classes) if family == "appearance" else {}
     rng = np.random.default_rng(seed)
     manifests: dict[str, list[str]] = {split: [] for split, _ in SPLITS}
     for label, name in enumerate(names):
@@ -151,7 +232,12 @@ def make_dataset(
         splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
         for i, split in enumerate(splits):
             rel = f"videos/{name}/{split}_{i:04d}.mp4"
-            write_mp4(os.path.join(root, rel), render_video(name, num_frames, size, rng), fps)
+            if family == "appearance":
+                pool = scans[split][label]
+                frames = render_object_video(pool[rng.integers(len(pool))], num_frames, size, rng)
+            else:
+                frames = render_video(name, num_frames, size, rng)
+            write_mp4(os.path.join(root, rel), frames, fps)
             manifests[split].append(f"{rel} {label}")
     for split, lines in manifests.items():
         with open(os.path.join(root, f"{split}.csv"), "w") as f:
@@ -167,6 +253,7 @@ def make_dataset(
             "seed": seed,
             "num_classes": num_classes,
             "fps": fps,
+            "family": family,
             "recommended": {"hflip": False},
         }
         json.dump(info, f, indent=1)
