@@ -49,7 +49,8 @@ def run(mode: str, steps: int, every: int, data: str, root: Path) -> dict:
     sets = [
         "model.preset=vit-b", "model.image_size=64", "model.num_frames=4", f"run_name=stall-{mode}",
         "storage_path=s3://bench/runs", f"data.uri={data}", "data.decode_isolation=inline",
-        "data.clips_per_video=2", "train.batch_size=2", f"train.max_steps={steps}", "train.log_every_steps=1",
+        "data.clips_per_video=2", "train.batch_size=2", "train.global_batch_size=null",
+        f"train.max_steps={steps}", "train.log_every_steps=1",
         f"checkpoint.every_steps={every}", "checkpoint.keep_last=2", f"checkpoint.upload={mode}",
         "tracking.system_metrics=false", "tracking.experiment=bench", "tracking.recon_every_steps=0",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "scaling.num_workers=1",

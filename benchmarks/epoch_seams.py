@@ -58,7 +58,7 @@ def run_arm(name: str, repeat: int, args: argparse.Namespace, root: str) -> dict
     ]
     cfg = config_lib.load(PretrainConfig, config_lib.CONFIG_DIR / "pretrain_tiny_demo.yaml", sets)
     result = run_pretrain(cfg)
-    global_batch = cfg.train.batch_size * cfg.scaling.max_workers * cfg.train.grad_accum_steps
+    global_batch = cfg.train.global_batch(cfg.scaling.max_workers)
     client = MlflowClient(result.tracking_uri)
 
     def history(key: str) -> dict[int, float]:

@@ -71,7 +71,8 @@ def bench(name: str, steps: int, workers: int, batch_size: int, root: str) -> di
     sets = CONFIGS[name] + [
         f"run_name=bench-{name}-{int(time.time())}", f"storage_path={root}/runs",
         "data.decode_isolation=inline",
-        f"train.batch_size={batch_size}", f"train.max_steps={steps}", "train.log_every_steps=5",
+        f"train.batch_size={batch_size}", "train.global_batch_size=null",
+        f"train.max_steps={steps}", "train.log_every_steps=5",
         f"checkpoint.every_steps={steps}", "tracking.system_metrics=false", "tracking.experiment=bench",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"scaling.num_workers={workers}",
         "scaling.cpus_per_worker=1", "optim.warmup_steps=1", "tracking.recon_every_steps=0",

@@ -28,6 +28,7 @@ def _cfg(tmp_path, data, *more):
         # tiny stages: a few steps each, 2 workers, clips at 4 frames x 32 px
         "pretrain.train.max_steps=4",
         "pretrain.train.batch_size=4",
+        "pretrain.train.global_batch_size=null",  # a step of one micro-batch, not the demo's 32 clips
         "pretrain.data.sampling_rate=2",
         "pretrain.checkpoint.every_steps=4",
         "pretrain.tracking.system_metrics=false",
@@ -36,6 +37,7 @@ def _cfg(tmp_path, data, *more):
         "finetune.scaling.num_workers=1",  # the demo's kNN monitor would embed its own 520 videos twice
         "finetune.train.epochs=3",
         "finetune.train.batch_size=4",
+        "finetune.train.global_batch_size=null",
         "finetune.data.sampling_rate=2",
         "finetune.data.clips_per_video=2",
         "finetune.data.rand_augment=rand-m7-n4-mstd0.5-inc1",  # the ViT-B recipe's regularisers run too

@@ -125,22 +125,28 @@ def schedule_run(cfg: Any, num_clips: int) -> Schedule:
     configured ``min_lr`` and ``warmup_lr``.
     """
     t, world = cfg.train, cfg.scaling.max_workers
-    global_batch = t.batch_size * world * t.grad_accum_steps
-    per_epoch = t.steps_per_epoch or (num_clips // world) // t.batch_size // t.grad_accum_steps
+    global_batch = t.global_batch(world)
+    micro = global_batch // t.batch_size  # a step's micro-batches, spread over however many ranks there are
+    if micro < world:
+        raise ConfigError(
+            f"train.global_batch_size {global_batch} is {micro} micro-batch(es) of train.batch_size "
+            f"{t.batch_size}, fewer than scaling.num_workers {world}: every worker needs one per step "
+            "(lower train.batch_size or raise the global batch)"
+        )
+    per_epoch = t.steps_per_epoch or (num_clips // world) // t.batch_size * world // micro
     if per_epoch < 1:
         raise ConfigError(
             f"the dataset has {num_clips} clips per epoch, fewer than one global batch of {global_batch} "
             f"(train.batch_size {t.batch_size} x scaling.num_workers {world} x train.grad_accum_steps "
-            f"{t.grad_accum_steps}): use more videos or a smaller batch"
+            f"{t.grad_accum_steps}, or train.global_batch_size): use more videos or a smaller batch"
         )
-    micro = world * t.grad_accum_steps  # a step's micro-batches, spread over however many ranks there are
     uneven = [n for n in range(cfg.scaling.min_workers, world + 1) if micro % n]
     if cfg.scaling.strategy == "fsdp" and uneven:  # DDP takes the remainder on some ranks; FSDP cannot
         raise ConfigError(
             f"scaling.strategy=fsdp needs every group size to split a step's {micro} micro-batches evenly "
             f"(each micro-batch's forward gathers the parameters on all ranks together), and a group of "
             f"{', '.join(map(str, uneven))} worker(s) would not: choose scaling.num_workers and "
-            "train.grad_accum_steps so that it does")
+            "train.grad_accum_steps (or train.global_batch_size) so that it does")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * per_epoch)

@@ -76,6 +76,11 @@ class TrainSection:
 
     batch_size: int = 8  # clips per worker per micro-step; global batch = this x workers x grad_accum_steps
     grad_accum_steps: int = 1
+    # clips per optimizer step over all workers, the same whatever scaling.num_workers is: its
+    # global_batch_size / batch_size micro-batches are split over the workers (the remainder rotates), so
+    # one worker accumulates what two share and the LR, the schedule and what is learned stay the same.
+    # None: batch_size x num_workers x grad_accum_steps
+    global_batch_size: int | None = None
     epochs: float = 800.0
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     steps_per_epoch: int | None = None  # None = clips per epoch // global batch, from the manifest
@@ -121,8 +126,24 @@ class TrainSection:
             )
         if self.shuffle_buffer_batches < 0:
             raise ConfigError(f"train.shuffle_buffer_batches must be >= 0, got {self.shuffle_buffer_batches}")
+        if self.global_batch_size is not None:
+            if self.global_batch_size < self.batch_size or self.global_batch_size % self.batch_size:
+                raise ConfigError(
+                    f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                    f"train.batch_size ({self.batch_size}): a step is whole micro-batches"
+                )
+            if self.grad_accum_steps != 1:
+                raise ConfigError(
+                    "set train.global_batch_size or train.grad_accum_steps, not both: the global batch "
+                    "fixes how many micro-batches each worker accumulates"
+                )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
+
+
+    def global_batch(self, workers: int) -> int:
+        """Clips per optimizer step for a group of (at most) ``workers``."""
+        return self.global_batch_size or self.batch_size * workers * self.grad_accum_steps
 
 
 @dataclass

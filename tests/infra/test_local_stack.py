@@ -162,6 +162,7 @@ def test_local_stack_pretrain_via_ray_job_submit(tmp_path: Path) -> None:
             "run_name": RUN_NAME,
             "train.max_steps": 16,  # long enough that the stop lands before the end
             "train.batch_size": 2,
+            "train.global_batch_size": "null",  # a step of one micro-batch, not the demo's 32 clips
             "checkpoint.every_steps": 2,
             "train.log_every_steps": 1,
             "optim.warmup_steps": 2,

@@ -56,6 +56,7 @@ def test_finetuning_with_unreadable_videos_validates_after_every_epoch(ray_sessi
         "--set", f"data.uri={data / 'train.csv'}", "--set", "init_from=", "--set", "model.preset=tiny",
         "--set", "data.decode_isolation=inline", "--set", "data.max_error_fraction=0.5",
         "--set", "data.clips_per_video=1", "--set", "data.sampling_rate=2", "--set", "train.batch_size=2",
+        "--set", "train.global_batch_size=null",
         "--set", "train.epochs=3", "--set", "train.shuffle_buffer_batches=2", "--set", "optim.lr=1e-3",
         "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=0.5",
         "--set", "checkpoint.every_steps=100", "--set", f"tracking.tracking_uri=sqlite:///{db}",

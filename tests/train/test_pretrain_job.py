@@ -212,6 +212,7 @@ def test_a_node_lost_for_good_shrinks_the_group_and_the_run_finishes_exactly(clu
     storage = tmp_path / "runs"
     sets = {"run_name": "elastic", "storage_path": storage, "data.uri": sample_videos,
             "data.clips_per_video": 2, "train.batch_size": 2, "train.max_steps": STEPS,
+            "train.global_batch_size": "null",
             "train.log_every_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 3,
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optim.warmup_steps": 2,
             "probe.every_steps": 0, "scaling.num_workers": "[2,3]", "scaling.cpus_per_worker": 1,
