@@ -66,3 +66,37 @@ def test_ensure_sample_dataset_is_idempotent_and_ignores_interrupted_runs(tmp_pa
     assert os.path.getmtime(os.path.join(root, "dataset.json")) == stamp
     rows = read_manifest(root, split="train")
     assert {r["label"] for r in rows} == {0, 1} and all(os.path.exists(r["path"]) for r in rows)
+
+
+def test_the_appearance_family_is_a_digit_moving_over_a_still_background(tmp_path):
+    """Class = the digit: real scans (none shared between splits) in a small object that moves, bounces
+    inside the frame, over a background that does not change; the motion says nothing of the label."""
+    import pytest
+
+    from pipeline.data.synthetic import OBJECT_SIDE, digit_scans, make_dataset
+
+    with pytest.raises(ValueError, match="2 to 10 classes"):
+        class_names(11, "appearance")
+    scans = digit_scans(10)
+    for digit in range(10):
+        split_sets = [{s.tobytes() for s in scans[split][digit]} for split in ("train", "val", "test")]
+        assert all(split_sets) and not (split_sets[0] & split_sets[1] or split_sets[0] & split_sets[2]
+                                        or split_sets[1] & split_sets[2])
+    root = make_dataset(str(tmp_path), videos_per_class=4, num_frames=24, size=(64, 64), seed=3,
+                        num_classes=3, family="appearance")
+    assert read_label_map(os.path.join(root, "labels.json")) == {"digit_0": 0, "digit_1": 1, "digit_2": 2}
+    assert json.loads((tmp_path / "dataset.json").read_text())["family"] == "appearance"
+    directions = []
+    for row in read_manifest(os.path.join(root, "train.csv")):
+        frames = decord.VideoReader(row["path"]).get_batch(list(range(24))).asnumpy().astype(np.float32)
+        changed = np.abs(frames - np.median(frames, axis=0)).max(-1) > 40  # the object, wherever it is
+        area = changed.sum((1, 2))
+        side = OBJECT_SIDE * 64
+        assert (area > 0).all() and area.max() < 1.3 * side * side  # one small object, in every frame
+        ys, xs = zip(*(np.argwhere(c).mean(0) for c in changed), strict=True)
+        assert max(np.ptp(ys), np.ptp(xs)) > 3  # it moves
+        directions.append((np.sign(ys[-1] - ys[0]), np.sign(xs[-1] - xs[0]), row["label"]))
+    # the background stays: pixels the object never covers are the same in the first and last frame
+    still = ~changed.any(0)
+    assert np.abs(frames[0][still] - frames[-1][still]).mean() < 4  # H.264 noise only
+    assert len({d[:2] for d in directions}) > 1  # not one direction for every video
