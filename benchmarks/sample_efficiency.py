@@ -28,6 +28,7 @@ finetuning at least 5 points above scratch, both with p < 0.05.
         --set model.preset=small_cpu                             # choose settings on validation only
 
 ``--split val`` scores every arm on the validation split (settings are chosen there, never on test).
+An appearance seed with every arm took 17-21 min on the 2-core development machine (docs/finetune_eval.md).
 """
 
 from __future__ import annotations
