@@ -19,7 +19,7 @@ encode the motion: the pretraining then pays, measurably (benchmarks/sample_effi
 glides in a random direction at a random speed, bouncing off the frame's edges, over a static smooth
 background. Motion, position, colours and background are drawn independently of the label, so only the
 object's shape tells the classes apart, as in footage where a small object moves over a still scene. The
-scans are split between train, val and test: a test video shows a hand the training never saw.
+scans are split between train, val and test: a test video shows a scan the training never saw.
 
 Interface (used by the demo jobs and tests)::
 
