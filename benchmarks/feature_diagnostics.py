@@ -2,7 +2,7 @@
 be worse than random (issue 25's negative transfer).
 
 For one exported pretraining run and a labeled dataset (a generated family, pipeline/data/synthetic.py),
-on the centre clip of every train and val video, frozen, no Ray:
+on one eval clip of every train and val video (the pipeline's ClipMaker), frozen, no Ray:
 
 - what ``load_for_finetuning`` keeps and drops of the checkpoint (the finetuning start);
 - the pooled features' geometry: the share of their energy in the mean over videos (a large shared
@@ -24,13 +24,16 @@ import os
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.data.clips import ClipMaker  # noqa: E402
+from pipeline.data.errors import ErrorLedger  # noqa: E402
+from pipeline.data.manifest import read_manifest  # noqa: E402
+from pipeline.data.section import DataSection  # noqa: E402
 from pipeline.data.synthetic import OBJECT_SIDE  # noqa: E402
 from pipeline.data.transforms import to_model_input  # noqa: E402
 from pipeline.eval.frozen import knn_top1, load_encoder  # noqa: E402
@@ -38,22 +41,28 @@ from pipeline.models.videomae import VideoMAEConfig, VideoMAEModel  # noqa: E402
 from pipeline.models.weights import load_for_finetuning  # noqa: E402
 
 
-def centre_clip(path: Path, config: VideoMAEConfig, sampling_rate: int) -> np.ndarray:
-    """(T, H, W, 3) uint8: ``num_frames`` frames every ``sampling_rate``, centred, resized to the model's."""
-    with av.open(str(path)) as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    span = config.num_frames * sampling_rate
-    start = max(0, (len(frames) - span) // 2)
-    index = np.minimum(np.arange(start, start + span, sampling_rate), len(frames) - 1)
-    clip = torch.from_numpy(frames[index]).permute(0, 3, 1, 2).float()
-    clip = F.interpolate(clip, size=(config.image_size, config.image_size), mode="bilinear", antialias=True)
-    return clip.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-
-
 def load_split(root: Path, split: str, config: VideoMAEConfig, sampling_rate: int):
-    rows = [line.rsplit(" ", 1) for line in (root / f"{split}.csv").read_text().splitlines()]
-    clips = np.stack([centre_clip(root / rel, config, sampling_rate) for rel, _ in rows])
-    return torch.from_numpy(clips), torch.tensor([int(label) for _, label in rows])
+    """(uint8 clips, labels): one clip per video, cut by the pipeline's ClipMaker in eval mode, as the
+    probe job sees them."""
+    section = DataSection(
+        uri=str(root),
+        split=split,
+        num_frames=config.num_frames,
+        sampling_rate=sampling_rate,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        eval_num_clips=1,
+        eval_num_crops=1,
+        decode_isolation="inline",
+        hflip=False,
+    )
+    maker = ClipMaker(section, "eval", ErrorLedger.local())
+    clips, labels = [], []
+    for row in read_manifest(str(root), None, split):
+        made = maker.clips(row)["pixel_values"]
+        clips += made
+        labels += [row["label"]] * len(made)
+    return torch.stack(clips), torch.tensor(labels)
 
 
 @torch.no_grad()
@@ -146,7 +155,7 @@ def main() -> int:
 
     train_x, train_y = load_split(root, "train", config, args.sampling_rate)
     val_x, val_y = load_split(root, "val", config, args.sampling_rate)
-    print(f"{len(train_x)} train / {len(val_x)} val centre clips of {tuple(train_x.shape[1:])}")
+    print(f"{len(train_x)} train / {len(val_x)} val eval clips of {tuple(train_x.shape[1:])}")
     rows = {}
     for name, encoder in (("pretrained", pretrained), ("random init", random_init)):
         train_t, val_t = tokens(encoder, train_x, config), tokens(encoder, val_x, config)

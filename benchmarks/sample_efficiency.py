@@ -250,8 +250,9 @@ def run_seed(seed: int, family: str, args: argparse.Namespace, root: Path, work:
 # --- the table ---------------------------------------------------------------------------------------------
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.fmean(values):>14.1f} ± {_std(values):<5.1f}"
+def _cell(values: list[float], width: int) -> str:
+    """ "mean ± std", the mean right-aligned in ``width`` characters."""
+    return f"{statistics.fmean(values):>{width}.1f} ± {_std(values):<5.1f}"
 
 
 def report(family: str, args: argparse.Namespace, counts: dict[str, int], results: list[dict]) -> list[str]:
@@ -284,7 +285,7 @@ def report(family: str, args: argparse.Namespace, counts: dict[str, int], result
         pre = [100 * r[f"{metric}/pretrained"] for r in results]
         base = [100 * r[f"{metric}/{baseline}"] for r in results]
         diff, p = paired_t_test(pre, base)
-        print(f"{name:<36}{_cell(pre)}{_cell(base)[6:]:>18}{diff:>+12.1f}  {p:>12.4f}")
+        print(f"{name:<36}{_cell(pre, 14)}{_cell(base, 10)}{diff:>+12.1f}  {p:>12.4f}")
         if target is not None:
             verdicts.append(
                 f"{family}, {name}: {diff:+.1f} points (target >= +{target:.0f}), p = {p:.4f} (target < "
@@ -293,7 +294,7 @@ def report(family: str, args: argparse.Namespace, counts: dict[str, int], result
     if "finetune/ceiling" in results[0]:
         ceiling = [100 * r["finetune/ceiling"] for r in results]
         name = f"supervised ceiling (all {counts['train']} labels)"
-        print(f"{name:<36}{'':>22}{_cell(ceiling)[6:]:>18}")
+        print(f"{name:<36}{'':>22}{_cell(ceiling, 10)}")
     if "finetune_lr/pretrained" in results[0]:
         lrs = {arm: [r[f"finetune_lr/{arm}"] for r in results] for arm in ("pretrained", "scratch")}
         print(f"LRs chosen on validation, per seed: pretrained {lrs['pretrained']}, scratch {lrs['scratch']}")

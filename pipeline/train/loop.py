@@ -140,7 +140,6 @@ class TrainSection:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
 
-
     def global_batch(self, workers: int) -> int:
         """Clips per optimizer step for a group of (at most) ``workers``."""
         return self.global_batch_size or self.batch_size * workers * self.grad_accum_steps
