@@ -20,7 +20,7 @@ demo: $(VENV)/.installed  ## pretrain on the embedded default (local Ray, genera
 
 test: $(VENV)/.installed  ## lint + the whole test suite, unit and integration
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --timeout=900 --durations=25
+	$(PY) -m pytest -q --timeout=600 --durations=25
 
 test-fast: $(VENV)/.installed  ## unit tests only
 	$(PY) -m pytest -q -m "not integration" --timeout=300
