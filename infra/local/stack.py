@@ -378,7 +378,12 @@ def service_specs(
     if object_store_memory is not None:
         cmd += ["--object-store-memory", str(object_store_memory)]
     # `down` of a local stack should not wait out the 30 s node drain meant for Serve replicas on k8s.
-    specs["ray"] = (cmd, {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"})
+    # RAY_ADDRESS: Ray's state API, called inside the cluster with no address (Ray Train's placement group
+    # cleaner asks it whether the run's controller is alive), otherwise asks the machine's most recently
+    # started Ray, which on a laptop with a second Ray knows no such actor: the cleaner then removes the
+    # placement group of a live run.
+    specs["ray"] = (cmd, {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
+                          "RAY_ADDRESS": f"{HOST}:{p['ray_gcs']}"})
     return specs
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,16 @@ STEPS = 12
 
 
 def main(work: Path) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # the cluster's own address in its processes' environment: Ray's state API, asked with no address inside
+    # the cluster (Ray Train's placement group cleaner), otherwise asks the newest Ray on the machine, here
+    # the test session's or another test's, and could remove the placement group of a live run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gcs_port = probe.getsockname()[1]
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                            "gcs_server_port": gcs_port})
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     second = cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     data = work / "videos"

@@ -62,8 +62,9 @@ def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None =
            "--max-worker-port", str(worker_base + 199), "--include-dashboard", "true",
            "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:  # RAY_ADDRESS: as infra/local/stack.py, the state API asks this Ray
+        proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"},
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 360
     while "block forever" not in log_path.read_text(errors="replace"):  # printed after the node is up
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -180,7 +181,8 @@ def _start_node(env: dict, gcs: str, log_path: Path, temp_dir: str) -> subproces
            "--metrics-export-port", str(free_port()), "--min-worker-port", str(worker_base),
            "--max-worker-port", str(worker_base + 199), "--disable-usage-stats"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": gcs}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     deadline = time.monotonic() + 180
     while "block forever" not in log_path.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
