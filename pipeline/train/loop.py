@@ -272,6 +272,10 @@ class TrainLoop:
         self.startup.mark("worker group")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # Ray Train creates the stream's split coordinator, an actor in a fresh process, at the group's first
+        # request for the shard: asked for now, it starts while the model is built rather than after (it
+        # reads nothing until a pass begins, so the cursor is still set first)
+        ray.train.get_dataset_shard("train")
         # elastic: fewer ranks accumulate more micro-steps, so the global batch (and LR) stay the schedule's
         batch, world = self.cfg.train.batch_size, self.world
         self.even = (args.schedule.global_batch // batch) % world == 0  # every rank the same micro-steps
