@@ -6,7 +6,6 @@ Each server binds 127.0.0.1 on a free port and is stopped when the session ends.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import shutil
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["helpers.watchdog"]  # a hard bound on every test (see there)
 BIN = Path(sys.executable).parent
 
 # Fake credentials for the local S3 server; set before anything (Ray workers included) starts.
@@ -260,60 +260,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     watchdog periods twice, a node's death), which then overlaps the tests that run before theirs."""
     if any("test_nearly_full_cluster.py" in item.nodeid for item in session.items):
         session.config.stash[NEARLY_FULL] = launch()
-
-
-WATCHDOG_MARGIN_S = 180  # past pytest-timeout's --timeout
-_TERMINAL = pytest.StashKey[object]()  # the session's own stderr, outside pytest's capture
-
-
-def _terminal(config: pytest.Config):
-    """The stderr pytest started with: during a test, fd 2 is pytest's capture file, which is never shown
-    if the session ends by ``os._exit``. Taken once, with capturing suspended for the moment."""
-    if _TERMINAL not in config.stash:
-        capture = config.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            config.stash[_TERMINAL] = os.fdopen(os.dup(2), "w", buffering=1)
-    return config.stash[_TERMINAL]
-
-
-def _watchdog_report(nodeid: str, limit: float, out) -> None:
-    """Say where a test that pytest-timeout could not end is stuck, then end the session."""
-    import psutil
-
-    out.write(f"\n+++ watchdog: {nodeid} still running after {limit:.0f} s; pytest-timeout did not end it\n")
-    faulthandler.dump_traceback(file=out, all_threads=True)
-    for command in (["ps", "-eo", "pid,ppid,stat,etime,pcpu,rss,args", "--forest"],
-                    [str(BIN / "py-spy"), "dump", "--native", "--pid", str(os.getpid())]):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            out.write(done.stdout[-20000:] + done.stderr[-2000:])
-    out.flush()
-    for child in psutil.Process().children(recursive=True):  # nothing left holding CI's output pipe
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    os._exit(3)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """A hard bound on each test. pytest-timeout ends a test past --timeout by raising in the main thread,
-    which a call blocked in native code never sees: a CI run then sat silent until the runner's own limit.
-    Past a margin this thread prints every Python stack, the process tree and the native stacks (py-spy),
-    and exits; faulthandler's own thread, which needs no GIL, exits a minute later if this one cannot run."""
-    timeout = float(item.config.getoption("timeout", None) or 0)
-    if timeout <= 0:
-        yield
-        return
-    limit, out = timeout + WATCHDOG_MARGIN_S, _terminal(item.config)
-    timer = threading.Timer(limit, _watchdog_report, args=(item.nodeid, limit, out))
-    timer.daemon = True
-    timer.start()
-    faulthandler.dump_traceback_later(limit + 60, exit=True, file=out)
-    try:
-        yield
-    finally:
-        timer.cancel()
-        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
