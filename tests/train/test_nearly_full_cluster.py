@@ -20,7 +20,7 @@ def outcome(request) -> dict[str, dict]:
     """The script's results: started in the background at collection (conftest.py), else now."""
     started = request.config.stash.get(NEARLY_FULL, None)
     work, proc = started if started else launch()
-    # inside the suite's 600 s a test: alone the scenarios took about 5 min here, and begun at collection
+    # inside the suite's 600 s a test: alone the scenarios took 3 min here, and begun at collection
     # they end before this test comes
     code = proc.wait(timeout=540)
     log = (work / "cluster.log").read_text(errors="replace")
