@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ray  # noqa: E402
+from conftest import free_port  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from helpers.runs import committed_checkpoint, pretrain_in_thread, tiny_config  # noqa: E402
@@ -45,9 +45,7 @@ def main(work: Path) -> None:
     # the cluster's own address in its processes' environment: Ray's state API, asked with no address inside
     # the cluster (Ray Train's placement group cleaner), otherwise asks the newest Ray on the machine, here
     # the test session's or another test's, and could remove the placement group of a live run
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        gcs_port = probe.getsockname()[1]
+    gcs_port = free_port()
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "gcs_server_port": gcs_port})

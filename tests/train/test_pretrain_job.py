@@ -51,9 +51,10 @@ def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None =
                 extra: list[str] = ()) -> subprocess.Popen:
     """``ray start --head --block`` on fresh ports; returns once the whole node is up (or raises)."""
     worker_base = random.randrange(12000, 32000, 200)  # below the ephemeral range free_port() draws from
+    gcs_port = gcs_port or free_port()
     cmd = [RAY, "start", "--head", "--block", "--temp-dir", temp_dir, "--num-cpus", "4",
            "--node-ip-address", "127.0.0.1", *extra,
-           "--port", str(gcs_port or free_port()), "--dashboard-port", str(dashboard),
+           "--port", str(gcs_port), "--dashboard-port", str(dashboard),
            "--dashboard-host", "127.0.0.1",
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
@@ -63,8 +64,8 @@ def _start_head(env: dict, temp_dir: str, dashboard: int, gcs_port: int | None =
            "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "wb") as log:  # RAY_ADDRESS: as infra/local/stack.py, the state API asks this Ray
-        proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, stdout=log,
+                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 360
     while "block forever" not in log_path.read_text(errors="replace"):  # printed after the node is up
         if proc.poll() is not None or time.monotonic() > deadline:
