@@ -26,14 +26,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.storage import redact
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# mlflow is imported where a run is opened or written, not with this module: every Ray Train worker and
+# job driver imports this module, most of them never log (ranks other than 0), and mlflow's import is
+# among the heaviest of a worker's start.
 
 RUN_NAME_TAG = "pipeline.run_name"
 JOB_TAG = "pipeline.job"
@@ -145,10 +149,14 @@ class Run:
 
     @property
     def client(self) -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
         return MlflowClient(self.tracking_uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params; on a resumed run, values that already exist are skipped (MLflow forbids changes)."""
+        from mlflow.entities import Param
+
         existing = self.client.get_run(self.run_id).data.params
         items = []
         for key, value in params.items():
@@ -158,9 +166,13 @@ class Run:
             self.client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         if batch:
@@ -192,6 +204,9 @@ def start_run(
 ) -> Run:
     """Open the job's MLflow run: the existing run for ``run_name`` when ``resume``, else a new one; a
     child of ``parent_run_id`` when given (the chained pipeline's stages)."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
     uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)

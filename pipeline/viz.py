@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from pipeline.models.videomae.modeling import patchify  # noqa: E402
+from pipeline.models.videomae.modeling import patchify
 
 
 def unpatchify(tokens: Tensor, num_frames: int, image_size: int, tubelet_size: int, patch_size: int,
@@ -66,6 +62,10 @@ def reconstruct(model: torch.nn.Module, pixel_values: Tensor, bool_masked_pos: T
 def save_reconstruction_png(path: str | os.PathLike, original: Tensor, masked: Tensor, reconstructed: Tensor,
                             max_clips: int = 2, max_frames: int = 8, title: str = "") -> str:
     """Write the grid (rows: clip x {original, masked, reconstruction}; columns: frames) to ``path``."""
+    # imported here, and without pyplot (no backend, no global figure state): every training worker
+    # imports this module, and only rank 0 draws, every ``recon_every_steps``
+    from matplotlib.figure import Figure
+
     clips = min(max_clips, original.shape[0])
     step = max(1, original.shape[1] // max_frames)
     frames = list(range(0, original.shape[1], step))[:max_frames]
@@ -73,8 +73,8 @@ def save_reconstruction_png(path: str | os.PathLike, original: Tensor, masked: T
     for i in range(clips):
         grid += [(f"clip {i}\noriginal", original[i]), ("masked", masked[i]),
                  ("reconstruction", reconstructed[i])]
-    fig, axes = plt.subplots(len(grid), len(frames), figsize=(1.3 * len(frames), 1.3 * len(grid)),
-                             squeeze=False)
+    fig = Figure(figsize=(1.3 * len(frames), 1.3 * len(grid)))
+    axes = fig.subplots(len(grid), len(frames), squeeze=False)
     for r, (label, video) in enumerate(grid):
         for col, f in enumerate(frames):
             ax = axes[r][col]
@@ -89,5 +89,4 @@ def save_reconstruction_png(path: str | os.PathLike, original: Tensor, masked: T
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return str(path)
