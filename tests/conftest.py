@@ -6,6 +6,7 @@ Each server binds 127.0.0.1 on a free port and is stopped when the session ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,25 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 
 
 _HANDED_OUT: set[int] = set()
-NEARLY_FULL = pytest.StashKey[tuple[Path, subprocess.Popen]]()  # the two-node scenarios, when selected
-NEARLY_FULL_SCRIPT = REPO / "tests" / "helpers" / "nearly_full_cluster.py"
+
+
+@dataclass(frozen=True)
+class Background:
+    """A test file whose work runs in a script of its own (tests/helpers/), started when the file's tests
+    are collected so that it overlaps the tests before them; the tests read its ``RESULT {json}`` lines.
+    ``nice`` 19 lets it run only on the CPU the rest of the suite leaves idle (the suite is start-up
+    bound: processes importing, polls and waits leave a share of both cores unused)."""
+
+    script: str
+    env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+
+
+BACKGROUND = {
+    "test_nearly_full_cluster.py": Background("nearly_full_cluster.py", FAST_NODE_DEATH),  # mostly waits
+    "test_learning.py": Background("learning_run.py", nice=19),  # pure compute
+}
+_STARTED = pytest.StashKey[dict[str, tuple[Path, subprocess.Popen]]]()
 
 
 def free_port() -> int:
@@ -244,27 +263,39 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def launch() -> tuple[Path, subprocess.Popen]:
-    """The nearly-full cluster's scenarios in a process of their own, their output in ``cluster.log``."""
-    work = Path(tempfile.gettempdir()) / f"nearly-full-{os.getuid()}"  # the last run's, kept for a failure
+def launch(test_file: str) -> tuple[Path, subprocess.Popen]:
+    """``test_file``'s background script in a process of its own, its output in ``<work>/output.log``."""
+    job = BACKGROUND[test_file]
+    # the last run's folder is kept for a failure
+    work = Path(tempfile.gettempdir()) / f"{Path(job.script).stem}-{os.getuid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    with open(work / "cluster.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(NEARLY_FULL_SCRIPT), str(work)], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **FAST_NODE_DEATH})
+    with open(work / "output.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / job.script), str(work)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
+                                preexec_fn=(lambda: os.nice(job.nice)) if job.nice else None)
     return work, proc
 
 
+def background_results(config: pytest.Config, test_file: str, timeout: float) -> tuple[list[dict], str]:
+    """The ``RESULT`` lines and whole output of ``test_file``'s script: the one started at collection, else
+    one started now; fails the test if the script failed."""
+    work, proc = config.stash.setdefault(_STARTED, {}).get(test_file) or launch(test_file)
+    code = proc.wait(timeout=timeout)
+    log = (work / "output.log").read_text(errors="replace")
+    assert code == 0, log[-6000:]
+    return [json.loads(line[len("RESULT "):]) for line in log.splitlines() if line.startswith("RESULT ")], log
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the two-node scenarios as soon as their test is selected: most of their time is waiting (two
-    watchdog periods twice, a node's death), which then overlaps the tests that run before theirs."""
-    if any("test_nearly_full_cluster.py" in item.nodeid for item in session.items):
-        session.config.stash[NEARLY_FULL] = launch()
+    """Start each background script as soon as its tests are selected."""
+    started = session.config.stash.setdefault(_STARTED, {})
+    for test_file in BACKGROUND:
+        if any(test_file in item.nodeid for item in session.items):
+            started[test_file] = launch(test_file)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    started = session.config.stash.get(NEARLY_FULL, None)
-    if started:
-        work, proc = started
-        if proc.poll() is None:  # the test did not run (deselected, or the session stopped early)
+    for _, proc in session.config.stash.get(_STARTED, {}).values():
+        if proc.poll() is None:  # its test did not run (deselected, or the session stopped early)
             stop_process(proc)

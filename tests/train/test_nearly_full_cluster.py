@@ -7,26 +7,22 @@ before it)."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
-from conftest import NEARLY_FULL, launch
+from conftest import background_results
 
 pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def outcome(request) -> dict[str, dict]:
     """The script's results: started in the background at collection (conftest.py), else now."""
-    started = request.config.stash.get(NEARLY_FULL, None)
-    work, proc = started if started else launch()
     # inside the suite's 600 s a test: alone the scenarios took 3 min here, and begun at collection
     # they end before this test comes
-    code = proc.wait(timeout=540)
-    log = (work / "cluster.log").read_text(errors="replace")
-    found = [json.loads(line[len("RESULT "):]) for line in log.splitlines() if line.startswith("RESULT ")]
+    found, log = background_results(request.config, "test_nearly_full_cluster.py", timeout=540)
     results = {r["scenario"]: r for r in found}
-    assert code == 0 and len(results) == 4, log[-6000:]
+    assert len(results) == 4, log[-6000:]
     results["stalled"]["log"] = log
     return results
 
