@@ -1,6 +1,6 @@
 """The pretraining of tests/train/test_learning.py, run as a script of its own: conftest.py starts it under
-SCHED_IDLE (the lowest CPU priority) as soon as that test is collected, so that its minutes of pure compute use the CPU the
-rest of the suite leaves idle. Prints one ``RESULT {json}`` line with both kNN scores.
+SCHED_IDLE (the lowest CPU priority) as soon as that test is collected, so that its minutes of pure
+compute use the CPU the rest of the suite leaves idle. Prints one ``RESULT {json}`` line with both kNN scores.
 
 The demo's model and recipe (the ``demo`` preset, tube masks at 0.9, AdamW at 2e-3 after a warmup, 32 clips
 a step) on 4 direction classes, on clips decoded once by the pipeline's own ClipMaker; frozen-feature kNN

@@ -4,8 +4,8 @@ videos apart by their motion, far better than the same encoder at its random ini
 The pretraining (tests/helpers/learning_run.py) is the demo's model and recipe (the ``demo`` preset, tube
 masks at 0.9, AdamW at 2e-3 after a warmup, 32 clips a step) on 4 direction classes, run in a process of
 its own on clips decoded once by the pipeline's own ClipMaker: the model, masking and loss are what is
-tested here. conftest.py starts it under SCHED_IDLE when this test is collected, so its minutes
-of compute fill the CPU the rest of the suite leaves idle. That the whole job (Ray Data, Ray Train DDP,
+tested here. conftest.py starts it under SCHED_IDLE when this test is collected, so its minutes of
+compute fill the CPU the rest of the suite leaves idle. That the whole job (Ray Data, Ray Train DDP,
 the probe job) gives the same gain is benchmarks/sample_efficiency.py's claim, over seeds and with
 finetuning. The step count was chosen on the validation split; the score is taken on the test split. The
 bar is not a fixed figure but a margin no broken pretraining reaches: 2.5 standard errors of the
