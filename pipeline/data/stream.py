@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from pipeline.cache import ProcessCache
 from pipeline.data import shards
-from pipeline.data.clips import clip_maker
 from pipeline.data.plan import Task, max_tasks, pass_groups, plan_epoch, seeded_rng, source_quotas
 from pipeline.data.resume import done_mask, get_cursor
 from pipeline.data.sources import COLUMNS, Source, repartition
@@ -191,6 +190,11 @@ def _shard_rows(row: dict[str, Any], buffer_size: int, seed: int, ledger):
 def clips_of_rows(block: dict[str, np.ndarray], cfg, mode: str, ledger, seed: int):
     """Decode step of the stream: video rows and shard rows -> batches of clips (one per
     ``videos_per_block`` videos, so a shard's clips flow while it is still being read)."""
+    # the clip path (torch and the decoders) is imported by the decode step alone: the stream's light
+    # tasks and its split coordinator unpickle this module's functions, each in a fresh process, and
+    # would otherwise import torch before the first video is read
+    from pipeline.data.clips import clip_maker
+
     maker = clip_maker(cfg, mode, ledger)
     rows = [dict(zip(block, values, strict=True)) for values in zip(*block.values(), strict=True)]
 
