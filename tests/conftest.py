@@ -287,8 +287,12 @@ def launch(test_file: str) -> tuple[Path, subprocess.Popen]:
 
 def background_results(config: pytest.Config, test_file: str, timeout: float) -> tuple[list[dict], str]:
     """The ``RESULT`` lines and whole output of ``test_file``'s script: the one started at collection, else
-    one started now; fails the test if the script failed."""
-    work, proc = config.stash.setdefault(_STARTED, {}).get(test_file) or launch(test_file)
+    one started now (kept with the others, so that the session's end stops it too); fails the test if
+    the script failed."""
+    started = config.stash.setdefault(_STARTED, {})
+    if test_file not in started:
+        started[test_file] = launch(test_file)
+    work, proc = started[test_file]
     code = proc.wait(timeout=timeout)
     log = (work / "output.log").read_text(errors="replace")
     assert code == 0, log[-6000:]
