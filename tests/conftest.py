@@ -187,6 +187,23 @@ class S3Server:
         stop_process(self._moto)
 
 
+# the policy and priority the suite started under (a user may run it under SCHED_BATCH or nice)
+_SCHEDULING = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+
+
+@pytest.fixture(autouse=True)
+def _scheduling_unchanged() -> Iterator[None]:
+    """Fail a test that leaves the test process under another scheduling policy (a native library can switch
+    it to real time: tests/helpers/codec_videos.py), and put the policy back: every process the suite starts
+    later would inherit it, and real-time threads that spin starve the rest, timeouts included."""
+    yield
+    if _SCHEDULING is not None and os.sched_getscheduler(0) != _SCHEDULING[0]:
+        left = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+        os.sched_setscheduler(0, *_SCHEDULING)
+        pytest.fail(f"the test left the test process under scheduling policy {left[0]} at priority "
+                    f"{left[1]} (it started under {_SCHEDULING[0]}); put back")
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A real S3-compatible server (moto_server) on 127.0.0.1; AWS_ENDPOINT_URL points at it."""

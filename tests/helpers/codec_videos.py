@@ -4,7 +4,9 @@ caught."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,13 +35,30 @@ def frame(i: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _scheduling_kept() -> Iterator[None]:
+    """Put the calling thread's scheduling policy back after encoding. SVT-AV1 (PyAV's ``libsvtav1``), run
+    as root, switches the thread that opens the encoder to SCHED_FIFO at priority 99 and leaves it so;
+    every process forked from it afterwards (a Ray head, its workers, a job) inherits that, and a few
+    spinning real-time threads on a 2-core machine starve everything else, the suite's timeout timers
+    included."""
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 def write_codec_video(path: Path, codec: str, frames: int = 40, vfr: bool = False,
                       size: tuple[int, int] = (120, 160)) -> Path:
     """``frames`` frames of ``frame(i, size)``; with ``vfr`` the gaps between frames alternate 20 / 60 ms."""
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
     container, encoder, options = CODECS[codec]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format=container) as out:
+    with _scheduling_kept(), av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(encoder, rate=Fraction(25))
         h, w = size
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
