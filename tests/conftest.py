@@ -187,21 +187,29 @@ class S3Server:
         stop_process(self._moto)
 
 
-# the policy and priority the suite started under (a user may run it under SCHED_BATCH or nice)
-_SCHEDULING = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+def _scheduling() -> tuple[int, int] | None:
+    """This thread's scheduling policy and priority (None where the OS has no such call)."""
+    if not hasattr(os, "sched_getscheduler"):
+        return None
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+# what the suite started under (a user may run it under nice or SCHED_BATCH)
+_STARTING_SCHEDULING = _scheduling()
 
 
 @pytest.fixture(autouse=True)
 def _scheduling_unchanged() -> Iterator[None]:
-    """Fail a test that leaves the test process under another scheduling policy (a native library can switch
-    it to real time: tests/helpers/codec_videos.py), and put the policy back: every process the suite starts
-    later would inherit it, and real-time threads that spin starve the rest, timeouts included."""
+    """Fail a test that leaves the test process under another scheduling policy or priority (a native library
+    can switch it to real time: tests/helpers/codec_videos.py), and put it back: every process the suite
+    starts later would inherit it, and real-time threads that spin starve the rest, timeouts included."""
     yield
-    if _SCHEDULING is not None and os.sched_getscheduler(0) != _SCHEDULING[0]:
-        left = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
-        os.sched_setscheduler(0, *_SCHEDULING)
+    left = _scheduling()
+    if left != _STARTING_SCHEDULING:
+        policy, priority = _STARTING_SCHEDULING
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
         pytest.fail(f"the test left the test process under scheduling policy {left[0]} at priority "
-                    f"{left[1]} (it started under {_SCHEDULING[0]}); put back")
+                    f"{left[1]} (it started under {policy} at {priority}); put back")
 
 
 @pytest.fixture(scope="session")
